@@ -1,0 +1,30 @@
+"""FastV in the paradigm (FICOCO_SPEC A10, §5): prune visual tokens once, by the last token's attention.
+
+* filter: a_i = head-mean softmax attention of the last prompt token to visual token i (the last query
+  is causal-valid for every key); s_i = -a_i, S = TopK(s, r).
+* correlate: K = 0 (no recycling).
+* compress: drop S (and, since the step sits in block K-1 after attention, their KV in every later block).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ficoco.methods.ficoco_l import visual_index
+from ficoco.paradigm import MergePlan, complement_sorted, compress_prune, gather_tokens, stable_topk
+from ficoco.schedule import ReductionStep
+from ficoco.stats import head_mean_attention_row
+
+
+def plan(q: Tensor, k: Tensor, image_offset: Tensor, step: ReductionStep, scale: float) -> MergePlan:
+    """q, k: [B, H, L, d] (RoPE applied, KV heads repeated)."""
+    attn = head_mean_attention_row(q[:, :, -1:], k, scale)  # [B, L]
+    a_vis = gather_tokens(attn, visual_index(image_offset, step.n))
+    sources = stable_topk(-a_vis, step.r)
+    kept = complement_sorted(sources, step.n)
+    empty = a_vis.new_zeros(a_vis.shape[0], step.r, 0)
+    return MergePlan(kept=kept, sources=sources, targets=empty.long(), weights=empty)
+
+
+def compress(x: Tensor, merge: MergePlan) -> Tensor:
+    return compress_prune(x, merge)

@@ -1,0 +1,250 @@
+"""Filter -> correlate -> compress, as fixed-budget tensor functions.
+
+One reduction step at one layer turns a span of n tokens into n - r tokens:
+
+* **filter** scores every token (higher s_i = more redundant) and takes the source set
+  S = TopK(s, r); protected tokens get s = -inf and are never chosen. The kept set T is the complement,
+  in ascending (original) order.
+* **correlate** builds, for each source i, the target set J_i within T (at most K targets, static) and
+  the flow weights alpha_ij (0 = no flow; a row of zeros = pure pruning).
+* **compress** folds the sources into their targets and drops them.
+
+The filter and correlate results are a :class:`MergePlan` of index and weight tensors, computed once
+and then applied to any tensor (hidden states, patch positions, token sizes) by the short pure
+functions below, in the spirit of ToMe's ``merge.py``. Every shape is a Python integer taken from the
+schedule: no ``.item()``, no ``nonzero``, no boolean-mask indexing, no branch on tensor values, no
+randomness. Ties are broken towards the lower index everywhere (as ONNX ``TopK`` specifies), so the
+result is deterministic and identical in PyTorch, ONNX Runtime and TensorRT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """The outcome of filter + correlate for a batch, indices relative to the reduced span.
+
+    kept:    [B, n - r] int64, ascending span indices of the tokens that stay.
+    sources: [B, r'] int64, span indices of the tokens that leave (r' = r, or r + 1 for EViT's fusion).
+    targets: [B, r', K] int64, for each source its targets as indices *into kept* (0..n-r-1).
+    weights: [B, r', K] float32, alpha_ij; 0 means no flow.
+    """
+
+    kept: Tensor
+    sources: Tensor
+    targets: Tensor
+    weights: Tensor
+
+
+# ----------------------------------------------------------------------------------------------------
+# Index helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def stable_topk(scores: Tensor, k: int, largest: bool = True) -> Tensor:
+    """Indices of the k largest (or smallest) entries of the last dim, in rank order.
+
+    Ties go to the lower index (a stable sort), which is also ONNX TopK's documented tie rule.
+    """
+    if k == 0:
+        return torch.zeros(scores.shape[:-1] + (0,), dtype=torch.long, device=scores.device)
+    order = torch.sort(scores, dim=-1, descending=largest, stable=True).indices
+    return order[..., :k]
+
+
+def source_mask(sources: Tensor, n: int) -> Tensor:
+    """[B, n] float32: 1 where the span index is a source, else 0 (a ScatterElements without reduction)."""
+    zeros = torch.zeros(sources.shape[0], n, dtype=torch.float32, device=sources.device)
+    return zeros.scatter(1, sources, torch.ones_like(sources, dtype=torch.float32))
+
+
+def complement_sorted(sources: Tensor, n: int) -> Tensor:
+    """The kept set T = {0..n-1} minus S, ascending: [B, n - r] int64.
+
+    Key_j = n * [j in S] + j is distinct per j, so the n - r smallest keys are exactly T in order.
+    """
+    r = sources.shape[-1]
+    key = source_mask(sources, n) * n + torch.arange(n, dtype=torch.float32, device=sources.device)
+    return torch.topk(key, n - r, dim=-1, largest=False, sorted=True).indices
+
+
+def kept_rank(sources: Tensor, n: int) -> Tensor:
+    """[B, n] int64: for each span index j, its slot in `kept` if j is kept (= #kept indices below j)."""
+    keep = 1.0 - source_mask(sources, n)
+    return (torch.cumsum(keep, dim=-1) - 1.0).clamp_min(0.0).to(torch.long)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, i], ...] for x of shape [B, n, ...] and index [B, m] -> [B, m, ...]."""
+    if x.dim() == 2:
+        return torch.gather(x, 1, index)
+    expand = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(index.shape + x.shape[2:])
+    return torch.gather(x, 1, expand)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Correlate: the token-adaptive K (FICOCO_SPEC A3)
+# ----------------------------------------------------------------------------------------------------
+
+
+def adaptive_k(n: int, epsilon: float) -> int:
+    """K = ceil((1 - eps)(n - 1)), exact (eps read as the decimal it is written as)."""
+    return math.ceil((1 - Fraction(str(epsilon))) * (n - 1))
+
+
+def quantile_from_top(top_desc: Tensor, n: int, epsilon: float) -> Tensor:
+    """tau = the eps-quantile of a row of n values (linear interpolation, as torch.quantile), exactly.
+
+    Only the top K + 1 values matter: with p = eps(n - 1), lo = floor(p), f = p - lo, the ascending
+    order statistics a_lo and a_{lo+1} are the (n-1-lo)-th and (n-2-lo)-th largest values
+    (0-based), and n - 1 - lo = K. `top_desc` is [..., >= K + 1] sorted descending; returns [...].
+    """
+    p = Fraction(str(epsilon)) * (n - 1)
+    lo = math.floor(p)
+    f = float(p - lo)
+    a_lo = top_desc[..., n - 1 - lo]
+    if f == 0.0:
+        return a_lo
+    a_hi = top_desc[..., n - 2 - lo]
+    # torch.lerp's two-sided form, so that tau agrees with torch.quantile to the last bit.
+    if f < 0.5:
+        return a_lo + f * (a_hi - a_lo)
+    return a_hi - (a_hi - a_lo) * (1.0 - f)
+
+
+def masked_softmax(values: Tensor, valid: Tensor) -> Tensor:
+    """Softmax over the valid entries of the last dim; rows without a valid entry give all zeros.
+
+    `values` must be sorted descending along the last dim, so a row has a valid entry iff its first
+    entry is valid (thresholds are monotone); the row max is then values[..., 0].
+    """
+    safe = torch.where(valid, values, torch.zeros_like(values))
+    e = torch.where(valid, torch.exp(safe - safe[..., :1]), torch.zeros_like(values))
+    return e / e.sum(dim=-1, keepdim=True).clamp_min(1.0)
+
+
+def select_targets(
+    corr: Tensor,
+    sources: Tensor,
+    kept: Tensor,
+    k: int,
+    epsilon: float,
+    *,
+    strict: bool = False,
+    over: str = "kept",
+    column_ok: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Correlate with a token-adaptive K (FICOCO_SPEC A3 / Eq. 2's J_i and alpha_ij).
+
+    corr:  [B, r, n] correlation C_ij of each source row i to every current span column j (may hold
+           -inf, e.g. C_ii = -inf in FiCoCo-L).
+    tau_i = eps-quantile of row i over all n columns (from its top K + 1 values).
+    over="kept": targets = the top-K kept columns (columns where `column_ok` [B, n] is False are
+      excluded); a target with C_ij < tau_i (or <= for strict) gets weight 0, so each source flows into
+      0..K targets.
+    over="all": targets = the top-K columns of the whole row; after the softmax, weights of targets
+      that are themselves sources are set to 0 (the official FiCoCo-L code's behaviour).
+    alpha_ij = softmax over the source's valid targets of C_ij.
+    Returns targets [B, r, K] (indices into kept) and weights [B, r, K] float32.
+    """
+    n = corr.shape[-1]
+    corr = corr.float()
+    if k == 0:
+        empty = corr[..., :0]
+        return empty.to(torch.long), empty
+    top = torch.sort(corr, dim=-1, descending=True, stable=True).values[..., : k + 1]
+    tau = quantile_from_top(top, n, epsilon).unsqueeze(-1)  # [B, r, 1]
+    if over == "kept":
+        cols = kept.unsqueeze(1).expand(-1, corr.shape[1], -1)
+        cand = torch.gather(corr, -1, cols)  # [B, r, n - r]
+        if column_ok is not None:
+            ok = torch.gather(column_ok, 1, kept).unsqueeze(1)
+            cand = torch.where(ok, cand, torch.full_like(cand, -math.inf))
+        order = stable_topk(cand, k)
+        values = torch.gather(cand, -1, order)
+        targets = order
+        is_kept_target = torch.ones_like(values, dtype=torch.bool)
+    elif over == "all":
+        order = stable_topk(corr, k)  # span indices
+        values = torch.gather(corr, -1, order)
+        smask = source_mask(sources, n)  # [B, n]
+        flat = order.reshape(order.shape[0], -1)
+        is_kept_target = (torch.gather(smask, 1, flat) == 0).reshape(order.shape)
+        targets = torch.gather(kept_rank(sources, n), 1, flat).reshape(order.shape)
+    else:
+        raise ValueError(f"over must be 'kept' or 'all', not {over!r}")
+    above = values > tau if strict else values >= tau
+    valid = above & torch.isfinite(values)
+    alpha = masked_softmax(values, valid)
+    alpha = torch.where(is_kept_target, alpha, torch.zeros_like(alpha))
+    return targets, alpha
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compress: apply a plan to any tensor
+# ----------------------------------------------------------------------------------------------------
+
+
+def flow_matrix(plan: MergePlan, n_kept: int) -> Tensor:
+    """W [B, r, n - r] float32 with W_ij = sum_t alpha_it [target_it = j] (one-hot times alpha)."""
+    slots = torch.arange(n_kept, device=plan.targets.device)
+    onehot = (plan.targets.unsqueeze(-1) == slots).to(torch.float32)  # [B, r, K, n - r]
+    return (plan.weights.float().unsqueeze(-1) * onehot).sum(dim=-2)
+
+
+def compress_prune(x: Tensor, plan: MergePlan) -> Tensor:
+    """X' = X_T: the sources are dropped (FastV; K = 0)."""
+    return gather_tokens(x, plan.kept)
+
+
+def compress_self_preserving(x: Tensor, plan: MergePlan) -> Tensor:
+    """Eq. 2: X_j <- (X_j + sum_{i in I_j} alpha_ij X_i) / (1 + sum_{i in I_j} alpha_ij) for j in T.
+
+    As a GEMM: X_T' = (X_T + W^T X_S) / (1 + W^T 1). Computed in fp32, returned in x's dtype.
+    """
+    x_kept = gather_tokens(x, plan.kept).float()
+    x_src = gather_tokens(x, plan.sources).float()
+    w_t = flow_matrix(plan, x_kept.shape[1]).transpose(1, 2)  # [B, n - r, r]
+    out = (x_kept + w_t @ x_src) / (1.0 + w_t.sum(dim=-1, keepdim=True))
+    return out.to(x.dtype)
+
+
+def compress_sum(x: Tensor, plan: MergePlan) -> Tensor:
+    """X_j <- X_j + sum_i alpha_ij X_i (the official FiCoCo-L code: no (1 + sum alpha) denominator)."""
+    x_kept = gather_tokens(x, plan.kept).float()
+    x_src = gather_tokens(x, plan.sources).float()
+    w_t = flow_matrix(plan, x_kept.shape[1]).transpose(1, 2)
+    return (x_kept + w_t @ x_src).to(x.dtype)
+
+
+def compress_size_weighted(x: Tensor, size: Tensor, plan: MergePlan) -> tuple[Tensor, Tensor]:
+    """ToMe: X_j <- (m_j X_j + sum_i alpha_ij m_i X_i) / (m_j + sum_i alpha_ij m_i), sizes add.
+
+    size: [B, n, 1] token sizes m (1 for an unmerged token). Returns (x', size').
+    """
+    x_kept = gather_tokens(x, plan.kept).float()
+    x_src = gather_tokens(x, plan.sources).float()
+    m_kept = gather_tokens(size, plan.kept).float()
+    m_src = gather_tokens(size, plan.sources).float()
+    w_t = flow_matrix(plan, x_kept.shape[1]).transpose(1, 2)
+    m_new = m_kept + w_t @ m_src
+    out = (m_kept * x_kept + w_t @ (m_src * x_src)) / m_new
+    return out.to(x.dtype), m_new.to(size.dtype)
+
+
+def compress_fuse(x: Tensor, plan: MergePlan) -> Tensor:
+    """EViT: X' = [X_T ; sum_{i in S} a_i X_i] — all sources fuse into one new token appended last.
+
+    plan.weights[:, :, 0] holds the unnormalised fusion weights a_i (the [CLS] attention).
+    """
+    x_kept = gather_tokens(x, plan.kept)
+    x_src = gather_tokens(x, plan.sources).float()
+    fused = (plan.weights[:, :, :1].float() * x_src).sum(dim=1, keepdim=True)
+    return torch.cat([x_kept, fused.to(x.dtype)], dim=1)
