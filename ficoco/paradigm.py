@@ -48,15 +48,52 @@ class MergePlan:
 # ----------------------------------------------------------------------------------------------------
 
 
-def stable_topk(scores: Tensor, k: int, largest: bool = True) -> Tensor:
-    """Indices of the k largest (or smallest) entries of the last dim, in rank order.
+def stable_rank(scores: Tensor, largest: bool = True) -> Tensor:
+    """Rank of every entry along the last dim (0 = best), ties broken towards the lower index.
 
-    Ties go to the lower index (a stable sort), which is also ONNX TopK's documented tie rule.
+    rank_i = #{j : s_j beats s_i} + #{j < i : s_j = s_i}. Built from pairwise comparisons, so the
+    result is exact and identical in every backend (no reliance on a sort's tie order). O(n^2) memory
+    per row, which is small for the spans reduced here (n <= ~600).
+    """
+    n = scores.shape[-1]
+    si, sj = scores.unsqueeze(-1), scores.unsqueeze(-2)
+    better = sj > si if largest else sj < si
+    idx = torch.arange(n, device=scores.device)
+    earlier = idx.unsqueeze(0) < idx.unsqueeze(1)  # [i, j]: j < i
+    beats = better | ((sj == si) & earlier)
+    return beats.sum(dim=-1)
+
+
+def stable_topk(scores: Tensor, k: int, largest: bool = True) -> Tensor:
+    """Indices of the k largest (or smallest) entries of the last dim, in rank order, ties -> lower index.
+
+    The rank is a permutation, so scattering the indices by rank gives the full order (order[rank_i] = i);
+    this exports as comparisons + ReduceSum + ScatterElements (no Sort op, no data-dependent shape).
     """
     if k == 0:
         return torch.zeros(scores.shape[:-1] + (0,), dtype=torch.long, device=scores.device)
-    order = torch.sort(scores, dim=-1, descending=largest, stable=True).indices
+    rank = stable_rank(scores, largest)
+    idx = torch.arange(scores.shape[-1], device=scores.device).expand_as(rank)
+    order = torch.zeros_like(rank).scatter(-1, rank, idx)
     return order[..., :k]
+
+
+def topk_small(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest entries of the last dim for a small static k, ties -> lower index.
+
+    k rounds of argmax (first index on ties, in PyTorch and ONNX ArgMax alike), each masking its pick.
+    If a row has fewer than k finite entries the extra picks point at -inf entries; callers give
+    those zero weight.
+    """
+    picks = []
+    s = scores
+    for _ in range(k):
+        i = torch.argmax(s, dim=-1, keepdim=True)
+        picks.append(i)
+        s = s.scatter(-1, i, torch.full_like(i, -math.inf, dtype=s.dtype))
+    if not picks:
+        return torch.zeros(scores.shape[:-1] + (0,), dtype=torch.long, device=scores.device)
+    return torch.cat(picks, dim=-1)
 
 
 def source_mask(sources: Tensor, n: int) -> Tensor:
@@ -159,7 +196,7 @@ def select_targets(
     if k == 0:
         empty = corr[..., :0]
         return empty.to(torch.long), empty
-    top = torch.sort(corr, dim=-1, descending=True, stable=True).values[..., : k + 1]
+    top = torch.topk(corr, k + 1, dim=-1, largest=True, sorted=True).values  # values only: tie order irrelevant
     tau = quantile_from_top(top, n, epsilon).unsqueeze(-1)  # [B, r, 1]
     if over == "kept":
         cols = kept.unsqueeze(1).expand(-1, corr.shape[1], -1)
@@ -167,12 +204,12 @@ def select_targets(
         if column_ok is not None:
             ok = torch.gather(column_ok, 1, kept).unsqueeze(1)
             cand = torch.where(ok, cand, torch.full_like(cand, -math.inf))
-        order = stable_topk(cand, k)
+        order = topk_small(cand, k)
         values = torch.gather(cand, -1, order)
         targets = order
         is_kept_target = torch.ones_like(values, dtype=torch.bool)
     elif over == "all":
-        order = stable_topk(corr, k)  # span indices
+        order = topk_small(corr, k)  # span indices
         values = torch.gather(corr, -1, order)
         smask = source_mask(sources, n)  # [B, n]
         flat = order.reshape(order.shape[0], -1)
@@ -181,7 +218,7 @@ def select_targets(
     else:
         raise ValueError(f"over must be 'kept' or 'all', not {over!r}")
     above = values > tau if strict else values >= tau
-    valid = above & torch.isfinite(values)
+    valid = above & (values > -math.inf)  # a -inf candidate (excluded column) never receives flow
     alpha = masked_softmax(values, valid)
     alpha = torch.where(is_kept_target, alpha, torch.zeros_like(alpha))
     return targets, alpha

@@ -24,7 +24,6 @@ import math
 import torch
 from torch import Tensor
 
-from ficoco.params import FiCoCoParams
 from ficoco.paradigm import (
     MergePlan,
     complement_sorted,
@@ -34,6 +33,7 @@ from ficoco.paradigm import (
     select_targets,
     stable_topk,
 )
+from ficoco.params import FiCoCoParams
 from ficoco.schedule import ReductionStep
 from ficoco.stats import head_mean_logits
 

@@ -25,17 +25,16 @@ def plan(k: Tensor, step: ReductionStep, has_cls: bool = True) -> MergePlan:
     n = step.n
     metric = head_mean_keys(k)
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a_idx = torch.arange(0, n, 2, device=k.device)
-    b_idx = torch.arange(1, n, 2, device=k.device)
-    scores = metric[:, a_idx] @ metric[:, b_idx].transpose(1, 2)  # [B, |A|, |B|]
+    # A = even span indices (2a), B = odd span indices (2b + 1): strided slices, no index tensors.
+    scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)  # [B, |A|, |B|]
     if has_cls:
-        protect = (torch.arange(a_idx.shape[0], device=k.device) == 0).reshape(1, -1, 1)
+        protect = (torch.arange(scores.shape[1], device=k.device) == 0).reshape(1, -1, 1)
         scores = torch.where(protect, torch.full_like(scores, -math.inf), scores)
     best = torch.argmax(scores, dim=-1)  # first max on ties
     node_max = torch.gather(scores, -1, best.unsqueeze(-1)).squeeze(-1)
     src_a = stable_topk(node_max, step.r)  # positions within A
-    sources = a_idx[src_a]
-    dst = b_idx[torch.gather(best, 1, src_a)]  # span index of each source's target
+    sources = 2 * src_a
+    dst = 2 * torch.gather(best, 1, src_a) + 1  # span index of each source's target
     kept = complement_sorted(sources, n)
     targets = torch.gather(kept_rank(sources, n), 1, dst).unsqueeze(-1)
     weights = torch.ones(targets.shape, dtype=torch.float32, device=k.device)

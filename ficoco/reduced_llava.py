@@ -1,0 +1,298 @@
+"""The reduced LLaVA: a transformers `LlavaForConditionalGeneration` run by our own layer loops.
+
+Why our own loops: transformers computes RoPE, the causal mask and the cache length once for all layers,
+which per-layer token counts break. This file re-runs the same submodules (no weight copies) block by
+block, calls the reduction steps of `ficoco.methods` where the schedule says, keeps one KV cache per
+decoder layer (layer l holds its own length L_l), and decodes with the positions of FICOCO_SPEC A8.
+
+It is written the way the exported graphs need it: every shape follows from the schedule, the image
+offset is a tensor, and there is no `.item()` or data-dependent branch. The exporter wraps
+`encode_image`, `prefill` and `decode_step` as they are; this model is the accuracy reference for
+everything exported.
+
+Data flow:  pixel_values -> encode_image -> visual [B, n_V, D]
+            text ids -> embed_text -> splice visual at image_offset -> prefill -> logits, cache
+            token -> decode_step(position) -> logits, cache (grown by one per layer)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ficoco.geometry import LlavaGeometry
+from ficoco.methods import MethodParams, VisionTokens, decoder_compress, decoder_plan, vision_step
+from ficoco.methods.ficoco_l import visual_index
+from ficoco.paradigm import MergePlan, gather_tokens
+from ficoco.sampling import Sampler, SamplingConfig
+from ficoco.schedule import Schedule
+
+KVCache = list[tuple[Tensor, Tensor]]  # per decoder layer: key, value [B, H_kv, L_l, d]
+
+
+@dataclass
+class PrefillOutput:
+    logits: Tensor  # [B, V] at the last prompt position
+    cache: KVCache
+    plans: dict[int, MergePlan] = field(default_factory=dict)  # decoder block -> its reduction plan
+
+
+@dataclass
+class VisionOutput:
+    visual: Tensor  # [B, n_V, D_text] projected visual tokens
+    pos: Tensor  # [B, n_V] original patch index of each token (-1 for [CLS] / a fused token)
+    plans: dict[int, MergePlan] = field(default_factory=dict)
+
+
+def splice(text: Tensor, visual: Tensor, image_offset: Tensor) -> Tensor:
+    """[B, T, ...] text and [B, n, ...] visual -> [B, T + n, ...] with the visual block at [a, a + n).
+
+    Done with index arithmetic and gathers, not slices, so `image_offset` ([B] int64) can be a graph input.
+    """
+    t_len, n = text.shape[1], visual.shape[1]
+    t = torch.arange(t_len + n, device=text.device).unsqueeze(0)
+    a = image_offset.reshape(-1, 1)
+    is_visual = (t >= a) & (t < a + n)
+    text_idx = torch.where(t < a, t, t - n).clamp(0, t_len - 1)
+    vis_idx = (t - a).clamp(0, n - 1)
+    from_text = gather_tokens(text, text_idx.expand(text.shape[0], -1))
+    from_vis = gather_tokens(visual, vis_idx.expand(text.shape[0], -1))
+    mask = is_visual.reshape(is_visual.shape + (1,) * (text.dim() - 2))
+    return torch.where(mask, from_vis, from_text)
+
+
+def resplice(seq: Tensor, visual: Tensor, image_offset: Tensor, n_old: int) -> Tensor:
+    """Replace the visual block [a, a + n_old) of `seq` [B, L, ...] by `visual` [B, n_new, ...]."""
+    n_new = visual.shape[1]
+    r = n_old - n_new
+    length = seq.shape[1] - r
+    t = torch.arange(length, device=seq.device).unsqueeze(0)
+    a = image_offset.reshape(-1, 1)
+    is_visual = (t >= a) & (t < a + n_new)
+    seq_idx = torch.where(t < a, t, t + r)
+    vis_idx = (t - a).clamp(0, n_new - 1)
+    from_seq = gather_tokens(seq, seq_idx.expand(seq.shape[0], -1))
+    from_vis = gather_tokens(visual, vis_idx.expand(seq.shape[0], -1))
+    mask = is_visual.reshape(is_visual.shape + (1,) * (seq.dim() - 2))
+    return torch.where(mask, from_vis, from_seq)
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """[B, H_kv, L, d] -> [B, H_kv * groups, L, d] (GQA key/value heads shared by `groups` query heads)."""
+    if groups == 1:
+        return x
+    b, h, length, d = x.shape
+    return x[:, :, None].expand(b, h, groups, length, d).reshape(b, h * groups, length, d)
+
+
+class ReducedLlava(nn.Module):
+    """LLaVA with the schedule's reduction steps inside, sharing the weights of `hf_model`."""
+
+    def __init__(self, hf_model: nn.Module, schedule: Schedule, params: MethodParams | None = None) -> None:
+        super().__init__()
+        core = hf_model.model
+        tower = core.vision_tower
+        self.vision = getattr(tower, "vision_model", tower)  # CLIPVisionModel (v5 flattens vision_model)
+        self.projector = core.multi_modal_projector
+        self.lm = core.language_model  # LlamaModel
+        self.lm_head = hf_model.lm_head
+        self.geometry = LlavaGeometry.from_config(hf_model.config)
+        self.schedule = schedule
+        self.params = params or MethodParams.for_preset(schedule.preset)
+        self._check_schedule()
+        self.position_offsets = self.layer_position_offsets()
+
+    def _check_schedule(self) -> None:
+        g, s = self.geometry, self.schedule
+        if s.vision.num_layers != g.vision.blocks_run or s.vision.span_in != g.vision.seq_len:
+            raise ValueError(
+                f"schedule vision stage ({s.vision.num_layers} blocks, {s.vision.span_in} tokens) does not fit the "
+                f"model ({g.vision.blocks_run} blocks, {g.vision.seq_len} tokens); plan it for this model"
+            )
+        if s.decoder.num_layers != g.decoder.num_layers:
+            raise ValueError(
+                f"schedule decoder stage has {s.decoder.num_layers} blocks, the model {g.decoder.num_layers}"
+            )
+        expected = s.vision.span_out - (1 if g.vision.feature_strategy == "default" else 0)
+        if s.decoder.span_in != expected:
+            raise ValueError(f"decoder stage expects {s.decoder.span_in} visual tokens, vision stage gives {expected}")
+
+    # ------------------------------------------------------------------------------------------------
+    # Vision stage: CLIP blocks 0..select_block with reduction steps, drop [CLS], project
+    # ------------------------------------------------------------------------------------------------
+
+    def _clip_block(self, i: int, tokens: VisionTokens, plans: dict[int, MergePlan]) -> VisionTokens:
+        layer = self.vision.encoder.layers[i]
+        attn = layer.self_attn
+        h = tokens.hidden
+        b, n, dim = h.shape
+        x = layer.layer_norm1(h)
+        shape = (b, n, attn.num_heads, attn.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        size_bias = None
+        if self.schedule.vision.method == "tome" and self.params.tome.prop_attn:
+            size_bias = torch.log(tokens.size[..., 0].float()).to(q.dtype)  # ToMe proportional attention
+        mask = None if size_bias is None else size_bias[:, None, None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+        h = h + attn.out_proj(o.transpose(1, 2).reshape(b, n, dim))
+        step = self.schedule.vision.step_at(i)
+        if step is not None:
+            tokens, plans[i] = vision_step(
+                self.schedule.vision.method,
+                self.params,
+                VisionTokens(h, tokens.pos, tokens.size),
+                q,
+                k,
+                step,
+                grid_side=self.geometry.vision.grid_side,
+                scale=attn.scale,
+                size_bias=size_bias,
+            )
+            h = tokens.hidden
+        h = h + layer.mlp(layer.layer_norm2(h))
+        return VisionTokens(h, tokens.pos, tokens.size)
+
+    def encode_image(self, pixel_values: Tensor) -> VisionOutput:
+        """pixel_values [B, 3, H, W] -> projected visual tokens [B, n_V, D_text]."""
+        g = self.geometry.vision
+        h = self.vision.pre_layrnorm(self.vision.embeddings(pixel_values))
+        b = h.shape[0]
+        pos = torch.arange(-1, g.num_patches, device=h.device).unsqueeze(0).expand(b, -1)
+        tokens = VisionTokens(h, pos, torch.ones(b, h.shape[1], 1, dtype=h.dtype, device=h.device))
+        plans: dict[int, MergePlan] = {}
+        for i in range(g.blocks_run):
+            tokens = self._clip_block(i, tokens, plans)
+        feats, pos = tokens.hidden, tokens.pos
+        if g.feature_strategy == "default":  # drop [CLS] (always slot 0)
+            feats, pos = feats[:, 1:], pos[:, 1:]
+        return VisionOutput(self.projector(feats), pos, plans)
+
+    # ------------------------------------------------------------------------------------------------
+    # Decoder stage
+    # ------------------------------------------------------------------------------------------------
+
+    def embed_text(self, input_ids: Tensor) -> Tensor:
+        return self.lm.embed_tokens(input_ids)
+
+    def _attention_inputs(self, layer: nn.Module, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        attn = layer.self_attn
+        b, length, _ = x.shape
+        q = attn.q_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = self.lm.rotary_emb(v, position_ids)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def prefill(self, text_embeds: Tensor, visual: Tensor, image_offset: Tensor) -> PrefillOutput:
+        """text_embeds [B, T, D] (prompt without the image placeholder), visual [B, n_V, D], image_offset [B].
+
+        Block l sees L_l = T + n_l tokens; its cache holds all of them. With `compact` positions every block
+        numbers its sequence 0..L_l-1; with `original` positions kept tokens keep their input positions.
+        """
+        stage = self.schedule.decoder
+        h = splice(text_embeds, visual, image_offset)
+        b, length, _ = h.shape
+        position_ids = torch.arange(length, device=h.device).unsqueeze(0).expand(b, -1)
+        cache: KVCache = []
+        plans: dict[int, MergePlan] = {}
+        for i, layer in enumerate(self.lm.layers):
+            attn = layer.self_attn
+            groups = attn.num_key_value_groups
+            q, k, v = self._attention_inputs(layer, layer.input_layernorm(h), position_ids)
+            cache.append((k, v))
+            k_rep, v_rep = repeat_kv(k, groups), repeat_kv(v, groups)
+            o = F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=attn.scaling)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, h.shape[1], -1))
+            step = stage.step_at(i)
+            if step is not None:
+                merge = decoder_plan(stage.method, self.params, q, k_rep, image_offset, step, scale=attn.scaling)
+                plans[i] = merge
+                vis_idx = visual_index(image_offset, step.n)
+                visual_in = gather_tokens(h, vis_idx)
+                h = resplice(h, decoder_compress(stage.method, self.params, visual_in, merge), image_offset, step.n)
+                if self.schedule.positions == "original":
+                    kept_pos = gather_tokens(gather_tokens(position_ids, vis_idx), merge.kept)
+                    position_ids = resplice(position_ids, kept_pos, image_offset, step.n)
+                else:
+                    position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(b, -1)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.lm_head(self.lm.norm(h[:, -1:]))[:, 0]
+        return PrefillOutput(logits, cache, plans)
+
+    def layer_position_offsets(self) -> list[int]:
+        """Per decoder block, what to subtract from a decode token's input position (A8).
+
+        `compact`: n_0 - n_l, the visual tokens removed before block l's attention; `original`: 0.
+        """
+        stage = self.schedule.decoder
+        if self.schedule.positions == "original":
+            return [0] * stage.num_layers
+        return [stage.span_in - stage.span_at(i) for i in range(stage.num_layers)]
+
+    def decode_step(self, token_embeds: Tensor, position: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
+        """One token: token_embeds [B, 1, D], position [B] (its position in the unreduced prompt numbering,
+        = prompt length T + n_0 for the first generated token) -> logits [B, V] and the grown cache."""
+        h = token_embeds
+        b = h.shape[0]
+        new_cache: KVCache = []
+        for i, layer in enumerate(self.lm.layers):
+            attn = layer.self_attn
+            pos_i = (position - self.position_offsets[i]).reshape(b, 1)
+            q, k, v = self._attention_inputs(layer, layer.input_layernorm(h), pos_i)
+            k = torch.cat([cache[i][0], k], dim=2)
+            v = torch.cat([cache[i][1], v], dim=2)
+            new_cache.append((k, v))
+            groups = attn.num_key_value_groups
+            o = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), scale=attn.scaling)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.lm_head(self.lm.norm(h))[:, 0], new_cache
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        image_offset: Tensor | int,
+        max_new_tokens: int = 32,
+        sampling: SamplingConfig | None = None,
+        eos_token_id: int | list[int] | None = None,
+    ) -> Tensor:
+        """Greedy (default) or sampled generation. input_ids [B, T] without the image placeholder.
+
+        Returns the generated ids [B, <= max_new_tokens]; stops early once every row has produced EOS
+        (rows that finished keep emitting EOS).
+        """
+        b = input_ids.shape[0]
+        offset = torch.as_tensor(image_offset, dtype=torch.long).reshape(-1).expand(b)
+        sampler = Sampler(sampling)
+        eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        eos = torch.tensor(eos_ids, dtype=torch.long)
+        visual = self.encode_image(pixel_values).visual
+        out = self.prefill(self.embed_text(input_ids), visual, offset)
+        logits, cache = out.logits, out.cache
+        position = torch.full((b,), input_ids.shape[1] + visual.shape[1], dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool)
+        tokens: list[Tensor] = []
+        for _ in range(max_new_tokens):
+            nxt = sampler(logits)
+            if eos.numel():
+                nxt = torch.where(done, eos[0].to(nxt.dtype), nxt)
+                done = done | torch.isin(nxt, eos)
+            tokens.append(nxt)
+            if eos.numel() and bool(done.all()):
+                break
+            logits, cache = self.decode_step(self.embed_text(nxt[:, None]), position, cache)
+            position = position + 1
+        return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(b, 0)
