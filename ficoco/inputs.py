@@ -1,0 +1,96 @@
+"""Prompt side of the inputs: chat template → text, text → token ids without the image placeholder.
+
+The runtime and the exported graphs never see the 576 image placeholders: they get the text tokens and the
+offset `a` where the visual tokens are spliced in (``[prefix | visual | suffix]``). `hf_input_ids` rebuilds the
+expanded form transformers' own `LlavaForConditionalGeneration` wants, for reference runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class PromptError(ValueError):
+    """A prompt or chat template does not give exactly one image placeholder."""
+
+
+@dataclass
+class PromptInputs:
+    """`text_ids` [1, T]: the prompt's tokens WITHOUT the image placeholder; `image_offset`: where in
+    `text_ids` the visual tokens go (tokens ``text_ids[:, :a]`` precede the image)."""
+
+    text_ids: torch.LongTensor
+    image_offset: int
+
+    @property
+    def num_text_tokens(self) -> int:
+        return int(self.text_ids.shape[1])
+
+    def sequence_length(self, num_visual_tokens: int) -> int:
+        """Length of the decoder's prefill sequence once `num_visual_tokens` are spliced in."""
+        return self.num_text_tokens + num_visual_tokens
+
+
+def _render(chat_template: str, messages: list[dict[str, Any]]) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(
+        conversations=[messages], chat_template=chat_template, add_generation_prompt=True
+    )
+    return rendered[0]
+
+
+def format_prompt(chat_template: str, question: str) -> str:
+    """Render a single user turn (one image, then `question`) with `chat_template`, ready for generation.
+
+    The message uses llava-hf's content-list form ``[{"type": "image"}, {"type": "text", "text": question}]``;
+    a template that only understands string content gets ``"<image>\\n" + question`` instead. The result
+    contains exactly one ``<image>`` (PromptError otherwise, e.g. when the question itself contains one).
+    """
+    if IMAGE_PLACEHOLDER in question:
+        raise PromptError(
+            f"the question must not contain {IMAGE_PLACEHOLDER!r}; the template places the image"
+        )
+    list_form = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    string_form = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"}]
+    errors: list[str] = []
+    for messages in (list_form, string_form):
+        try:
+            text = _render(chat_template, messages)
+        except Exception as err:  # a template may reject one of the two message forms
+            errors.append(f"{type(err).__name__}: {err}")
+            continue
+        if text.count(IMAGE_PLACEHOLDER) == 1 and question in text:
+            return text
+        errors.append(f"rendered {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER!r} in {text!r}")
+    raise PromptError("the chat template does not render one image and the question: " + "; ".join(errors))
+
+
+def encode_prompt(tokenizer: Any, prompt_text: str, image_token_id: int) -> PromptInputs:
+    """Tokenize a rendered prompt (with the tokenizer's own special-token handling, e.g. BOS) and take out
+    its single image token; the image offset is that token's index."""
+    ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    positions = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(positions) != 1:
+        raise PromptError(
+            f"the prompt must tokenize to exactly one image token (id {image_token_id}); found {len(positions)} "
+            f"in {prompt_text!r}"
+        )
+    a = positions[0]
+    text_ids = torch.tensor([ids[:a] + ids[a + 1 :]], dtype=torch.long)
+    return PromptInputs(text_ids=text_ids, image_offset=a)
+
+
+def hf_input_ids(inputs: PromptInputs, image_token_id: int, num_image_tokens: int = 576) -> torch.LongTensor:
+    """`input_ids` [1, T + num_image_tokens] with the placeholder expanded, as transformers' LLaVA expects."""
+    a = inputs.image_offset
+    ids = inputs.text_ids
+    image = torch.full((ids.shape[0], num_image_tokens), image_token_id, dtype=ids.dtype)
+    return torch.cat([ids[:, :a], image, ids[:, a:]], dim=1)
