@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ficoco.generation import generate_tokens
 from ficoco.geometry import LlavaGeometry
 from ficoco.methods import MethodParams, VisionTokens, decoder_compress, decoder_plan, vision_step
 from ficoco.methods.ficoco_l import visual_index
 from ficoco.paradigm import MergePlan, gather_tokens
-from ficoco.sampling import Sampler, SamplingConfig
+from ficoco.sampling import SamplingConfig
 from ficoco.schedule import Schedule
 
 KVCache = list[tuple[Tensor, Tensor]]  # per decoder layer: key, value [B, H_kv, L_l, d]
@@ -259,6 +260,10 @@ class ReducedLlava(nn.Module):
     # Generation
     # ------------------------------------------------------------------------------------------------
 
+    def stages(self) -> TorchStages:
+        """This model as the four stage calls of `ficoco.generation.StagedModel`."""
+        return TorchStages(self)
+
     @torch.no_grad()
     def generate(
         self,
@@ -269,30 +274,29 @@ class ReducedLlava(nn.Module):
         sampling: SamplingConfig | None = None,
         eos_token_id: int | list[int] | None = None,
     ) -> Tensor:
-        """Greedy (default) or sampled generation. input_ids [B, T] without the image placeholder.
+        """Greedy (default) or sampled generation; input_ids [B, T] without the image placeholder."""
+        return generate_tokens(
+            self.stages(), pixel_values, input_ids, image_offset, max_new_tokens, sampling, eos_token_id
+        )
 
-        Returns the generated ids [B, <= max_new_tokens]; stops early once every row has produced EOS
-        (rows that finished keep emitting EOS).
-        """
-        b = input_ids.shape[0]
-        offset = torch.as_tensor(image_offset, dtype=torch.long).reshape(-1).expand(b)
-        sampler = Sampler(sampling)
-        eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        eos = torch.tensor(eos_ids, dtype=torch.long)
-        visual = self.encode_image(pixel_values).visual
-        out = self.prefill(self.embed_text(input_ids), visual, offset)
-        logits, cache = out.logits, out.cache
-        position = torch.full((b,), input_ids.shape[1] + visual.shape[1], dtype=torch.long)
-        done = torch.zeros(b, dtype=torch.bool)
-        tokens: list[Tensor] = []
-        for _ in range(max_new_tokens):
-            nxt = sampler(logits)
-            if eos.numel():
-                nxt = torch.where(done, eos[0].to(nxt.dtype), nxt)
-                done = done | torch.isin(nxt, eos)
-            tokens.append(nxt)
-            if eos.numel() and bool(done.all()):
-                break
-            logits, cache = self.decode_step(self.embed_text(nxt[:, None]), position, cache)
-            position = position + 1
-        return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(b, 0)
+
+class TorchStages:
+    """A `ReducedLlava` behind the stage interface used by `ficoco.generation.generate_tokens`."""
+
+    def __init__(self, model: ReducedLlava) -> None:
+        self.model = model
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        return self.model.encode_image(pixel_values).visual
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_text(input_ids)
+
+    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
+        out = self.model.prefill(embeds, visual, image_offset)
+        return out.logits, [t for kv in out.cache for t in kv]
+
+    def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, new = self.model.decode_step(embeds, position, cache)
+        return logits, [t for kv in new for t in kv]

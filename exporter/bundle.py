@@ -1,0 +1,132 @@
+"""The bundle on disk: its layout, `manifest.json`, file hashes, and the atomic write.
+
+    <out>/manifest.json
+    <out>/onnx/{vision_encoder,embed_tokens,decoder_prefill,decoder_step}.onnx (+ .onnx.data weights)
+    <out>/tokenizer/                    tokenizer files (absent in a --graph-only bundle)
+    <out>/preprocessor_config.json      image preprocessing (resize / crop / normalise)
+
+A bundle is built in a hidden sibling directory and renamed into place only when complete, so a failed
+or interrupted export never leaves a half bundle at the output path. Every file's sha256 is in the
+manifest; `load_manifest(verify=True)` refuses a bundle whose files no longer match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ONNX_DIR = "onnx"
+TOKENIZER_DIR = "tokenizer"
+PREPROCESSOR = "preprocessor_config.json"
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, malformed or was modified after export (the message says which and what to do)."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(root: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
+    """sha256 of every file under `root` (relative POSIX paths), except the manifest itself."""
+    out: dict[str, str] = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in skip and not rel.startswith("reports/") and not rel.startswith("engines/"):
+            out[rel] = sha256_file(p)
+    return out
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def load_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
+    """Read `<bundle>/manifest.json`; with `verify`, check every listed file's sha256."""
+    root = Path(bundle)
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"no bundle at {root}: the directory does not exist. Create one with `ficoco-export -o {root}`.")
+    if not mpath.is_file():
+        raise BundleError(f"{root} is not a ficoco-export bundle: {MANIFEST} is missing. Re-run `ficoco-export -o {root}`.")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e}); the bundle is damaged, re-export it.") from e
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"{mpath} has schema version {manifest.get('schema_version')!r}; this ficoco-export reads version "
+            f"{SCHEMA_VERSION}. Re-export the bundle with this version."
+        )
+    if verify:
+        for rel, digest in manifest.get("files", {}).items():
+            f = root / rel
+            if not f.is_file():
+                raise BundleError(f"bundle file {rel} is missing from {root}; re-export the bundle.")
+            if sha256_file(f) != digest:
+                raise BundleError(
+                    f"bundle file {rel} was modified after export (sha256 mismatch); re-export the bundle "
+                    "or restore the original file."
+                )
+    return manifest
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt while building, so cleanup runs (SIGKILL leaves only a hidden temp dir)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def staging_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
+    """Yield an empty staging directory beside `out`; on success rename it to `out`, on any error remove it.
+
+    Refuses a non-empty `out` unless `force` (then the old content is replaced only after success).
+    """
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise BundleError(f"output {out} exists and is not empty; pass --force to replace it, or choose another -o.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        with _terminate_as_interrupt():
+            yield stage
+            old = None
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+            os.replace(stage, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

@@ -1,0 +1,221 @@
+"""`export_bundle`: model + budget -> a complete, validated bundle directory (what `ficoco-export` runs)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporter import bundle as B
+from exporter.export import ExportOptions, check_graph, example_inputs, export_stage, graph_io, trt_profiles
+from exporter.validate import validate_bundle_graphs
+from exporter.wrappers import STAGES
+from ficoco.geometry import LlavaGeometry
+from ficoco.models import LoadedModel, load_config, load_model
+from ficoco.planner import plan
+from ficoco.reduced_llava import ReducedLlava
+from ficoco.schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+class LintFailed(RuntimeError):
+    """A graph uses an op or attribute TensorRT would reject (the message lists node, op and reason)."""
+
+
+Progress = Callable[[str, str], None]  # (stage, event) with event in {"start", "done"}
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to reduce and by how much; passed through to `ficoco.planner.plan`."""
+
+    variant: str = "VL"
+    method: str = "ficoco"
+    ratio: float | None = None
+    keep_tokens: int | None = None
+    target_tflops: float | None = None
+    preset: str = "paper"
+    positions: str = "compact"
+    layers: dict[str, int | None] = field(default_factory=dict)  # v_start, v_end, l_start, l_end, vl_split
+
+    def make(self, geometry: LlavaGeometry) -> Schedule:
+        return plan(
+            geometry,
+            self.variant,
+            self.method,
+            ratio=self.ratio,
+            keep_tokens=self.keep_tokens,
+            target_tflops=self.target_tflops,
+            preset=self.preset,
+            positions=self.positions,
+            **{k: v for k, v in self.layers.items() if v is not None},
+        )
+
+
+@dataclass(frozen=True)
+class ValidationOptions:
+    enabled: bool = True
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    decode_steps: int = 16
+    image: str = "astronaut"
+    question: str = "What is in the picture?"
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("ficoco-export", "torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _meta_model(name: str) -> torch.nn.Module:
+    """The model's architecture without weights (meta device), for --graph-only exports."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = load_config(name)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config).eval()
+
+
+def _sample_inputs(loaded: LoadedModel, opts: ExportOptions, v: ValidationOptions) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from ficoco.images import test_image
+    from ficoco.inputs import encode_prompt, format_prompt
+    from ficoco.preprocess import preprocess_image
+
+    batch = 2 if opts.max_batch_size > 1 else 1
+    names = [v.image, "chelsea"][:batch]
+    px = torch.cat([preprocess_image(test_image(n), loaded.processor_config) for n in names]).to(opts.dtype)
+    prompt = encode_prompt(loaded.tokenizer, format_prompt(loaded.chat_template, v.question), loaded.image_token_id)
+    return px, prompt.text_ids.repeat(batch, 1), prompt.image_offset
+
+
+def export_bundle(
+    model: str | LoadedModel,
+    request: PlanRequest,
+    out: str | Path,
+    opts: ExportOptions | None = None,
+    validation: ValidationOptions | None = None,
+    *,
+    force: bool = False,
+    lint: bool = True,
+    progress: Progress | None = None,
+) -> Path:
+    """Export `model` reduced per `request` into the bundle directory `out`; returns its path.
+
+    Raises ModelNotFoundError / PlanError / ExportError / ValidationError / LintFailed / BundleError;
+    on any error or interrupt nothing is left at `out`.
+    """
+    opts = opts or ExportOptions()
+    validation = validation or ValidationOptions(enabled=not opts.graph_only)
+    notify = progress or (lambda stage, event: None)
+    t0 = time.perf_counter()
+
+    notify("load", "start")
+    if opts.graph_only:
+        name = model if isinstance(model, str) else model.name
+        hf = _meta_model(name)
+        loaded = None
+        source = {"name": name, "source": f"config of {name} (graph only, no weights)", "revision": None}
+    else:
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        hf = loaded.model if opts.precision == "fp32" else copy.deepcopy(loaded.model).to(opts.dtype)
+        source = {"name": loaded.name, "source": loaded.source, "revision": loaded.revision}
+    geometry = LlavaGeometry.from_config(hf.config)
+    schedule = request.make(geometry)
+    reduced = ReducedLlava(hf, schedule).eval()
+    notify("load", "done")
+
+    device = "meta" if opts.graph_only else "cpu"
+    with B.staging_dir(out, force=force) as stage_dir:
+        onnx_dir = stage_dir / B.ONNX_DIR
+        examples = example_inputs(reduced, opts, device=device)
+        graphs: dict[str, Any] = {}
+        for stage in STAGES:
+            notify(stage, "start")
+            path = onnx_dir / f"{stage}.onnx"
+            ts = time.perf_counter()
+            export_stage(reduced, stage, path, opts, examples)
+            check_graph(path, full=not opts.graph_only)
+            graphs[stage] = {"file": f"{B.ONNX_DIR}/{path.name}", **graph_io(path), "export_seconds": round(time.perf_counter() - ts, 2)}
+            notify(stage, "done")
+        lint_report: dict[str, Any] = {"ran": False}
+        if lint:
+            notify("lint", "start")
+            from exporter.lint import format_findings, has_errors, lint_files
+
+            findings = lint_files(sorted(onnx_dir.glob("*.onnx")))
+            lint_report = {"ran": True, "target": "trt10", "findings": [f.__dict__ for f in findings]}
+            if has_errors(findings):
+                raise LintFailed("TensorRT lint failed:\n" + format_findings(findings))
+            notify("lint", "done")
+        report: dict[str, Any] = {"ran": False}
+        if validation.enabled and loaded is not None:
+            notify("validate", "start")
+            px, ids, offset = _sample_inputs(loaded, opts, validation)
+            report = {"ran": True, **validate_bundle_graphs(
+                reduced, onnx_dir, px, ids, offset, atol=validation.atol, rtol=validation.rtol,
+                decode_steps=validation.decode_steps,
+            )}
+            notify("validate", "done")
+        if loaded is not None:
+            loaded.tokenizer.save_pretrained(str(stage_dir / B.TOKENIZER_DIR))
+            B.write_json(stage_dir / B.PREPROCESSOR, dict(loaded.processor_config))
+        tok = loaded.tokenizer if loaded is not None else None
+        manifest = {
+            "schema_version": B.SCHEMA_VERSION,
+            "source_model": source,
+            "graph_only": opts.graph_only,
+            "geometry": geometry.to_dict(),
+            "variant": schedule.variant,
+            "method": schedule.method,
+            "preset": schedule.preset,
+            "positions": schedule.positions,
+            "schedule": schedule.to_dict(),
+            "flops_tflops": schedule.flops,
+            "visual_tokens": {"to_decoder": schedule.visual_tokens_to_decoder, "final": schedule.visual_tokens_final},
+            "export": opts.to_dict(),
+            "precision": opts.precision,
+            "opset": opts.opset,
+            "graphs": graphs,
+            "shape_ranges": {
+                "batch": [1, opts.max_batch_size],
+                "text_len": [2, opts.max_text_len],
+                "max_new_tokens": opts.max_new_tokens,
+            },
+            "trt_profiles": trt_profiles(reduced, opts),
+            "decoder": {
+                "num_layers": geometry.decoder.num_layers,
+                "position_offsets": reduced.position_offsets,
+                "kv_lengths_rule": "layer l holds text_len + schedule.decoder.span_at(l) + generated tokens",
+            },
+            "prompt": {
+                "chat_template": loaded.chat_template if loaded is not None else None,
+                "image_token": "<image>",
+                "image_token_id": geometry.image_token_id,
+                "image_offset_rule": "index of the single <image> placeholder in the tokenized chat prompt; "
+                "the placeholder is removed and the visual tokens are spliced in there",
+                "eos_token_id": None if tok is None else tok.eos_token_id,
+                "bos_token_id": None if tok is None else tok.bos_token_id,
+            },
+            "validation": report,
+            "lint": lint_report,
+            "tool_versions": tool_versions(),
+            "export_seconds": None,
+        }
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+        manifest["files"] = B.hash_files(stage_dir)
+        B.write_json(stage_dir / B.MANIFEST, manifest)
+    return Path(out).resolve()

@@ -1,0 +1,71 @@
+"""The generation loop over the four stages, shared by every backend.
+
+PyTorch (`ficoco.reduced_llava`), the exporter's ONNX Runtime validation and the runtime's backends all
+expose the same four calls on torch tensors; this loop drives them, so "the same tokens" means the same
+loop, sampler and stopping rule everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ficoco.sampling import Sampler, SamplingConfig
+
+
+class StagedModel(Protocol):
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values [B, 3, H, W] -> visual tokens [B, n_V, D]."""
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """input_ids [B, T] -> embeddings [B, T, D]."""
+
+    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """-> last-position logits [B, V] and the flat per-layer K/V list [k0, v0, k1, v1, ...]."""
+
+    def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """One token [B, 1, D] at `position` [B] -> logits [B, V] and the grown K/V list."""
+
+
+def generate_tokens(
+    model: StagedModel,
+    pixel_values: Tensor,
+    input_ids: Tensor,
+    image_offset: Tensor | int,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
+) -> Tensor:
+    """Generate up to `max_new_tokens` ids [B, <= max_new_tokens] for prompts without the image placeholder.
+
+    The first decode token sits at position T + n_V (the unreduced prompt numbering); each backend's step
+    maps it to per-layer positions. Stops once every row has produced an EOS id (finished rows repeat EOS).
+    `on_token` receives each new column [B] as soon as it is chosen (for streaming).
+    """
+    b = input_ids.shape[0]
+    offset = torch.as_tensor(image_offset, dtype=torch.long).reshape(-1).expand(b).contiguous()
+    sampler = Sampler(sampling)
+    eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    eos = torch.tensor(eos_ids, dtype=torch.long)
+    visual = model.encode_image(pixel_values)
+    logits, past = model.prefill(model.embed(input_ids), visual, offset)
+    position = torch.full((b,), input_ids.shape[1] + visual.shape[1], dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    tokens: list[Tensor] = []
+    for _ in range(max_new_tokens):
+        nxt = sampler(logits).to(torch.long)
+        if eos.numel():
+            nxt = torch.where(done, eos[0], nxt)
+            done = done | torch.isin(nxt, eos)
+        tokens.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        if len(tokens) == max_new_tokens or (eos.numel() and bool(done.all())):
+            break
+        logits, past = model.step(model.embed(nxt[:, None]), position, past)
+        position = position + 1
+    return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(b, 0)
