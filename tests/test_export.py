@@ -1,0 +1,274 @@
+"""ficoco-export: bundles on `tiny`, their graphs, validation, lint, and the failure paths of the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from exporter.bundle import BundleError, load_manifest
+from exporter.export import ExportOptions, example_inputs, export_stage
+from exporter.lint import has_errors, lint_files
+from exporter.pipeline import PlanRequest, export_bundle
+from exporter.wrappers import PREFILL, STAGES, STEP, VISION
+from ficoco.models import LoadedModel
+from ficoco.planner import plan
+from ficoco.reduced_llava import ReducedLlava
+
+FAST = ExportOptions(max_batch_size=2, max_text_len=128, max_new_tokens=32, optimize=False)
+CLI = [sys.executable, "-m", "exporter.cli_entry"]
+
+
+@pytest.fixture(scope="session")
+def vl_bundle(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-vl25"
+    return export_bundle(tiny, PlanRequest(variant="VL", ratio=0.25), out, FAST)
+
+
+def test_bundle_layout_and_manifest(vl_bundle: Path, tiny: LoadedModel) -> None:
+    m = load_manifest(vl_bundle)  # verifies every sha256
+    for stage in STAGES:
+        assert (vl_bundle / "onnx" / f"{stage}.onnx").is_file()
+        assert (vl_bundle / "onnx" / f"{stage}.onnx.data").is_file()
+    assert (vl_bundle / "tokenizer").is_dir() and (vl_bundle / "preprocessor_config.json").is_file()
+    assert m["variant"] == "VL" and m["method"] == "ficoco" and m["opset"] == 18
+    assert m["visual_tokens"] == {"to_decoder": 288, "final": 144}
+    assert m["source_model"]["revision"] == tiny.revision
+    assert set(m["files"]) >= {f"onnx/{s}.onnx" for s in STAGES}
+    step_inputs = [i["name"] for i in m["graphs"][STEP]["inputs"]]
+    assert step_inputs[:4] == ["inputs_embeds", "position", "past_key_values.0.key", "past_key_values.0.value"]
+    assert [o["name"] for o in m["graphs"][PREFILL]["outputs"]][:2] == ["logits", "present.0.key"]
+    # per-layer KV lengths: the manifest's decode offsets are the schedule's removed counts
+    s = plan(tiny.geometry, "VL", ratio=0.25)
+    assert m["decoder"]["position_offsets"] == [s.decoder.span_in - s.decoder.span_at(i) for i in range(32)]
+    prof = m["trt_profiles"][STEP]["past_key_values.31.key"]
+    assert prof["min"][2] == 2 + 144 and prof["max"][2] == 128 + 144 + 31
+    v = m["validation"]
+    assert v["ran"] and v["greedy"]["identical"] and v["greedy"]["steps"] == 16 and v["batch"] == 2
+    assert all(st["passed"] for st in v["stages"].values())
+
+
+def test_graphs_pass_checker_and_lint(vl_bundle: Path) -> None:
+    files = sorted((vl_bundle / "onnx").glob("*.onnx"))
+    for f in files:
+        onnx.checker.check_model(str(f), full_check=True)
+    assert not has_errors(lint_files(files))
+
+
+def _static_except_batch(model: onnx.ModelProto, ops: tuple[str, ...]) -> list[str]:
+    shapes = {v.name: v.type.tensor_type.shape for v in list(model.graph.value_info) + list(model.graph.output)}
+    bad = []
+    seen = 0
+    for node in model.graph.node:
+        if node.op_type not in ops:
+            continue
+        for out in node.output:
+            if out not in shapes:
+                bad.append(f"{node.name}: no inferred shape")
+                continue
+            seen += 1
+            dims = shapes[out].dim
+            if any(not d.HasField("dim_value") for d in list(dims)[1:]):
+                bad.append(f"{node.name} ({node.op_type}): {[d.dim_value or d.dim_param for d in dims]}")
+    assert seen, f"no {ops} nodes found"
+    return bad
+
+
+def test_reduction_nodes_have_static_shapes(vl_bundle: Path) -> None:
+    """TopK / ArgMax / ScatterElements (the selection machinery) have static shapes apart from the batch."""
+    for stage in (VISION, PREFILL):
+        model = onnx.load(str(vl_bundle / "onnx" / f"{stage}.onnx"), load_external_data=False)
+        assert _static_except_batch(model, ("TopK", "ArgMax", "ScatterElements")) == []
+        # and every TopK's K is a constant (no data-dependent K)
+        assert not any(n.op_type == "NonZero" for n in model.graph.node)
+
+
+def test_tampered_bundle_is_refused(vl_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(vl_bundle, copy)
+    load_manifest(copy)
+    data = copy / "onnx" / "decoder_step.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="decoder_step.onnx.data was modified"):
+        load_manifest(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        load_manifest(copy)
+
+
+def test_lint_only_cli(vl_bundle: Path) -> None:
+    r = subprocess.run([*CLI, "--lint-only", str(vl_bundle)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "lint passed" in r.stderr
+
+
+def _compare_stage(model: ReducedLlava, stage: str, tmp_path: Path) -> float:
+    ex = example_inputs(model, FAST)
+    path = tmp_path / f"{stage}.onnx"
+    export_stage(model, stage, path, FAST, ex)
+    assert not has_errors(lint_files([path]))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # fresh inputs of another batch size than the trace's
+    if stage == VISION:
+        feeds = {"pixel_values": torch.randn(1, 3, 336, 336)}
+        with torch.no_grad():
+            ref = [model.encode_image(feeds["pixel_values"]).visual]
+    else:
+        b, t = 1, 23
+        d, n = model.geometry.decoder.hidden_size, model.schedule.decoder.span_in
+        feeds = {"inputs_embeds": torch.randn(b, t, d), "visual_tokens": torch.randn(b, n, d), "image_offset": torch.tensor([5])}
+        with torch.no_grad():
+            out = model.prefill(feeds["inputs_embeds"], feeds["visual_tokens"], feeds["image_offset"])
+        ref = [out.logits, *[x for kv in out.cache for x in kv]]
+    got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+    assert len(got) == len(ref)
+    worst = 0.0
+    for g, r in zip(got, ref, strict=True):
+        assert g.shape == tuple(r.shape)
+        worst = max(worst, float(np.abs(g - r.numpy()).max()))
+    return worst
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+def test_other_vision_methods_export_and_match(tiny: LoadedModel, method: str, tmp_path: Path) -> None:
+    model = ReducedLlava(tiny.model, plan(tiny.geometry, "V", method=method, ratio=0.25)).eval()
+    assert _compare_stage(model, VISION, tmp_path) < 1e-4
+
+
+def test_fastv_prefill_exports_and_matches(tiny: LoadedModel, tmp_path: Path) -> None:
+    model = ReducedLlava(tiny.model, plan(tiny.geometry, "L", method="fastv", ratio=0.25)).eval()
+    assert _compare_stage(model, PREFILL, tmp_path) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant,method,preset,positions",
+    [
+        ("none", "ficoco", "paper", "compact"),
+        ("V", "ficoco", "paper", "compact"),
+        ("V", "tome", "paper", "compact"),
+        ("V", "evit", "paper", "compact"),
+        ("L", "ficoco", "paper", "compact"),
+        ("L", "ficoco", "official", "original"),
+        ("L", "fastv", "paper", "original"),
+        ("VL", "ficoco", "official", "compact"),
+    ],
+)
+def test_every_variant_exports_and_validates(tiny: LoadedModel, tmp_path: Path, variant: str, method: str, preset: str, positions: str) -> None:
+    ratio = None if variant == "none" else 0.25
+    out = export_bundle(tiny, PlanRequest(variant=variant, method=method, ratio=ratio, preset=preset, positions=positions), tmp_path / "b", FAST)
+    m = load_manifest(out)
+    assert m["validation"]["greedy"]["identical"] and all(s["passed"] for s in m["validation"]["stages"].values())
+    assert not has_errors(lint_files(sorted((out / "onnx").glob("*.onnx"))))
+
+
+@pytest.mark.slow
+def test_smol_bundle_validates(smol: LoadedModel, tmp_path: Path) -> None:
+    out = export_bundle(smol, PlanRequest(variant="VL", ratio=0.25), tmp_path / "smol", FAST)
+    assert load_manifest(out)["validation"]["greedy"]["identical"]
+
+
+@pytest.mark.slow
+def test_graph_only_llava_7b(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [*CLI, "--model", "llava-1.5-7b", "--variant", "VL", "--ratio", "0.25", "--graph-only", "-o", str(tmp_path / "g7b")],
+        capture_output=True, text=True, timeout=1800, env={**os.environ, "HF_HOME": str(tmp_path / "empty-hf")},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = load_manifest(tmp_path / "g7b")
+    assert m["graph_only"] and m["lint"]["ran"] and m["geometry"]["decoder"]["hidden_size"] == 4096
+    assert not (tmp_path / "g7b" / "onnx" / "decoder_prefill.onnx.data").exists()
+    assert not has_errors(lint_files(sorted((tmp_path / "g7b" / "onnx").glob("*.onnx"))))
+
+
+# ------------------------------------------------------------------------------------------------------
+# failure paths: clear errors, exit codes, no half bundles
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "tiny", "--ratio", "0"], "ratio must be"),
+        (["--model", "tiny", "--ratio", "nan"], "ratio must be"),
+        (["--model", "tiny", "--ratio", "1.5"], "ratio must be"),
+        (["--model", "tiny", "--variant", "XL", "--ratio", "0.5"], "Invalid value for '--variant'"),
+        (["--model", "tiny", "--variant", "V", "--method", "fastv", "--ratio", "0.5"], "fastv"),
+        (["--model", "tiny", "--variant", "L", "--ratio", "0.5", "--l-start", "40"], "l_start"),
+        (["--variant", "VL", "--ratio", "0.25"], "--model is required"),
+    ],
+)
+def test_cli_rejects_bad_requests(args: list[str], message: str, tmp_path: Path) -> None:
+    r = subprocess.run([*CLI, *args, "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_weights_says_where_and_how(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    r = subprocess.run(
+        [*CLI, "--model", "llava-1.5-7b", "--variant", "VL", "--ratio", "0.25", "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert r.returncode == 2
+    assert str(tmp_path / "hf" / "hub") in r.stderr and "download" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_cli_unreadable_model_dir(tmp_path: Path) -> None:
+    bad = tmp_path / "broken-model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{ not json")
+    r = subprocess.run([*CLI, "--model", str(bad), "--ratio", "0.25", "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "broken-model" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_non_empty_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = subprocess.run([*CLI, "--model", "tiny", "--ratio", "0.25", "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_export_leaves_no_bundle(tmp_path: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, "--model", "tiny", "--ratio", "0.25", "--no-optimize", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    # wait until the export has started writing its staging directory, then interrupt it mid-way
+    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/onnx/*.onnx")):
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".out.partial-*")), "export never started"
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not out.exists()
+    if sig == signal.SIGTERM:  # a catchable signal also removes the staging directory
+        assert not list(tmp_path.glob(".out.partial-*"))
+    assert math.isfinite(proc.returncode)
+
+
+def test_manifest_is_json_with_tool_versions(vl_bundle: Path) -> None:
+    m = json.loads((vl_bundle / "manifest.json").read_text())
+    assert m["schema_version"] == 1 and "onnxruntime" in m["tool_versions"] and m["precision"] == "fp32"
