@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "fp16"]
 EXAMPLE_TEXT_LEN = 17  # odd, so dynamo never specialises the text axis to another static size
 EXAMPLE_OFFSET = 4
+STAGE_INPUTS = {
+    VISION: ("pixel_values",),
+    EMBED: ("input_ids",),
+    PREFILL: ("inputs_embeds", "visual_tokens", "image_offset"),
+    STEP: ("inputs_embeds", "position"),
+}
+EXTERNAL_THRESHOLD = 64 * 1024  # bytes: tensors at least this large are stored as external data
 
 
 class ExportError(RuntimeError):
@@ -51,7 +58,7 @@ class ExportOptions:
     max_text_len: int = 512
     max_new_tokens: int = 256
     opt_text_len: int = 64  # the "opt" point of TensorRT profiles
-    optimize: bool = True  # onnxscript graph optimisation (constant folding, dead code) after export
+    optimize: bool = False  # onnxscript graph optimisation (constant folding, dead code); slow on big graphs
     graph_only: bool = False  # no weights: graphs of the real geometry built on the meta device
 
     def __post_init__(self) -> None:
@@ -72,9 +79,16 @@ class ExportOptions:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    """Silence the exporter's warnings and its notes about optional torchvision ops while exporting."""
+    noisy = logging.getLogger("torch.onnx")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        noisy.setLevel(level)
 
 
 def _batch_dim(opts: ExportOptions) -> Dim | None:
@@ -117,11 +131,48 @@ def _export(
             raise ExportError(f"{path.stem}: the exporter returned no program")
         if opts.optimize and not opts.graph_only:
             prog.optimize()
+        fold_constants(prog.model)
         path.parent.mkdir(parents=True, exist_ok=True)
         if opts.graph_only:
-            prog.save(str(path), include_initializers=False)
+            _save_without_weights(prog.model, path)
         else:
-            prog.save(str(path), external_data=True)
+            # weights go to <name>.onnx.data; small tensors (index constants the optimizer folded) stay
+            # inline so that shape inference with data propagation can read them
+            import onnx_ir
+
+            onnx_ir.save(prog.model, str(path), external_data=f"{path.name}.data", size_threshold_bytes=EXTERNAL_THRESHOLD)
+
+
+def _save_without_weights(model: Any, path: Path) -> None:
+    """--graph-only: the weights (meta tensors, no data) become graph inputs, so the graph stays valid for
+    the checker and the lint; constants with data (folded index constants) stay initializers."""
+    import onnx_ir
+
+    graph = model.graph
+    for name, value in list(graph.initializers.items()):
+        raw = getattr(value.const_value, "raw", None)
+        if isinstance(raw, torch.Tensor) and raw.is_meta:
+            graph.initializers.pop(name)
+            value.const_value = None
+            graph.inputs.append(value)
+    onnx_ir.save(model, str(path))
+
+
+def fold_constants(model: Any) -> None:
+    """Fold small constant subgraphs (index constants, reduction axes, shapes) into initializers.
+
+    TensorRT's parser wants e.g. Reduce* `axes` as initializers, while the exporter emits them as
+    Reshape(Constant). onnxscript's constant folder alone takes well under a second (the full optimizer
+    takes minutes on a prefill graph). Weights (initializers) are never touched.
+    """
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from onnxscript.optimizer import fold_constants as fold
+
+    def leave_weights(node: Any) -> bool | None:  # never fold a node that reads an initializer (meta in --graph-only)
+        return False if any(v is not None and v.is_initializer() for v in node.inputs) else None
+
+    fold(model, input_size_limit=4096, output_size_limit=1 << 20, should_fold=leave_weights)
+    RemoveUnusedNodesPass()(model)
 
 
 def check_graph(path: Path, full: bool = True) -> None:
@@ -233,12 +284,17 @@ def trt_profiles(model: ReducedLlava, opts: ExportOptions) -> dict[str, dict[str
 
 
 def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Names, dtypes and shapes (ints or symbolic names) of a graph's inputs and outputs."""
+    """Names, dtypes and shapes (ints or symbolic names) of a graph's inputs and outputs.
+
+    Weights that a --graph-only graph carries as inputs are not listed.
+    """
     model = onnx.load(str(path), load_external_data=False)
+    declared = STAGE_INPUTS.get(path.stem)
 
     def describe(vi: onnx.ValueInfoProto) -> dict[str, Any]:
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
         return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name, "shape": dims}
 
-    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
+    inputs = [v for v in model.graph.input if declared is None or v.name in declared or v.name.startswith("past_key_values.")]
+    return {"inputs": [describe(v) for v in inputs], "outputs": [describe(v) for v in model.graph.output]}

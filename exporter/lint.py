@@ -282,7 +282,9 @@ class GraphContext:
         parent: GraphContext | None = None,
         formals: dict[str, tuple[GraphContext, str]] | None = None,
         depth: int = 0,
+        weight_inputs: frozenset[str] = frozenset(),
     ) -> None:
+        self.weight_inputs = weight_inputs
         self.target = target
         self.opset = opset
         self.functions = functions
@@ -314,7 +316,8 @@ class GraphContext:
             for vi in g.input:
                 # An input that is also an initializer (IR < 4 style) is imported as weights by the parser.
                 if vi.name not in self.facts:
-                    self.facts[vi.name] = _Facts("input")
+                    # weights carried as inputs (a --graph-only export) are build-time constants
+                    self.facts[vi.name] = _Facts("input", computable=vi.name in self.weight_inputs)
             self.graph_outputs = {o.name for o in g.output}
         for name in self.formals:
             self.facts[name] = _Facts("formal")
@@ -1085,8 +1088,14 @@ def _node_label(node: onnx.NodeProto, index: int) -> str:
 
 class _Linter:
     def __init__(
-        self, model: onnx.ModelProto, target: TargetSpec, graph_file: str, base_dir: str | None
+        self,
+        model: onnx.ModelProto,
+        target: TargetSpec,
+        graph_file: str,
+        base_dir: str | None,
+        weight_inputs: frozenset[str] = frozenset(),
     ) -> None:
+        self.weight_inputs = weight_inputs
         self.model = model
         self.target = target
         self.graph_file = graph_file
@@ -1121,6 +1130,7 @@ class _Linter:
             functions=self.functions,
             graph_file=self.graph_file,
             base_dir=self.base_dir,
+            weight_inputs=self.weight_inputs,
             **kw,
         )
 
@@ -1191,9 +1201,17 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def lint_model(
-    model: onnx.ModelProto | str | Path, target: str = "trt10", *, graph_file: str | None = None
+    model: onnx.ModelProto | str | Path,
+    target: str = "trt10",
+    *,
+    graph_file: str | None = None,
+    runtime_inputs: Iterable[str] | None = None,
 ) -> list[LintFinding]:
-    """Lint one ONNX model for ``target`` ("trt10" or "trt11"). Paths are loaded without their weights."""
+    """Lint one ONNX model for ``target`` ("trt10" or "trt11"). Paths are loaded without their weights.
+
+    ``runtime_inputs``: the graph inputs fed at run time; any other graph input is a weight (a
+    --graph-only export carries its weights as inputs) and counts as a build-time constant.
+    """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {sorted(TARGETS)}")
     base_dir = None
@@ -1203,13 +1221,21 @@ def lint_model(
         base_dir = str(path.parent)
         model = onnx.load(str(path), load_external_data=False)
     graph_file = graph_file or model.graph.name or "<model>"
-    return _Linter(_infer(model), TARGETS[target], graph_file, base_dir).run()
+    weights: frozenset[str] = frozenset()
+    if runtime_inputs is not None:
+        keep = set(runtime_inputs)
+        weights = frozenset(vi.name for vi in model.graph.input if vi.name not in keep)
+    return _Linter(_infer(model), TARGETS[target], graph_file, base_dir, weights).run()
 
 
-def lint_files(paths: Iterable[str | Path], target: str = "trt10") -> list[LintFinding]:
+def lint_files(
+    paths: Iterable[str | Path], target: str = "trt10", runtime_inputs: dict[str, Iterable[str]] | None = None
+) -> list[LintFinding]:
+    """Lint several files; ``runtime_inputs`` maps a file's stem (e.g. "decoder_step") to its runtime inputs."""
     findings: list[LintFinding] = []
     for p in paths:
-        findings.extend(lint_model(p, target))
+        runtime = None if runtime_inputs is None else runtime_inputs.get(Path(p).stem)
+        findings.extend(lint_model(p, target, runtime_inputs=runtime))
     return findings
 
 

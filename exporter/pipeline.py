@@ -156,7 +156,8 @@ def export_bundle(
             notify("lint", "start")
             from exporter.lint import format_findings, has_errors, lint_files
 
-            findings = lint_files(sorted(onnx_dir.glob("*.onnx")))
+            runtime = {stage: [i["name"] for i in g["inputs"]] for stage, g in graphs.items()}
+            findings = lint_files(sorted(onnx_dir.glob("*.onnx")), runtime_inputs=runtime)
             lint_report = {"ran": True, "target": "trt10", "findings": [f.__dict__ for f in findings]}
             if has_errors(findings):
                 raise LintFailed("TensorRT lint failed:\n" + format_findings(findings))
