@@ -1,0 +1,203 @@
+"""ONNX Runtime backend: one `InferenceSession` per graph behind the `Session` interface.
+
+On CPU the feeds go in as numpy arrays that share memory with the torch tensors and the outputs come back
+the same way (no copies). With the CUDA (or TensorRT) execution provider and a CUDA build of PyTorch, the
+session binds torch CUDA tensors by address through an `IOBinding` and hands the outputs, left on the
+GPU by ONNX Runtime, back as torch tensors through DLPack, so the KV cache stays on the device.
+The IOBinding path also runs on CPU (`io_binding=True`), which is how it is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import Tensor
+
+from engines.session import BackendUnavailable, Session, SessionError, SessionStages, TensorSpec
+from exporter.wrappers import STAGES
+
+log = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+_ORT_DTYPES: dict[str, torch.dtype] = {
+    "tensor(float)": torch.float32,
+    "tensor(float16)": torch.float16,
+    "tensor(bfloat16)": torch.bfloat16,
+    "tensor(double)": torch.float64,
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+    "tensor(int8)": torch.int8,
+    "tensor(uint8)": torch.uint8,
+    "tensor(bool)": torch.bool,
+}
+
+
+def _torch_dtype(ort_type: str) -> torch.dtype:
+    try:
+        return _ORT_DTYPES[ort_type]
+    except KeyError as err:
+        raise SessionError(f"unsupported ONNX Runtime tensor type {ort_type}") from err
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    if dtype == torch.bfloat16:
+        raise SessionError("bfloat16 graphs cannot be fed through numpy; use the TensorRT backend or an fp16/fp32 bundle")
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def resolve_providers(choice: str = "auto", cache_dir: Path | None = None) -> list[str | tuple[str, dict[str, Any]]]:
+    """Execution providers for `choice` (auto | cpu | cuda | tensorrt), most preferred first, CPU last.
+
+    auto takes CUDA where this onnxruntime has it, else CPU; the TensorRT provider (which builds its own
+    engines on first use) is only used when asked for. Raises BackendUnavailable when `choice` is not
+    in `ort.get_available_providers()`.
+    """
+    available = ort.get_available_providers()
+    if choice == "auto":
+        choice = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if choice not in PROVIDER_ALIASES:
+        raise SessionError(f"unknown ONNX Runtime provider {choice!r}; choose one of auto, {', '.join(PROVIDER_ALIASES)}")
+    name = PROVIDER_ALIASES[choice]
+    if name not in available:
+        raise BackendUnavailable(
+            f"onnxruntime {ort.__version__} has no {name} (available: {', '.join(available)}); "
+            "install onnxruntime-gpu (pip install 'ficoco-export[gpu]') for the CUDA and TensorRT providers"
+        )
+    providers: list[str | tuple[str, dict[str, Any]]] = []
+    if name == "TensorrtExecutionProvider":
+        opts: dict[str, Any] = {"trt_engine_cache_enable": True, "trt_timing_cache_enable": True}
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            opts["trt_engine_cache_path"] = str(cache_dir)
+            opts["trt_timing_cache_path"] = str(cache_dir)
+        providers.append((name, opts))
+        if "CUDAExecutionProvider" in available:
+            providers.append("CUDAExecutionProvider")
+    elif name == "CUDAExecutionProvider":
+        providers.append(name)
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+class OrtSession(Session):
+    """One ONNX graph in ONNX Runtime. Tensors live on `device` (cuda:N when a CUDA provider runs it and
+    PyTorch has CUDA, else cpu)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+        threads: int | None = None,
+        io_binding: bool | None = None,
+        device_id: int = 0,
+    ) -> None:
+        path = Path(path)
+        self.name = path.stem
+        try:
+            self.session = ort.InferenceSession(
+                str(path), session_options(threads), providers=list(providers or ["CPUExecutionProvider"])
+            )
+        except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise SessionError(f"ONNX Runtime cannot load {path}: {err}") from err
+        self.inputs = tuple(
+            TensorSpec(i.name, _torch_dtype(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
+            for i in self.session.get_inputs()
+        )
+        self.outputs = tuple(
+            TensorSpec(o.name, _torch_dtype(o.type), tuple(d if isinstance(d, int) else None for d in o.shape))
+            for o in self.session.get_outputs()
+        )
+        on_gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in self.session.get_providers())
+        self.device = torch.device("cuda", device_id) if on_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.io_binding = (self.device.type == "cuda") if io_binding is None else io_binding
+        log.debug("%s: providers %s, device %s, io_binding %s", self.name, self.session.get_providers(), self.device, self.io_binding)
+
+    def run(self, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        self.check_feeds(feeds)
+        result = self._run_bound(feeds, outputs) if self.io_binding else self._run_numpy(feeds)
+        if outputs:
+            for name, dst in outputs.items():
+                if result[name].data_ptr() != dst.data_ptr():
+                    dst.copy_(result[name])
+                result[name] = dst
+        return result
+
+    def _run_numpy(self, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        np_feeds = {
+            s.name: feeds[s.name].detach().cpu().contiguous().numpy().astype(_np_dtype(s.dtype), copy=False)
+            for s in self.inputs
+        }
+        try:
+            out = self.session.run(None, np_feeds)
+        except Exception as err:
+            raise SessionError(f"{self.name}: ONNX Runtime failed: {err}") from err
+        return {s.name: torch.from_numpy(a).to(self.device) for s, a in zip(self.outputs, out, strict=True)}
+
+    def _run_bound(self, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        binding = self.session.io_binding()
+        dev_type = self.device.type
+        dev_id = self.device.index or 0
+        keep: list[Tensor] = []  # the bound inputs must outlive the run
+        for s in self.inputs:
+            t = feeds[s.name].detach().to(device=self.device, dtype=s.dtype).contiguous()
+            keep.append(t)
+            binding.bind_input(s.name, dev_type, dev_id, _np_dtype(s.dtype), tuple(t.shape), t.data_ptr())
+        for s in self.outputs:
+            dst = (outputs or {}).get(s.name)
+            if dst is not None and dst.is_contiguous() and dst.device == self.device and dst.dtype == s.dtype:
+                binding.bind_output(s.name, dev_type, dev_id, _np_dtype(s.dtype), tuple(dst.shape), dst.data_ptr())
+            else:
+                binding.bind_output(s.name, dev_type, dev_id)
+        try:
+            binding.synchronize_inputs()
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+        except Exception as err:
+            raise SessionError(f"{self.name}: ONNX Runtime failed: {err}") from err
+        values = binding.get_outputs()
+        result: dict[str, Tensor] = {}
+        for s, v in zip(self.outputs, values, strict=True):
+            dst = (outputs or {}).get(s.name)
+            if dst is not None and v.data_ptr() == dst.data_ptr():
+                result[s.name] = dst
+            else:
+                result[s.name] = torch.from_dlpack(v)
+        return result
+
+
+def ort_stages(
+    onnx_dir: str | Path,
+    provider: str = "auto",
+    threads: int | None = None,
+    io_binding: bool | None = None,
+    cache_dir: Path | None = None,
+) -> SessionStages:
+    """The bundle's four graphs in ONNX Runtime sessions, ready for `generate_tokens`."""
+    d = Path(onnx_dir)
+    providers = resolve_providers(provider, cache_dir)
+    sessions: dict[str, Session] = {}
+    for stage in STAGES:
+        path = d / f"{stage}.onnx"
+        if not path.is_file():
+            raise SessionError(f"{path} is missing; the bundle has no {stage} graph (a damaged bundle: re-export it)")
+        sessions[stage] = OrtSession(path, providers, threads=threads, io_binding=io_binding)
+    return SessionStages(sessions)

@@ -1,0 +1,493 @@
+"""`Pipeline`: a bundle -> answers. Image + question in, streamed text out, on ONNX Runtime or TensorRT.
+
+    pipe = Pipeline.from_bundle("out/llava-vl25", backend="auto")
+    answer = pipe.generate("cat.jpg", "What is in the picture?", on_text=lambda row, s: print(s, end=""))
+
+Flow: the bundle's preprocessor_config.json turns each image into pixel_values; the manifest's chat
+template and the bundle's tokenizer turn the question into text ids plus the image offset; then
+`ficoco.generation.generate_tokens` (the loop every backend shares with the PyTorch reference) runs
+vision -> embed -> prefill (which splices the visual tokens in at the offset) -> decode steps with
+per-layer KV growth, greedy or seeded temperature/top-p sampling, and stop tokens.
+
+Limits come from the bundle: prompts longer than `shape_ranges.text_len`, more new tokens than
+`shape_ranges.max_new_tokens`, are refused with an `InputError` that says so. Batches larger than the
+decoder accepts (`shape_ranges.batch`, or the engines' profiles) are run in chunks; the vision stage runs
+in chunks of its own limit. Prompts in one decoder batch must tokenize to the same length (the graphs
+take no attention mask).
+
+`generate(..., timings=d)` fills `d` with per-stage times for benchmarks (see `Timings`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engines.session import BackendUnavailable, SessionStages
+from exporter import bundle as B
+from exporter.wrappers import PREFILL, STEP, VISION
+from ficoco.generation import generate_tokens
+from ficoco.inputs import PromptError, encode_prompt, format_prompt
+from ficoco.preprocess import ImageError, ImageLike, preprocess_image
+from ficoco.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+_ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "trt": "tensorrt"}
+
+TextCallback = Callable[[int, str], None]  # (row in the batch, newly decoded text)
+
+__all__ = ["Answer", "BACKENDS", "ImageError", "InputError", "Pipeline", "PromptError", "Timings"]
+
+
+class InputError(ValueError):
+    """A request the bundle cannot serve (prompt too long, too many new tokens, mismatched batch)."""
+
+
+@dataclass
+class Answer:
+    """One generated answer: the token ids up to (not including) the first stop token, and their text."""
+
+    text: str
+    token_ids: list[int]
+    stopped: bool  # True when a stop token ended it, False when max_new_tokens did
+
+
+@dataclass
+class Timings:
+    """Per-stage wall-clock times of one `generate` call (milliseconds; device work synchronised).
+
+    ttft_ms runs from the start of the vision stage to the first chosen token (vision + prompt embedding +
+    prefill + first sampling); decode covers every later token; decode_tokens_per_s is per sequence
+    (a batch of B produces B times as many tokens in that time).
+    """
+
+    backend: str = ""
+    batch: int = 0
+    text_len: int = 0
+    preprocess_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    vision_ms: float = 0.0
+    embed_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    decode_steps: int = 0
+    step_ms_mean: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    new_tokens: int = 0
+    total_ms: float = 0.0
+    step_ms: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _TimedStages:
+    """Wraps a stage model: precomputed visual tokens for the decoder chunk, per-call times when asked."""
+
+    def __init__(self, stages: SessionStages, visual: Tensor, timings: Timings | None) -> None:
+        self.stages = stages
+        self.visual = visual
+        self.timings = timings
+
+    def _timed(self, key: str, fn: Callable[[], Any]) -> Any:
+        if self.timings is None:
+            return fn()
+        t0 = time.perf_counter()
+        out = fn()
+        self.stages.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        if key == "step":
+            self.timings.step_ms.append(ms)
+        else:
+            setattr(self.timings, key, getattr(self.timings, key) + ms)
+        return out
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        return self.visual  # the vision stage already ran, in chunks of its own batch limit
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        if input_ids.shape[1] == 1:  # a decode token (prompts have >= 2): part of the decode time
+            return self.stages.embed(input_ids)
+        return self._timed("embed_ms", lambda: self.stages.embed(input_ids))
+
+    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self._timed("prefill_ms", lambda: self.stages.prefill(embeds, visual, image_offset))
+
+    def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        return self._timed("step", lambda: self.stages.step(embeds, position, past))
+
+
+class _TextStream:
+    """Incremental detokenization of one row: emits only text that later tokens cannot change."""
+
+    def __init__(self, tokenizer: Any, stop_ids: set[int], row: int, callback: TextCallback | None) -> None:
+        self.tokenizer, self.stop_ids, self.row, self.callback = tokenizer, stop_ids, row, callback
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def push(self, token: int) -> None:
+        if self.stopped:
+            return
+        if token in self.stop_ids:
+            self.stopped = True
+            self.flush()
+            return
+        self.ids.append(token)
+        text = self.text()
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte token
+            return
+        self._emit(text)
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def flush(self) -> None:
+        self._emit(self.text())
+
+    def _emit(self, text: str) -> None:
+        if self.callback is not None and text.startswith(self.emitted) and len(text) > len(self.emitted):
+            self.callback(self.row, text[len(self.emitted) :])
+        if text.startswith(self.emitted):
+            self.emitted = text
+
+
+def _normalise_backend(backend: str) -> str:
+    b = _ALIASES.get(backend.lower(), backend.lower())
+    if b not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return b
+
+
+class Frontend:
+    """The bundle's input side without any backend: manifest, tokenizer, image preprocessing and limits.
+
+    Cheap to load, so a request can be checked (image readable, prompt within the exported text range,
+    new tokens within the exported limit) before engines or sessions are loaded.
+    """
+
+    def __init__(self, bundle: Path, manifest: dict[str, Any], tokenizer: Any, processor_config: dict[str, Any]) -> None:
+        self.bundle = bundle
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.processor_config = processor_config
+        prompt = manifest.get("prompt") or {}
+        self.chat_template: str = prompt["chat_template"]
+        self.image_token_id = int(prompt["image_token_id"])
+        eos = prompt.get("eos_token_id")
+        self.eos_token_ids: tuple[int, ...] = () if eos is None else ((int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos))
+        ranges = manifest.get("shape_ranges") or {}
+        self.text_len_range: tuple[int, int] = tuple(ranges.get("text_len", (1, 1 << 30)))  # type: ignore[assignment]
+        self.batch_range: tuple[int, int] = tuple(ranges.get("batch", (1, 1)))  # type: ignore[assignment]
+        self.max_new_tokens_limit = int(ranges.get("max_new_tokens", 1 << 30))
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike[str], *, verify: bool = True) -> Frontend:
+        """Read the manifest (with `verify`, check every file's sha256), tokenizer and preprocessor config."""
+        root = Path(path)
+        manifest = B.load_manifest(root, verify=verify)
+        if manifest.get("graph_only") or not (manifest.get("prompt") or {}).get("chat_template"):
+            raise B.BundleError(
+                f"{root} is a --graph-only bundle (no weights, tokenizer or chat template); export it with weights to run it"
+            )
+        tokenizer = _load_tokenizer(root)
+        pre = root / B.PREPROCESSOR
+        try:
+            processor_config = json.loads(pre.read_text())
+        except FileNotFoundError as err:
+            raise B.BundleError(f"{pre} is missing; re-export the bundle") from err
+        except json.JSONDecodeError as err:
+            raise B.BundleError(f"{pre} is not valid JSON ({err}); re-export the bundle") from err
+        return cls(root, manifest, tokenizer, processor_config)
+
+    def check_request(self, text_len: int, max_new_tokens: int) -> None:
+        """InputError unless the bundle was exported for this prompt length and number of new tokens."""
+        lo, hi = int(self.text_len_range[0]), int(self.text_len_range[1])
+        if text_len > hi:
+            raise InputError(
+                f"the prompt is {text_len} tokens after the chat template; this bundle was exported for at most {hi} "
+                f"text tokens (shape_ranges.text_len). Shorten the question, or re-export with a larger --max-text-len."
+            )
+        if text_len < lo:
+            raise InputError(f"the prompt is {text_len} tokens; this bundle needs at least {lo} (shape_ranges.text_len)")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+        if max_new_tokens > self.max_new_tokens_limit:
+            raise InputError(
+                f"{max_new_tokens} new tokens asked for; this bundle was exported for at most {self.max_new_tokens_limit} "
+                "(shape_ranges.max_new_tokens). Ask for fewer, or re-export with a larger --max-new-tokens."
+            )
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[ImageLike]) -> Tensor:
+        """pixel_values [B, 3, H, W] (float32) per the bundle's preprocessor_config.json; ImageError on a bad file."""
+        if not images:
+            raise InputError("no image given")
+        return torch.cat([preprocess_image(im, self.processor_config) for im in images], dim=0)
+
+    def tokenize(self, questions: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(input_ids [B, T] without the image placeholder, image offsets [B]) for questions of equal token length."""
+        ids: list[Tensor] = []
+        offsets: list[int] = []
+        for q in questions:
+            p = encode_prompt(self.tokenizer, format_prompt(self.chat_template, q), self.image_token_id)
+            ids.append(p.text_ids)
+            offsets.append(p.image_offset)
+        lengths = sorted({int(t.shape[1]) for t in ids})
+        if len(lengths) > 1:
+            raise InputError(
+                f"the questions tokenize to different lengths ({', '.join(map(str, lengths))}); the graphs take no attention "
+                "mask, so one batch needs prompts of equal token length (run them separately)"
+            )
+        return torch.cat(ids, dim=0), torch.tensor(offsets, dtype=torch.long)
+
+
+class Pipeline(Frontend):
+    """A loaded bundle with one backend; `generate` answers questions about images."""
+
+    def __init__(self, front: Frontend, stages: SessionStages, backend: str, engine_dir: Path | None = None) -> None:
+        super().__init__(front.bundle, front.manifest, front.tokenizer, front.processor_config)
+        self.stages = stages
+        self.backend = backend
+        self.engine_dir = engine_dir
+
+    # -- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_bundle(  # type: ignore[override]
+        cls,
+        path: str | os.PathLike[str] | Frontend,
+        backend: str = "auto",
+        *,
+        verify: bool = True,
+        device: int = 0,
+        ort_provider: str = "auto",
+        threads: int | None = None,
+    ) -> Pipeline:
+        """Load a bundle (a path, or a `Frontend` already read) with `backend` (auto | onnxruntime | tensorrt).
+
+        auto takes TensorRT when it is installed, a GPU is visible and the bundle has engines built for
+        this TensorRT version and GPU; otherwise ONNX Runtime (CUDA provider where available, else CPU),
+        logging why. An explicit `tensorrt` raises instead: BackendUnavailable (no TensorRT / GPU),
+        EngineError (no engines) or EngineMismatch (engines for another TensorRT version or SM).
+        With `verify`, every bundle file's sha256 (and each engine's) is checked first.
+        """
+        backend = _normalise_backend(backend)
+        front = path if isinstance(path, Frontend) else Frontend.from_bundle(path, verify=verify)
+        engine_dir: Path | None = None
+        stages: SessionStages | None = None
+        if backend in ("auto", "tensorrt"):
+            from engines.trt_backend import EngineError, trt_stages
+
+            try:
+                stages, engine_dir, _ = trt_stages(front.bundle, front.manifest, device=device, verify=verify)
+                backend = "tensorrt"
+            except (BackendUnavailable, EngineError) as err:
+                if backend == "tensorrt":
+                    raise
+                log.info("backend auto: using ONNX Runtime, not TensorRT: %s", err)
+        if stages is None:
+            from engines.ort_backend import ort_stages
+
+            stages = ort_stages(
+                front.bundle / B.ONNX_DIR, provider=ort_provider, threads=threads, cache_dir=front.bundle / "engines" / "ort-trt-cache",
+            )
+            backend = "onnxruntime"
+        log.info("backend %s on %s", backend, stages.device)
+        return cls(front, stages, backend, engine_dir)
+
+    # -- limits ----------------------------------------------------------------------------------------------
+    @property
+    def max_decoder_batch(self) -> int:
+        limits = [int(self.batch_range[1])]
+        for stage in (PREFILL, STEP):
+            m = self.stages.max_batch(stage)
+            if m is not None:
+                limits.append(m)
+        return max(1, min(limits))
+
+    @property
+    def max_vision_batch(self) -> int:
+        m = self.stages.max_batch(VISION)
+        return max(1, m if m is not None else int(self.batch_range[1]))
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        image: ImageLike,
+        question: str,
+        *,
+        max_new_tokens: int | None = None,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        timings: dict[str, Any] | None = None,
+    ) -> Answer:
+        """Answer one question about one image; `on_text` receives the answer as it is generated."""
+        cb: TextCallback | None = None if on_text is None else (lambda row, s: on_text(s))
+        return self.generate_batch(
+            [image], [question], max_new_tokens=max_new_tokens, sampling=sampling,
+            stop_token_ids=stop_token_ids, on_text=cb, timings=timings,
+        )[0]
+
+    def generate_batch(
+        self,
+        images: Sequence[ImageLike],
+        questions: str | Sequence[str],
+        *,
+        max_new_tokens: int | None = None,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        on_text: TextCallback | None = None,
+        timings: dict[str, Any] | None = None,
+    ) -> list[Answer]:
+        """Answer one question per image (a single question is asked of every image).
+
+        `stop_token_ids` default to the bundle's EOS id; pass [] to generate exactly `max_new_tokens`.
+        `max_new_tokens` defaults to the bundle's limit. `timings`, when given, is filled with `Timings`
+        fields (per-stage milliseconds, TTFT, decode tokens/s).
+        """
+        t_start = time.perf_counter()
+        qs = [questions] * len(images) if isinstance(questions, str) else list(questions)
+        if len(qs) != len(images):
+            raise InputError(f"{len(images)} images but {len(qs)} questions; give one question, or one per image")
+        tm = Timings(backend=self.backend, batch=len(images)) if timings is not None else None
+        t0 = time.perf_counter()
+        pixel_values = self.preprocess(images)
+        t1 = time.perf_counter()
+        input_ids, offsets = self.tokenize(qs)
+        t2 = time.perf_counter()
+        n_new = self.max_new_tokens_limit if max_new_tokens is None else int(max_new_tokens)
+        self.check_request(int(input_ids.shape[1]), n_new)
+        stops = list(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        if tm is not None:
+            tm.preprocess_ms, tm.tokenize_ms, tm.text_len = (t1 - t0) * 1e3, (t2 - t1) * 1e3, int(input_ids.shape[1])
+        tokens = self.generate_ids(
+            pixel_values, input_ids, offsets, n_new, sampling=sampling, stop_token_ids=stops, on_text=on_text, timings=tm
+        )
+        answers = [self._answer(row.tolist(), set(stops)) for row in tokens]
+        if tm is not None and timings is not None:
+            tm.total_ms = (time.perf_counter() - t_start) * 1e3
+            timings.update(tm.to_dict())
+        return answers
+
+    def _answer(self, ids: list[int], stops: set[int]) -> Answer:
+        cut = next((i for i, t in enumerate(ids) if t in stops), None)
+        kept = ids if cut is None else ids[:cut]
+        return Answer(self.tokenizer.decode(kept, skip_special_tokens=True), kept, cut is not None)
+
+    def generate_ids(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        image_offset: Tensor | int,
+        max_new_tokens: int,
+        *,
+        sampling: SamplingConfig | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        on_text: TextCallback | None = None,
+        timings: Timings | None = None,
+    ) -> Tensor:
+        """Token ids [B, n] (n <= max_new_tokens; rows that stopped early repeat their stop token), from
+        preprocessed pixel_values [B, 3, H, W] and text ids [B, T] without the image placeholder.
+
+        Runs the vision stage in chunks of its batch limit, then `generate_tokens` per decoder chunk.
+        Sampling uses one seeded generator per decoder chunk, so a seed reproduces a run exactly.
+        """
+        b = int(input_ids.shape[0])
+        if pixel_values.shape[0] != b:
+            raise InputError(f"{pixel_values.shape[0]} images for {b} prompts")
+        self.check_request(int(input_ids.shape[1]), max_new_tokens)
+        offsets = torch.as_tensor(image_offset, dtype=torch.long).reshape(-1).expand(b).contiguous()
+        stops = list(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        streams = [_TextStream(self.tokenizer, set(stops), r, on_text) for r in range(b)]
+        # vision, in chunks of the vision stage's limit
+        tv = time.perf_counter()
+        vb = self.max_vision_batch
+        visual_parts = [self.stages.encode_image(pixel_values[i : i + vb]) for i in range(0, b, vb)]
+        visual = visual_parts[0] if len(visual_parts) == 1 else torch.cat(visual_parts, dim=0)
+        if timings is not None:
+            self.stages.synchronize()
+            timings.vision_ms = (time.perf_counter() - tv) * 1e3
+        token_times: list[list[float]] = []  # per decoder chunk: when each token column was chosen
+        outputs: list[Tensor] = []
+        db = self.max_decoder_batch
+        for start in range(0, b, db):
+            rows = slice(start, min(b, start + db))
+            times: list[float] = []
+            token_times.append(times)
+
+            def on_token(col: Tensor, chunk: list[_TextStream] = streams[rows], times: list[float] = times) -> None:
+                times.append(time.perf_counter())
+                for s, t in zip(chunk, col.tolist(), strict=True):
+                    s.push(int(t))
+
+            timed = _TimedStages(self.stages, visual[rows], timings)
+            with torch.inference_mode():
+                ids = generate_tokens(
+                    timed,  # type: ignore[arg-type]
+                    pixel_values[rows],
+                    input_ids[rows],
+                    offsets[rows],
+                    max_new_tokens,
+                    sampling,
+                    stops or None,
+                    on_token,
+                )
+            outputs.append(ids)
+        for s in streams:
+            s.flush()
+        n = max(int(o.shape[1]) for o in outputs)
+        fill = stops[0] if stops else 0
+        tokens = torch.cat([torch.nn.functional.pad(o, (0, n - o.shape[1]), value=fill) for o in outputs], dim=0)
+        if timings is not None:
+            timings.ttft_ms = (token_times[0][0] - tv) * 1e3 if token_times[0] else 0.0
+            timings.decode_steps = len(timings.step_ms)
+            timings.step_ms_mean = sum(timings.step_ms) / len(timings.step_ms) if timings.step_ms else 0.0
+            decode_s = sum(t[-1] - t[0] for t in token_times if t)
+            later = sum(max(0, len(t) - 1) for t in token_times)
+            timings.decode_ms = decode_s * 1e3
+            timings.decode_tokens_per_s = later / decode_s if decode_s > 0 else 0.0
+            timings.new_tokens = n
+        return tokens
+
+
+def _load_tokenizer(root: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tdir = root / B.TOKENIZER_DIR
+    if not tdir.is_dir():
+        raise B.BundleError(f"{tdir} is missing: the bundle has no tokenizer (a --graph-only export?); re-export it with weights")
+    try:
+        return AutoTokenizer.from_pretrained(str(tdir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise B.BundleError(f"cannot load the tokenizer from {tdir}: {err}; re-export the bundle") from err
+
+
+def describe(pipe: Pipeline) -> Mapping[str, Any]:
+    """A short description of a loaded pipeline (for logs and --verbose)."""
+    m = pipe.manifest
+    return {
+        "bundle": str(pipe.bundle),
+        "backend": pipe.backend,
+        "device": str(pipe.stages.device),
+        "engine_dir": str(pipe.engine_dir) if pipe.engine_dir else None,
+        "model": (m.get("source_model") or {}).get("name"),
+        "variant": m.get("variant"),
+        "visual_tokens": m.get("visual_tokens"),
+        "precision": m.get("precision"),
+        "text_len": list(pipe.text_len_range),
+        "max_new_tokens": pipe.max_new_tokens_limit,
+        "batch": list(pipe.batch_range),
+    }
