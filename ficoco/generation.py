@@ -50,14 +50,15 @@ def generate_tokens(
     offset = torch.as_tensor(image_offset, dtype=torch.long).reshape(-1).expand(b).contiguous()
     sampler = Sampler(sampling)
     eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    eos = torch.tensor(eos_ids, dtype=torch.long)
     visual = model.encode_image(pixel_values)
     logits, past = model.prefill(model.embed(input_ids), visual, offset)
+    device = logits.device  # keep the loop's small tensors where the backend keeps its logits (GPU: no host copy)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     position = torch.full((b,), input_ids.shape[1] + visual.shape[1], dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
     tokens: list[Tensor] = []
     for _ in range(max_new_tokens):
-        nxt = sampler(logits).to(torch.long)
+        nxt = sampler(logits).to(device=device, dtype=torch.long)
         if eos.numel():
             nxt = torch.where(done, eos[0], nxt)
             done = done | torch.isin(nxt, eos)

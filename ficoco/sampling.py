@@ -32,9 +32,10 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(self.config.seed)
 
     def __call__(self, logits: Tensor) -> Tensor:
-        logits = logits.float()
         if not self.config.do_sample:
             return torch.argmax(logits, dim=-1)
+        # sampling draws from this CPU generator, so the same seed gives the same tokens on every backend
+        logits = logits.float().cpu()
         probs = torch.softmax(logits / self.config.temperature, dim=-1)
         if self.config.top_p < 1.0:
             sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)

@@ -20,3 +20,19 @@ def tiny() -> LoadedModel:
 @pytest.fixture(scope="session")
 def smol() -> LoadedModel:
     return build_smol(seed=0)
+
+
+# The session's one exported bundle: tiny, FiCoCo-VL keeping 144 of 576 visual tokens, with the decoder
+# steps in blocks 4..11 (8 steps instead of 27, so the export stays quick while every stage, FiCoCo-L
+# included, is in the graphs). Shared by the export, runtime and engine tests; treat it as read-only.
+TEST_BUNDLE_REQUEST = {"variant": "VL", "ratio": 0.25, "layers": {"l_end": 11}}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory):
+    from exporter.export import ExportOptions
+    from exporter.pipeline import PlanRequest, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-vl25"
+    opts = ExportOptions(max_batch_size=2, max_text_len=128, max_new_tokens=32)
+    return export_bundle(tiny, PlanRequest(**TEST_BUNDLE_REQUEST), out, opts)

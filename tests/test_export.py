@@ -32,9 +32,8 @@ CLI = [sys.executable, "-m", "exporter.cli_entry"]
 
 
 @pytest.fixture(scope="session")
-def vl_bundle(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "tiny-vl25"
-    return export_bundle(tiny, PlanRequest(variant="VL", ratio=0.25), out, FAST)
+def vl_bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle
 
 
 def test_bundle_layout_and_manifest(vl_bundle: Path, tiny: LoadedModel) -> None:
@@ -51,8 +50,10 @@ def test_bundle_layout_and_manifest(vl_bundle: Path, tiny: LoadedModel) -> None:
     assert step_inputs[:4] == ["inputs_embeds", "position", "past_key_values.0.key", "past_key_values.0.value"]
     assert [o["name"] for o in m["graphs"][PREFILL]["outputs"]][:2] == ["logits", "present.0.key"]
     # per-layer KV lengths: the manifest's decode offsets are the schedule's removed counts
-    s = plan(tiny.geometry, "VL", ratio=0.25)
+    s = plan(tiny.geometry, "VL", ratio=0.25, l_end=11)
+    assert m["schedule"] == s.to_dict()
     assert m["decoder"]["position_offsets"] == [s.decoder.span_in - s.decoder.span_at(i) for i in range(32)]
+    assert m["decoder"]["position_offsets"][-1] == 288 - 144
     prof = m["trt_profiles"][STEP]["past_key_values.31.key"]
     assert prof["min"][2] == 2 + 144 and prof["max"][2] == 128 + 144 + 31
     v = m["validation"]

@@ -1,6 +1,6 @@
 """ficoco-run and the Pipeline on the ONNX Runtime backend (CPU), against the reduced PyTorch model.
 
-One tiny FiCoCo-VL 0.25 bundle is exported per test session (`shared_bundle`, also used by test_trt.py)
+One tiny FiCoCo-VL 0.25 bundle is exported per test session (`tiny_bundle` in conftest.py, shared with the export and engine tests)
 and reused read-only; tests that need a damaged bundle build a symlink copy with one file replaced.
 """
 
@@ -27,8 +27,6 @@ from engines.trt_backend import (
     find_engines,
 )
 from exporter.bundle import load_manifest, sha256_file
-from exporter.export import ExportOptions
-from exporter.pipeline import PlanRequest, ValidationOptions, export_bundle
 from ficoco.generation import generate_tokens
 from ficoco.images import test_image
 from ficoco.models import LoadedModel
@@ -37,20 +35,11 @@ from ficoco.sampling import SamplingConfig
 from ficoco.schedule import Schedule
 
 QUESTION = "What is in the picture?"
-FAST = ExportOptions(max_batch_size=2, max_text_len=128, max_new_tokens=32, optimize=False)
-
-
-def shared_bundle(tmp_path_factory: pytest.TempPathFactory, tiny: LoadedModel) -> Path:
-    """The session's tiny VL 0.25 bundle, exported on first use (lint and validation have their own tests)."""
-    out = tmp_path_factory.getbasetemp() / "runtime-bundle" / "tiny-vl25"
-    if not (out / "manifest.json").is_file():
-        export_bundle(tiny, PlanRequest(variant="VL", ratio=0.25), out, FAST, ValidationOptions(enabled=False), lint=False)
-    return out
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory, tiny: LoadedModel) -> Path:
-    return shared_bundle(tmp_path_factory, tiny)
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
-from test_runtime import QUESTION, linked_copy, shared_bundle
+from test_runtime import QUESTION, linked_copy
 
 from engines.builder import (
     BuildConfigError,
@@ -29,14 +29,13 @@ from engines.cli import build_main, run_main
 from exporter.bundle import load_manifest
 from exporter.wrappers import EMBED, PREFILL, STAGES, STEP, VISION
 from ficoco.images import test_image
-from ficoco.models import LoadedModel
 
 NO_TRT = "TensorRT/CUDA absent: the TensorRT path was not verified here"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, tiny: LoadedModel) -> Path:
-    return shared_bundle(tmp_path_factory, tiny)
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle
 
 
 # -------------------------------------------------------------------------------------------------------------
