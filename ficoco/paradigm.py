@@ -87,10 +87,11 @@ def topk_small(scores: Tensor, k: int) -> Tensor:
     """
     picks = []
     s = scores
+    cols = torch.arange(scores.shape[-1], device=scores.device)
     for _ in range(k):
         i = torch.argmax(s, dim=-1, keepdim=True)
         picks.append(i)
-        s = s.scatter(-1, i, torch.full_like(i, -math.inf, dtype=s.dtype))
+        s = torch.where(cols == i, torch.full_like(s, -math.inf), s)  # mask the pick (no scatter)
     if not picks:
         return torch.zeros(scores.shape[:-1] + (0,), dtype=torch.long, device=scores.device)
     return torch.cat(picks, dim=-1)
@@ -156,6 +157,28 @@ def quantile_from_top(top_desc: Tensor, n: int, epsilon: float) -> Tensor:
     return a_hi - (a_hi - a_lo) * (1.0 - f)
 
 
+def above_quantile(values: Tensor, top_desc: Tensor, n: int, epsilon: float, strict: bool) -> Tensor:
+    """values >= tau (strict: values > tau) for entries of the row, decided exactly, without rounding tau.
+
+    tau interpolates between the adjacent order statistics a_lo <= a_hi (see quantile_from_top), and every
+    entry of the row is either >= a_hi or <= a_lo. So if f > 0 and a_lo < a_hi (then a_lo < tau < a_hi),
+    v >= tau and v > tau both mean v >= a_hi; otherwise tau = a_lo exactly. Comparing with a float32 tau
+    instead goes wrong when (1 - f)(a_hi - a_lo) or f (a_hi - a_lo) is below half an ulp: tau rounds onto
+    a_hi or a_lo (e.g. n = 502, f = 0.998) and flips the decision for that order statistic.
+    values: [..., m] entries of the rows; top_desc: [..., >= K + 1] as for quantile_from_top.
+    """
+    p = Fraction(str(epsilon)) * (n - 1)
+    lo = math.floor(p)
+    a_lo = top_desc[..., n - 1 - lo].unsqueeze(-1)
+    at_lo = values > a_lo if strict else values >= a_lo
+    if p == lo:
+        return at_lo
+    a_hi = top_desc[..., n - 2 - lo].unsqueeze(-1)
+    gap = a_hi > a_lo
+    # boolean algebra, not torch.where: ONNX Runtime has no Where kernel for bool tensors
+    return (gap & (values >= a_hi)) | (~gap & at_lo)
+
+
 def masked_softmax(values: Tensor, valid: Tensor) -> Tensor:
     """Softmax over the valid entries of the last dim; rows without a valid entry give all zeros.
 
@@ -197,7 +220,6 @@ def select_targets(
         empty = corr[..., :0]
         return empty.to(torch.long), empty
     top = torch.topk(corr, k + 1, dim=-1, largest=True, sorted=True).values  # values only: tie order irrelevant
-    tau = quantile_from_top(top, n, epsilon).unsqueeze(-1)  # [B, r, 1]
     if over == "kept":
         cols = kept.unsqueeze(1).expand(-1, corr.shape[1], -1)
         cand = torch.gather(corr, -1, cols)  # [B, r, n - r]
@@ -217,7 +239,13 @@ def select_targets(
         targets = torch.gather(kept_rank(sources, n), 1, flat).reshape(order.shape)
     else:
         raise ValueError(f"over must be 'kept' or 'all', not {over!r}")
-    above = values > tau if strict else values >= tau
+    # With fewer than k columns (n - r < K) topk_small repeats an index (argmax of an all -inf row is 0),
+    # and the repeat would gather a finite value again: a repeated pick gets no flow.
+    slot = torch.arange(k, device=order.device)
+    earlier = slot.unsqueeze(0) < slot.unsqueeze(1)  # [t, u]: u < t
+    repeat = ((order.unsqueeze(-1) == order.unsqueeze(-2)) & earlier).to(values.dtype).sum(dim=-1) > 0
+    values = torch.where(repeat, torch.full_like(values, -math.inf), values)
+    above = above_quantile(values, top, n, epsilon, strict)  # C_ij >= tau_i (strict: >), exactly
     valid = above & (values > -math.inf)  # a -inf candidate (excluded column) never receives flow
     alpha = masked_softmax(values, valid)
     alpha = torch.where(is_kept_target, alpha, torch.zeros_like(alpha))

@@ -1,0 +1,435 @@
+"""Reference mode (FICOCO_SPEC A11): the reduction equations written the data-dependent way, for tests.
+
+Everything here is deliberately the *opposite* of the static implementation in `ficoco.paradigm` and
+`ficoco.methods`: per-sample Python loops, explicit sets J_i (targets of source i) and I_j (sources of
+target j), `torch.quantile` over the row for tau_i, Python `sorted(...)` for every top-k, a literal loop
+over the 2x2 windows of the patch grid for the local penalty, and explicit per-target accumulation for
+the compress equations. Statistics are computed independently (einsum over the heads) in float64.
+Nothing from the static code path is called, so a test that compares the two compares two independent
+readings of the spec.
+
+Conventions (the same ones the static code documents):
+
+* top-k ties go to the lower index: a top-k is `sorted(candidates, key=lambda j: (-score[j], j))[:k]`.
+* local-penalty window ties: the first token in row-major order inside the 2x2 window.
+* vision spans have [CLS] at slot 0, never a source; kept tokens stay in ascending original order.
+* EViT removes r + 1 patches and appends one fused token (key `EVIT_FUSED` in the target maps).
+* targets are reported as span indices of the input span (not slots of the kept list).
+
+Results are returned in the input dtype; the accumulation is done in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ficoco.methods import MethodParams
+from ficoco.params import FiCoCoParams
+from ficoco.schedule import ReductionStep
+
+EVIT_FUSED = -1  # target key of EViT's new fused token
+
+TargetMap = dict[int, dict[int, float]]  # source span index -> {target span index: alpha}
+
+
+@dataclass
+class RefPlan:
+    """Filter + correlate outcome for a batch, one Python structure per sample."""
+
+    sources: list[list[int]]  # ascending span indices of the tokens that leave
+    kept: list[list[int]]  # ascending span indices of the tokens that stay
+    targets: list[TargetMap]  # per source: its valid targets J_i with alpha_ij (> 0 only); {} = pruned
+    scores: list[list[float]]  # the filter's redundancy score of every span slot (higher = leaves first)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small independent building blocks
+# ----------------------------------------------------------------------------------------------------
+
+
+def _logits64(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """Head-mean scaled pre-softmax logits in float64: (1/H) sum_h q_h k_h^T * scale -> [B, n_q, n_k]."""
+    per_head = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * scale
+    return per_head.mean(dim=1)
+
+
+def _attention_row64(q_row: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """Head-mean softmax attention of one query per sample, float64: q_row [B, H, d] -> [B, n_k]."""
+    logits = torch.einsum("bhd,bhjd->bhj", q_row.double(), k.double()) * scale
+    if bias is not None:
+        logits = logits + bias.double()[:, None, :]
+    return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+def _top(candidates: list[int], score: list[float], k: int) -> list[int]:
+    """The k candidates with the largest score, ties to the lower index, in rank order."""
+    return sorted(candidates, key=lambda j: (-score[j], j))[:k]
+
+
+def _quantile(row: list[float], epsilon: float) -> float:
+    """tau = the eps-quantile of a row (linear interpolation), straight from torch.quantile in float64."""
+    return float(torch.quantile(torch.tensor(row, dtype=torch.float64), epsilon))
+
+
+def _softmax(values: list[float]) -> list[float]:
+    m = max(values)
+    e = [math.exp(v - m) for v in values]
+    total = sum(e)
+    return [x / total for x in e]
+
+
+def _complement(sources: list[int], n: int) -> list[int]:
+    s = set(sources)
+    return [j for j in range(n) if j not in s]
+
+
+def _correlate(
+    row: list[float], candidates: list[int], k: int, epsilon: float, strict: bool, drop: set[int]
+) -> dict[int, float]:
+    """J_i and alpha_ij for one source (FICOCO_SPEC A3).
+
+    tau_i is the eps-quantile of the source's whole row; the top-k `candidates` by C_ij are the
+    potential targets; a target is valid iff C_ij >= tau_i (> for strict) and finite; alpha is the
+    softmax of C_ij over the valid targets. Valid targets in `drop` keep their share of the softmax
+    but receive nothing (the official FiCoCo-L code's source-target behaviour).
+    """
+    if k == 0 or not candidates:
+        return {}
+    tau = _quantile(row, epsilon)
+    chosen = _top(candidates, row, k)
+    valid = [j for j in chosen if math.isfinite(row[j]) and (row[j] > tau if strict else row[j] >= tau)]
+    if not valid:
+        return {}
+    alpha = _softmax([row[j] for j in valid])
+    return {j: a for j, a in zip(valid, alpha, strict=True) if j not in drop}
+
+
+def _merge_normalized(x: Tensor, kept: list[int], targets: TargetMap, denominator: bool) -> Tensor:
+    """Eq. 2 by explicit accumulation over I_j: (X_j + sum_i alpha_ij X_i) / (1 + sum_i alpha_ij).
+
+    Without the denominator: the official FiCoCo-L plain sum X_j + sum_i alpha_ij X_i. x: [n, D].
+    """
+    incoming: dict[int, list[tuple[int, float]]] = {j: [] for j in kept}  # I_j
+    for i, flows in targets.items():
+        for j, a in flows.items():
+            incoming[j].append((i, a))
+    x64 = x.double()
+    rows = []
+    for j in kept:
+        acc = x64[j].clone()
+        mass = 1.0
+        for i, a in incoming[j]:
+            acc = acc + a * x64[i]
+            mass += a
+        rows.append(acc / mass if denominator else acc)
+    return torch.stack(rows) if rows else x64[:0]
+
+
+def _batch(plans: list[tuple]) -> RefPlan:
+    return RefPlan(
+        sources=[p[0] for p in plans],
+        kept=[p[1] for p in plans],
+        targets=[p[2] for p in plans],
+        scores=[p[3] for p in plans],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# FiCoCo-V
+# ----------------------------------------------------------------------------------------------------
+
+
+def _ficoco_v_scores(ell: list[list[float]], params: FiCoCoParams) -> list[float]:
+    """s^v for every slot (slot 0 = [CLS] gets -inf), by Eq. 1 (optionally L2-normalised terms)."""
+    n = len(ell)
+    patches = range(1, n)
+    cls_term = {i: ell[0][i] for i in patches}
+    vr = {i: sum(ell[i][1:]) / (n - 1) for i in patches}  # mean over the patch columns j >= 1
+    if params.v_l2_normalize:
+        vr_norm = max(math.sqrt(sum(v * v for v in vr.values())), 1e-12)
+        cls_norm = max(math.sqrt(sum(v * v for v in cls_term.values())), 1e-12)
+        vr = {i: v / vr_norm for i, v in vr.items()}
+        cls_term = {i: v / cls_norm for i, v in cls_term.items()}
+    return [-math.inf] + [params.v_lambda * vr[i] - params.v_cls_weight * cls_term[i] for i in patches]
+
+
+def _local_penalty_literal(s: list[float], pos: list[int], grid_side: int, coef: float) -> list[float]:
+    """A5 literally: for every 2x2 window of the patch grid, penalise its most redundant present token."""
+    if coef == 1.0:
+        return list(s)
+    windows: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for slot in range(1, len(s)):
+        row, col = divmod(pos[slot], grid_side)
+        windows.setdefault((row // 2, col // 2), []).append((row, col, slot))
+    out = list(s)
+    for members in windows.values():
+        best = None
+        for _, _, slot in sorted(members):  # row-major inside the window: the first wins a tie
+            if best is None or s[slot] > s[best]:
+                best = slot
+        v = s[best]
+        out[best] = v * coef if v > 0 else v / coef
+    return out
+
+
+def _ficoco_v_plan(
+    ell: list[list[float]], pos: list[int], step: ReductionStep, params: FiCoCoParams, grid_side: int
+):
+    n = step.n
+    s = _local_penalty_literal(_ficoco_v_scores(ell, params), pos, grid_side, params.v_penalty)
+    sources = sorted(_top(list(range(1, n)), s, step.r))
+    kept = _complement(sources, n)
+    candidates = [j for j in kept if params.v_cls_is_target or j != 0]
+    targets = {
+        i: _correlate(ell[i], candidates, step.k, params.epsilon, params.strict_threshold, set())
+        for i in sources
+    }
+    return sources, kept, targets, s
+
+
+# ----------------------------------------------------------------------------------------------------
+# ToMe and EViT
+# ----------------------------------------------------------------------------------------------------
+
+
+def _tome_plan(k_heads: Tensor, step: ReductionStep):
+    """Bipartite soft matching: A = even slots ([CLS] at 0 protected), B = odd slots, K = 1."""
+    n = step.n
+    kbar = k_heads.double().mean(dim=0)  # [n, d]
+    kbar = kbar / kbar.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = (kbar @ kbar.T).tolist()
+    a_set = list(range(2, n, 2))  # slot 0 ([CLS]) can never be a source
+    b_set = list(range(1, n, 2))
+    best: dict[int, int] = {}
+    node_max: dict[int, float] = {}
+    for i in a_set:
+        row = cos[i]
+        j_best = max(b_set, key=lambda j, row=row: (row[j], -j))  # first maximum on ties
+        best[i], node_max[i] = j_best, row[j_best]
+    score = [-math.inf] * n
+    for i in a_set:
+        score[i] = node_max[i]
+    sources = sorted(_top(a_set, score, step.r))
+    kept = _complement(sources, n)
+    return sources, kept, {i: {best[i]: 1.0} for i in sources}, score
+
+
+def _evit_plan(attn: list[float], step: ReductionStep):
+    """The r + 1 patches with the lowest [CLS] attention fuse into one token with weights a^CLS_i."""
+    n = step.n
+    redundancy = [-math.inf] + [-attn[i] for i in range(1, n)]
+    sources = sorted(_top(list(range(1, n)), redundancy, step.r + 1))
+    kept = _complement(sources, n)
+    return sources, kept, {i: {EVIT_FUSED: attn[i]} for i in sources}, redundancy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vision entry points
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference_vision_plan(
+    method: str,
+    params: MethodParams,
+    pos: Tensor,
+    q: Tensor,
+    k: Tensor,
+    step: ReductionStep,
+    grid_side: int,
+    scale: float,
+    size_bias: Tensor | None = None,
+) -> RefPlan:
+    """Filter + correlate of one vision step, per sample. q, k: [B, H, n, d]; pos: [B, n] ([CLS] = -1)."""
+    batch = q.shape[0]
+    plans = []
+    if method == "ficoco":
+        ell = _logits64(q, k, scale)
+        for b in range(batch):
+            plans.append(_ficoco_v_plan(ell[b].tolist(), pos[b].tolist(), step, params.ficoco, grid_side))
+    elif method == "tome":
+        for b in range(batch):
+            plans.append(_tome_plan(k[b], step))
+    elif method == "evit":
+        attn = _attention_row64(q[:, :, 0], k, scale, size_bias)
+        for b in range(batch):
+            plans.append(_evit_plan(attn[b].tolist(), step))
+    else:
+        raise ValueError(f"{method!r} is not a vision reduction method")
+    return _batch(plans)
+
+
+def reference_vision_step(
+    method: str,
+    params: MethodParams,
+    hidden: Tensor,
+    pos: Tensor,
+    size: Tensor,
+    q: Tensor,
+    k: Tensor,
+    step: ReductionStep,
+    grid_side: int,
+    scale: float,
+    size_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, list[list[int]], list[TargetMap]]:
+    """One vision step: (hidden', pos', size', sources, targets) with the same meaning as `vision_step`.
+
+    hidden [B, n, D], pos [B, n], size [B, n, 1]; sources per sample ascending; targets per sample
+    {source: {target span index (EVIT_FUSED for EViT's new token): alpha}}.
+    """
+    plan = reference_vision_plan(method, params, pos, q, k, step, grid_side, scale, size_bias)
+    hidden2, pos2, size2 = reference_vision_apply(method, plan, hidden, pos, size)
+    return hidden2, pos2, size2, plan.sources, plan.targets
+
+
+def reference_vision_apply(
+    method: str, plan: RefPlan, hidden: Tensor, pos: Tensor, size: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compress of a vision step: apply a reference plan to hidden [B, n, D], pos [B, n], size [B, n, 1]."""
+    out_x, out_pos, out_size = [], [], []
+    for b in range(hidden.shape[0]):
+        kept, targets = plan.kept[b], plan.targets[b]
+        x64, m64 = hidden[b].double(), size[b].double()
+        new_pos = [int(pos[b, j]) for j in kept]
+        if method == "ficoco":
+            xb = _merge_normalized(hidden[b], kept, targets, denominator=True)
+            mb = m64[kept]
+        elif method == "tome":
+            incoming: dict[int, list[int]] = {j: [] for j in kept}  # I_j
+            for i, flows in targets.items():
+                for j in flows:
+                    incoming[j].append(i)
+            rows, masses = [], []
+            for j in kept:  # size-weighted mean (m_j X_j + sum_i m_i X_i) / (m_j + sum_i m_i)
+                mass = m64[j, 0].clone()
+                acc = m64[j, 0] * x64[j]
+                for i in incoming[j]:
+                    mass = mass + m64[i, 0]
+                    acc = acc + m64[i, 0] * x64[i]
+                rows.append(acc / mass)
+                masses.append(mass)
+            xb = torch.stack(rows)
+            mb = torch.stack(masses).reshape(-1, 1)
+        else:  # evit
+            fused = torch.zeros_like(x64[0])
+            for i, flows in targets.items():
+                fused = fused + flows[EVIT_FUSED] * x64[i]
+            xb = torch.cat([x64[kept], fused[None]], dim=0)
+            mb = torch.cat([m64[kept], torch.ones_like(m64[:1])], dim=0)
+            new_pos.append(-1)
+        out_x.append(xb)
+        out_size.append(mb)
+        out_pos.append(new_pos)
+    return (
+        torch.stack(out_x).to(hidden.dtype),
+        torch.tensor(out_pos, dtype=pos.dtype),
+        torch.stack(out_size).to(size.dtype),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoder (FiCoCo-L, FastV)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _ficoco_l_plan(ell: Tensor, a: int, step: ReductionStep, params: FiCoCoParams):
+    """ell: [L, L] float64 head-mean logits of one sample; the visual span is [a, a + n)."""
+    n, length = step.n, ell.shape[0]
+    vis = list(range(a, a + n))
+    text = list(range(a + n, length))  # X: the text after the image
+    m = max(len(text), 1)
+    lg = ell.tolist()
+    l_vv = [[lg[p][c] for c in vis] for p in vis]
+    l_xv = [[lg[t][c] for c in vis] for t in text]  # text queries -> visual keys
+    l_vx = [[lg[p][t] for t in text] for p in vis]  # visual queries -> text keys (pre-mask)
+    xv64 = torch.tensor(l_xv, dtype=torch.float64).reshape(len(text), n)
+
+    scores = []
+    for i in range(n):
+        vis_term = sum(l_vv[i]) if params.l_filter_reduce == "sum" else sum(l_vv[i]) / n
+        if params.l_task_term == "text_to_vision":
+            task = sum(l_xv[t][i] for t in range(len(text))) / m
+        else:
+            task = sum(l_vx[i][t] for t in range(len(text))) / m
+        scores.append(params.l_beta * vis_term - (1.0 - params.l_beta) * task)
+    sources = sorted(_top(list(range(n)), scores, step.r))
+    kept = _complement(sources, n)
+
+    targets: TargetMap = {}
+    for i in sources:
+        # indirect_ij = sum_{k in X} l_VX[i, k] l_XV[k, j], for every column j at once (float64)
+        indirect = (torch.tensor(l_vx[i], dtype=torch.float64) @ xv64).tolist()
+        row = []
+        for j in range(n):
+            ind = indirect[j] / m if params.l_indirect_scale == "mean" else indirect[j]
+            row.append(-math.inf if j == i else params.l_gamma * l_vv[i][j] + (1.0 - params.l_gamma) * ind)
+        if params.l_targets == "kept":
+            targets[i] = _correlate(row, kept, step.k, params.epsilon, params.strict_threshold, set())
+        else:  # all columns but self; shares of source targets are dropped, not renormalised
+            others = [j for j in range(n) if j != i]
+            targets[i] = _correlate(
+                row, others, step.k, params.epsilon, params.strict_threshold, set(sources)
+            )
+    return sources, kept, targets, scores
+
+
+def _fastv_plan(attn: list[float], a: int, step: ReductionStep):
+    a_vis = [attn[a + i] for i in range(step.n)]
+    redundancy = [-v for v in a_vis]
+    sources = sorted(_top(list(range(step.n)), redundancy, step.r))
+    return sources, _complement(sources, step.n), {i: {} for i in sources}, redundancy
+
+
+def reference_decoder_plan(
+    method: str,
+    params: MethodParams,
+    q: Tensor,
+    k: Tensor,
+    image_offset: Tensor,
+    step: ReductionStep,
+    scale: float,
+) -> RefPlan:
+    """Filter + correlate of one decoder step. q, k: [B, H, L, d]; image_offset: [B] (a per sample)."""
+    plans = []
+    offsets = [int(a) for a in image_offset.reshape(-1).tolist()]
+    if method == "ficoco":
+        ell = _logits64(q, k, scale)
+        for b, a in enumerate(offsets):
+            plans.append(_ficoco_l_plan(ell[b], a, step, params.ficoco))
+    elif method == "fastv":
+        attn = _attention_row64(q[:, :, -1], k, scale)
+        for b, a in enumerate(offsets):
+            plans.append(_fastv_plan(attn[b].tolist(), a, step))
+    else:
+        raise ValueError(f"{method!r} is not a decoder reduction method")
+    return _batch(plans)
+
+
+def reference_decoder_step(
+    method: str,
+    params: MethodParams,
+    x_visual: Tensor,
+    q: Tensor,
+    k: Tensor,
+    image_offset: Tensor,
+    step: ReductionStep,
+    scale: float,
+) -> tuple[Tensor, list[list[int]], list[TargetMap]]:
+    """One decoder step on the visual span x_visual [B, n, D]: (x_visual', sources, targets)."""
+    plan = reference_decoder_plan(method, params, q, k, image_offset, step, scale)
+    return reference_decoder_apply(method, params, plan, x_visual), plan.sources, plan.targets
+
+
+def reference_decoder_apply(method: str, params: MethodParams, plan: RefPlan, x_visual: Tensor) -> Tensor:
+    """Compress of a decoder step: apply a reference plan to the visual span x_visual [B, n, D]."""
+    out = []
+    for b in range(x_visual.shape[0]):
+        if method == "fastv":
+            out.append(x_visual[b].double()[plan.kept[b]])
+        else:
+            denominator = params.ficoco.l_compress != "sum"
+            out.append(_merge_normalized(x_visual[b], plan.kept[b], plan.targets[b], denominator))
+    return torch.stack(out).to(x_visual.dtype)
