@@ -176,6 +176,18 @@ def test_every_variant_exports_and_validates(tiny: LoadedModel, tmp_path: Path, 
     m = load_manifest(out)
     assert m["validation"]["greedy"]["identical"] and all(s["passed"] for s in m["validation"]["stages"].values())
     assert not has_errors(lint_files(sorted((out / "onnx").glob("*.onnx"))))
+    # the runtime (ficoco-run's Pipeline, ONNX Runtime backend) answers exactly like the reduced PyTorch model
+    from engines.runtime import Pipeline
+    from ficoco.images import test_image
+
+    pipe = Pipeline.from_bundle(out, backend="onnxruntime")
+    px = pipe.preprocess([test_image("astronaut"), test_image("coffee")])
+    ids, offsets = pipe.tokenize(["What is in the picture?"] * 2)
+    got = pipe.generate_ids(px, ids, offsets, 16, stop_token_ids=[])
+    reduced = ReducedLlava(tiny.model, Schedule.from_dict(m["schedule"])).eval()
+    with torch.no_grad():
+        ref = reduced.generate(px, ids, offsets, 16)
+    assert got.tolist() == ref.tolist()
 
 
 @pytest.mark.slow
