@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from engines.session import BackendUnavailable, Session, SessionError, SessionStages, TensorSpec
+from exporter.validate import session_options
 from exporter.wrappers import STAGES
 
 log = logging.getLogger(__name__)
@@ -88,14 +89,6 @@ def resolve_providers(choice: str = "auto", cache_dir: Path | None = None) -> li
         providers.append(name)
     providers.append("CPUExecutionProvider")
     return providers
-
-
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return so
 
 
 class OrtSession(Session):
