@@ -80,14 +80,17 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def _meta_model(name: str) -> torch.nn.Module:
-    """The model's architecture without weights (meta device), for --graph-only exports."""
+def _meta_model(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model's architecture without weights (meta device) in the export precision, for --graph-only.
+
+    The dtype is set explicitly: a checkpoint config's own `dtype` (float16 for llava-1.5) must not decide.
+    """
     from transformers import LlavaForConditionalGeneration
 
     config = load_config(name)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        return LlavaForConditionalGeneration(config).eval()
+        return LlavaForConditionalGeneration(config).to(dtype).eval()
 
 
 def _sample_inputs(loaded: LoadedModel, opts: ExportOptions, v: ValidationOptions) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -126,7 +129,7 @@ def export_bundle(
     notify("load", "start")
     if opts.graph_only:
         name = model if isinstance(model, str) else model.name
-        hf = _meta_model(name)
+        hf = _meta_model(name, opts.dtype)
         loaded = None
         source = {"name": name, "source": f"config of {name} (graph only, no weights)", "revision": None}
     else:
