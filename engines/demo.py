@@ -41,7 +41,7 @@ def main(out: str = "out/demo-tiny-VL-r0.25") -> None:
     console.print(f"  greedy tokens over {v['greedy']['steps']} steps identical: {v['greedy']['identical']}")
     console.rule("3. the bundled runtime answers (streamed), then the same question to PyTorch")
     question = "What is in the picture?"
-    photo = Path(path) / "demo-chelsea.png"
+    photo = Path(path).parent / "demo-chelsea.png"
     test_image("chelsea").save(photo)
     console.print(f"  $ ficoco-run {path} --image {photo} --prompt {question!r} --max-new-tokens 16")
     pipe = Pipeline.from_bundle(path, backend="auto")
