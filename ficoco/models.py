@@ -570,6 +570,23 @@ def _isolated_rng() -> Iterator[None]:
         yield
 
 
+def _llava_config(text: LlamaConfig, *, image_token_id: int, pad_token_id: int | None, tie_word_embeddings: bool) -> LlavaConfig:
+    """LLaVA-1.5's vision side (336 px / 14 px patches, select layer -2, "default" strategy, GELU projector)
+    around a given decoder config; shared by `tiny` and `smol`."""
+    return LlavaConfig(
+        vision_config=_tiny_vision_config(),
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=IMAGE_SEQ_LENGTH,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=pad_token_id,
+    )
+
+
 def _tiny_vision_config() -> CLIPVisionConfig:
     """CLIP ViT-L/14-336's geometry (336 px, 14 px patches, 24 layers, quick_gelu) at width 64."""
     return CLIPVisionConfig(
@@ -777,18 +794,7 @@ def _tiny_config(tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    return LlavaConfig(
-        vision_config=_tiny_vision_config(),
-        text_config=text,
-        image_token_index=image_id,
-        image_seq_length=IMAGE_SEQ_LENGTH,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        multimodal_projector_bias=True,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return _llava_config(text, image_token_id=image_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
 
 
 def build_tiny(
@@ -880,18 +886,7 @@ def _smol_llava_config(text: Any, *, image_token_id: int, pad_token_id: int | No
     d["tie_word_embeddings"] = True
     text_cfg = LlamaConfig(**d)
     text_cfg._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return LlavaConfig(
-        vision_config=_tiny_vision_config(),
-        text_config=text_cfg,
-        image_token_index=image_token_id,
-        image_seq_length=IMAGE_SEQ_LENGTH,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        multimodal_projector_bias=True,
-        tie_word_embeddings=True,
-        pad_token_id=pad_token_id,
-    )
+    return _llava_config(text_cfg, image_token_id=image_token_id, pad_token_id=pad_token_id, tie_word_embeddings=True)
 
 
 def build_smol(
