@@ -1,5 +1,5 @@
-"""Console entry points of the engines package: `ficoco-build`, `ficoco-run` (and, landing with their own
-issues, `ficoco-check` / `ficoco-bench`).
+"""Console entry points of the engines package: `ficoco-build`, `ficoco-run`; `ficoco-check` lives in
+`engines/check.py` and `ficoco-bench` in `engines/bench.py`, sharing the error handling below.
 
 Errors are one red `error: ...` line on stderr: exit 2 for bad input (a missing or modified bundle, a bad
 image, an over-long prompt, engines built for another TensorRT or GPU, a missing TensorRT), exit 1 for a
@@ -18,15 +18,6 @@ from typing import Any, NoReturn
 import click
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-
-
-def _not_yet(command: str, what: str) -> None:
-    click.echo(
-        f"error: {command} is not available in this version of ficoco-export: {what}. "
-        "Bundles from ficoco-export are already validated in ONNX Runtime at export time.",
-        err=True,
-    )
-    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,25 +248,6 @@ def _run(bundle: Path, kw: dict[str, Any]) -> None:
     if timings is not None:
         timings.pop("step_ms", None)
         click.echo(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}), err=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# landing with their own issues
-# ---------------------------------------------------------------------------------------------------------
-
-
-@click.command(context_settings=CONTEXT)
-@click.argument("bundle", required=False)
-def check_main(bundle: str | None) -> None:
-    """Compare a BUNDLE's backend with PyTorch at three levels (stages, greedy tokens, reduction cost). Not built yet."""
-    _not_yet("ficoco-check", "the accuracy check is not implemented yet")
-
-
-@click.command(context_settings=CONTEXT)
-@click.argument("bundle", required=False)
-def bench_main(bundle: str | None) -> None:
-    """Measure per-stage latency, TTFT, tokens/s and memory of a BUNDLE for a ratio sweep. Not built yet."""
-    _not_yet("ficoco-bench", "the benchmark is not implemented yet")
 
 
 if __name__ == "__main__":  # `python -m engines.cli build|run ...` (tests on machines without the console scripts)

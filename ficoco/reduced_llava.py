@@ -30,7 +30,7 @@ from ficoco.methods import MethodParams, VisionTokens, decoder_compress, decoder
 from ficoco.methods.ficoco_l import visual_index
 from ficoco.paradigm import MergePlan, gather_tokens
 from ficoco.sampling import SamplingConfig
-from ficoco.schedule import Schedule
+from ficoco.schedule import ReductionStep, Schedule
 
 KVCache = list[tuple[Tensor, Tensor]]  # per decoder layer: key, value [B, H_kv, L_l, d]
 
@@ -90,6 +90,36 @@ def repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x[:, :, None].expand(b, h, groups, length, d).reshape(b, h * groups, length, d)
 
 
+class VisionReduction(nn.Module):
+    """One vision reduction step (`ficoco.methods.vision_step`), called as a module for one reason only:
+    every ONNX node it exports then carries `VisionReduction` in its `namespace` metadata, so the
+    benchmark can attribute profile time to the reduction and quantization can leave its ops alone
+    (`exporter.regions`). It has no parameters and no state."""
+
+    def forward(self, method: str, params: MethodParams, tokens: VisionTokens, q: Tensor, k: Tensor, step: ReductionStep,
+                grid_side: int, scale: float, size_bias: Tensor | None) -> tuple[VisionTokens, MergePlan]:
+        return vision_step(method, params, tokens, q, k, step, grid_side=grid_side, scale=scale, size_bias=size_bias)
+
+
+class DecoderReduction(nn.Module):
+    """One decoder reduction step: plan on the block's attention (`decoder_plan`), compress the visual block
+    of the hidden states (`decoder_compress`) and splice it back; also moves the position ids along.
+    A module only so its exported nodes are named (see `VisionReduction`)."""
+
+    def forward(self, method: str, params: MethodParams, h: Tensor, q: Tensor, k: Tensor, image_offset: Tensor,
+                step: ReductionStep, scale: float, position_ids: Tensor, positions: str) -> tuple[Tensor, Tensor, MergePlan]:
+        merge = decoder_plan(method, params, q, k, image_offset, step, scale=scale)
+        vis_idx = visual_index(image_offset, step.n)
+        h = resplice(h, decoder_compress(method, params, gather_tokens(h, vis_idx), merge), image_offset, step.n)
+        if positions == "original":
+            kept_pos = gather_tokens(gather_tokens(position_ids, vis_idx), merge.kept)
+            position_ids = resplice(position_ids, kept_pos, image_offset, step.n)
+        else:
+            b = h.shape[0]
+            position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(b, -1)
+        return h, position_ids, merge
+
+
 class ReducedLlava(nn.Module):
     """LLaVA with the schedule's reduction steps inside, sharing the weights of `hf_model`."""
 
@@ -105,6 +135,8 @@ class ReducedLlava(nn.Module):
         self.schedule = schedule
         self.params = params or MethodParams.for_preset(schedule.preset)
         self._check_schedule()
+        self.reduce_vision = VisionReduction()
+        self.reduce_decoder = DecoderReduction()
         self.position_offsets = self.layer_position_offsets()
 
     def _check_schedule(self) -> None:
@@ -144,16 +176,16 @@ class ReducedLlava(nn.Module):
         h = h + attn.out_proj(o.transpose(1, 2).reshape(b, n, dim))
         step = self.schedule.vision.step_at(i)
         if step is not None:
-            tokens, plans[i] = vision_step(
+            tokens, plans[i] = self.reduce_vision(
                 self.schedule.vision.method,
                 self.params,
                 VisionTokens(h, tokens.pos, tokens.size),
                 q,
                 k,
                 step,
-                grid_side=self.geometry.vision.grid_side,
-                scale=attn.scale,
-                size_bias=size_bias,
+                self.geometry.vision.grid_side,
+                attn.scale,
+                size_bias,
             )
             h = tokens.hidden
         h = h + layer.mlp(layer.layer_norm2(h))
@@ -213,16 +245,10 @@ class ReducedLlava(nn.Module):
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, h.shape[1], -1))
             step = stage.step_at(i)
             if step is not None:
-                merge = decoder_plan(stage.method, self.params, q, k_rep, image_offset, step, scale=attn.scaling)
-                plans[i] = merge
-                vis_idx = visual_index(image_offset, step.n)
-                visual_in = gather_tokens(h, vis_idx)
-                h = resplice(h, decoder_compress(stage.method, self.params, visual_in, merge), image_offset, step.n)
-                if self.schedule.positions == "original":
-                    kept_pos = gather_tokens(gather_tokens(position_ids, vis_idx), merge.kept)
-                    position_ids = resplice(position_ids, kept_pos, image_offset, step.n)
-                else:
-                    position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(b, -1)
+                h, position_ids, plans[i] = self.reduce_decoder(
+                    stage.method, self.params, h, q, k_rep, image_offset, step, attn.scaling, position_ids,
+                    self.schedule.positions,
+                )
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.lm_head(self.lm.norm(h[:, -1:]))[:, 0]
         return PrefillOutput(logits, cache, plans)
