@@ -29,8 +29,19 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests || test $$? -eq 5
 
+# CPU benchmark with real per-layer cost: the `bench` built-in (CLIP ViT-L/14-336 + 4 LLaVA-7B-width decoder
+# blocks, random weights) as a FiCoCo-VL 0.25 bundle (decoder steps in blocks 1..2), then a ratio sweep.
+# Bundles are reused when present (BENCH_BUNDLE and the sweep's cache beside it, ~7.3 GB each).
+BENCH_BUNDLE ?= out/bench-vl25
+BENCH_ARGS ?= --ratios 1.0,0.5,0.25,0.11 --variants VL
 bench: $(STAMP)
-	$(BIN)/ficoco-bench --help
+	@set -e; start=$$(date +%s); \
+	if [ ! -f $(BENCH_BUNDLE)/manifest.json ]; then \
+	  $(BIN)/ficoco-export --model bench --variant VL --ratio 0.25 --l-start 1 --l-end 2 --no-validate \
+	    --max-batch-size 1 --max-text-len 128 --max-new-tokens 32 -o $(BENCH_BUNDLE); \
+	fi; \
+	$(BIN)/ficoco-bench $(BENCH_BUNDLE) $(BENCH_ARGS) --no-verify; \
+	echo "make bench: $$(( $$(date +%s) - start )) s end to end"
 
 lint: $(STAMP)
 	$(BIN)/ruff check ficoco exporter engines calibration tests

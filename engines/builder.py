@@ -253,7 +253,9 @@ def plan_build(bundle: str | os.PathLike[str], options: BuildOptions) -> BuildPl
     if len(float_flags) > 1:
         raise BuildConfigError("choose one of --fp16 / --bf16")
     if options.strongly_typed is None:
-        strongly = onnx_precision in ("fp16", "bf16") or not float_flags
+        # A ficoco-quantize bundle (manifest "quantization") is built strongly typed: TensorRT's explicit
+        # quantization section says to use Q/DQ graphs with strong typing and no precision flags.
+        strongly = onnx_precision in ("fp16", "bf16") or not float_flags or bool(manifest.get("quantization"))
     else:
         strongly = options.strongly_typed
     flags: list[str] = []

@@ -74,6 +74,26 @@ SRC_DOUBLE = (
     "will attempt to cast DOUBLE down to FLOAT, clamping values'; Cast/CastLike supported types omit DOUBLE"
 )
 
+SRC_QDQ_OPS = (
+    "NVIDIA TensorRT docs, operators Quantize/Dequantize (docs.nvidia.com/deeplearning/tensorrt/latest/_static/"
+    "operators/Quantize.html): 'The scale tensor must be a build-time constant', 'The zero_point must only contain "
+    "zero-valued coefficients'; onnx/onnx-tensorrt docs/operators.md (10.1-GA): DequantizeLinear INT8, FP8, INT4 "
+    "'`x_zero_point` must be zero', QuantizeLinear '`y_zero_point` must be 0'"
+)
+SRC_QDQ_PARSER = (
+    "onnx/onnx-tensorrt onnxOpImporters.cpp QuantDequantLinearHelper at release/10.1-GA (96e7811): 'Dynamic shape "
+    "for scale tensor is not supported', 'TensorRT only supports symmetric quantization', UINT8 zero point -> "
+    "'TensorRT will use INT8 instead', block quantization: 'Only a single blocking dimension is allowed', "
+    "'Inferred block size is not an integer', 'Quantization to INT4 is not supported for tensors with an odd "
+    "last dimension'; per-axis scales are assumed to be weights ('Activations-quantization does not support "
+    "per-axis quantization')"
+)
+SRC_INT4_WOQ = (
+    "NVIDIA TensorRT docs, Working with Quantized Types: 'INT4 (signed 4-bit integer, weight-only quantization)'; "
+    "Explicit Quantization: 'When using pre-quantized weights, an IDequantizeLayer is required between the weights "
+    "and the linear operator that uses them'"
+)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Targets
@@ -902,6 +922,105 @@ def _check_layernorm_outputs(node: onnx.NodeProto, ctx: GraphContext) -> str | N
     return None
 
 
+# -- nodes: explicit quantization (QuantizeLinear / DequantizeLinear) ------------------------------------
+
+_UINT8, _INT4 = TensorProto.UINT8, getattr(TensorProto, "INT4", -1)
+
+
+def _qdq_array(name: str, ctx: GraphContext) -> np.ndarray | None:
+    """A Q/DQ parameter's value: folded constants, or an inline initializer of any size."""
+    value = ctx.const(name)
+    if value is not None:
+        return value
+    f = ctx.fact(name)
+    if f is not None and f.kind == "initializer" and f.initializer is not None:
+        if f.initializer.data_location != TensorProto.EXTERNAL:
+            try:
+                return numpy_helper.to_array(f.initializer)
+            except Exception:
+                return None
+    return None
+
+
+def _check_qdq_scale(node: onnx.NodeProto, ctx: GraphContext) -> str | None:
+    scale = _in(node, 1)
+    if scale and not (ctx.is_direct_constant(scale) or ctx.is_computable(scale)):
+        return f"the scale {scale!r} is computed at run time; TensorRT needs Q/DQ scales that are build-time constants"
+    return None
+
+
+def _check_qdq_zero_point(node: onnx.NodeProto, ctx: GraphContext) -> str | None:
+    zp = _in(node, 2)
+    if not zp:
+        return None
+    if not (ctx.is_direct_constant(zp) or ctx.is_computable(zp)):
+        return f"the zero point {zp!r} is computed at run time; TensorRT needs a constant zero point of 0"
+    value = _qdq_array(zp, ctx)
+    if value is not None and np.any(value.astype(np.float64) != 0):
+        return f"the zero point {zp!r} is not all zeros (asymmetric quantization); TensorRT supports only symmetric Q/DQ"
+    return None
+
+
+def _check_qdq_uint8(node: onnx.NodeProto, ctx: GraphContext) -> str | None:
+    zp = _in(node, 2)
+    if node.op_type == "DequantizeLinear" and ctx.elem_type(_in(node, 0)) not in (None, _UINT8):
+        return None  # the quantized type is the data's (INT8, INT4, FP8)
+    if not zp and not _attr(node, "output_dtype", 0):
+        return "no zero point: the quantized type defaults to UINT8, which TensorRT reads as INT8; give an INT8 zero point of 0"
+    if zp and ctx.elem_type(zp) == _UINT8:
+        return f"the zero point {zp!r} is UINT8; TensorRT re-reads it as INT8 (use INT8 zero points, symmetric)"
+    return None
+
+
+def _qdq_quant_type(node: onnx.NodeProto, ctx: GraphContext) -> int | None:
+    if node.op_type == "DequantizeLinear":
+        return ctx.elem_type(_in(node, 0))
+    zp = _in(node, 2)
+    if zp:
+        return ctx.elem_type(zp)
+    return _attr(node, "output_dtype", None) or None
+
+
+def _check_qdq_block(node: onnx.NodeProto, ctx: GraphContext) -> str | None:
+    data, scale = _in(node, 0), _in(node, 1)
+    block = int(_attr(node, "block_size", 0) or 0)
+    sdims = ctx.dims(scale)
+    ddims = ctx.dims(data)
+    if block == 0 and (sdims is None or len(sdims) <= 1):
+        return None  # per-tensor or per-axis
+    if not ctx.is_direct_constant(data):
+        return "block quantization of an activation; TensorRT supports blocked Q/DQ only on constant weights (weight-only)"
+    if ddims is None or sdims is None or None in ddims or None in sdims or len(ddims) != len(sdims):
+        return None
+    blocked = [i for i, (d, s) in enumerate(zip(ddims, sdims, strict=True)) if d != s]
+    if len(blocked) > 1:
+        return f"scale {sdims} blocks weight {ddims} along {len(blocked)} axes; TensorRT allows a single blocking dimension"
+    for i in blocked:
+        if sdims[i] == 0 or ddims[i] % sdims[i]:
+            return f"weight axis {i} ({ddims[i]}) is not a whole number of blocks ({sdims[i]} scales)"
+    return None
+
+
+def _check_qdq_int4(node: onnx.NodeProto, ctx: GraphContext) -> str | None:
+    if _qdq_quant_type(node, ctx) != _INT4:
+        return None
+    data = _in(node, 0)
+    if node.op_type == "QuantizeLinear" or not ctx.is_direct_constant(data):
+        return "INT4 on an activation: TensorRT's INT4 is weight-only (a DequantizeLinear of a constant INT4 weight)"
+    dims = ctx.dims(data)
+    if dims and dims[-1] is not None and dims[-1] % 2:
+        return f"INT4 weight {data!r} has an odd last dimension ({dims[-1]}); TensorRT packs INT4 in pairs along it"
+    return None
+
+
+def _check_qdq_per_axis_activation(node: onnx.NodeProto, ctx: GraphContext) -> str | None:
+    data, scale = _in(node, 0), _in(node, 1)
+    sdims = ctx.dims(scale)
+    if node.op_type == "QuantizeLinear" and not ctx.is_direct_constant(data) and sdims and len(sdims) == 1 and (sdims[0] or 0) > 1:
+        return "per-axis quantization of an activation; TensorRT treats per-axis scales as weight scales (use per-tensor)"
+    return None
+
+
 def _ops(*names: str) -> frozenset[str]:
     return frozenset(names)
 
@@ -1060,6 +1179,13 @@ RULES: tuple[Rule, ...] = (
         f"{SRC_TABLE_1015}: If branches 'must have the same rank'",
     ),
     Rule("resize-mode", _ops("Resize"), _check_resize, "error", f"{SRC_TABLE_1015}: Resize supported modes"),
+    # explicit quantization
+    Rule("qdq-scale-constant", _ops("QuantizeLinear", "DequantizeLinear"), _check_qdq_scale, "error", f"{SRC_QDQ_OPS}; {SRC_QDQ_PARSER}"),
+    Rule("qdq-zero-point", _ops("QuantizeLinear", "DequantizeLinear"), _check_qdq_zero_point, "error", f"{SRC_QDQ_OPS}; {SRC_QDQ_PARSER}"),
+    Rule("qdq-uint8", _ops("QuantizeLinear", "DequantizeLinear"), _check_qdq_uint8, "warning", SRC_QDQ_PARSER),
+    Rule("qdq-block", _ops("QuantizeLinear", "DequantizeLinear"), _check_qdq_block, "error", f"{SRC_QDQ_PARSER}; {SRC_INT4_WOQ}"),
+    Rule("qdq-int4", _ops("QuantizeLinear", "DequantizeLinear"), _check_qdq_int4, "error", f"{SRC_INT4_WOQ}; {SRC_QDQ_PARSER}"),
+    Rule("qdq-per-axis-activation", _ops("QuantizeLinear"), _check_qdq_per_axis_activation, "warning", SRC_QDQ_PARSER),
     Rule(
         "layernorm-outputs",
         _ops("LayerNormalization"),

@@ -50,7 +50,7 @@ ALIASES: dict[str, str] = {
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
 }
-BUILTINS: tuple[str, ...] = ("tiny", "smol")
+BUILTINS: tuple[str, ...] = ("tiny", "smol", "bench")
 
 #: Bumped whenever `build_smol` would produce different files; part of the smol cache key.
 BUILD_VERSION = 3
@@ -263,6 +263,8 @@ def load_config(name: str, cache_dir: str | os.PathLike[str] | None = None) -> L
         return _tiny_config(_build_tiny_tokenizer())
     if name == "smol":
         return _smol_config()
+    if name == "bench":
+        return _bench_config(_build_tiny_tokenizer())
     path = Path(name).expanduser()
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -314,6 +316,8 @@ def load_model(
         return build_tiny(dtype=dtype, attn_implementation=attn_implementation)
     if name == "smol":
         return build_smol(dtype=dtype, attn_implementation=attn_implementation)
+    if name == "bench":
+        return build_bench(dtype=dtype, attn_implementation=attn_implementation)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -570,11 +574,18 @@ def _isolated_rng() -> Iterator[None]:
         yield
 
 
-def _llava_config(text: LlamaConfig, *, image_token_id: int, pad_token_id: int | None, tie_word_embeddings: bool) -> LlavaConfig:
+def _llava_config(
+    text: LlamaConfig,
+    *,
+    image_token_id: int,
+    pad_token_id: int | None,
+    tie_word_embeddings: bool,
+    vision: CLIPVisionConfig | None = None,
+) -> LlavaConfig:
     """LLaVA-1.5's vision side (336 px / 14 px patches, select layer -2, "default" strategy, GELU projector)
-    around a given decoder config; shared by `tiny` and `smol`."""
+    around a given decoder config; shared by `tiny`, `smol` and `bench` (`vision`: default the tiny width)."""
     return LlavaConfig(
-        vision_config=_tiny_vision_config(),
+        vision_config=vision if vision is not None else _tiny_vision_config(),
         text_config=text,
         image_token_index=image_token_id,
         image_seq_length=IMAGE_SEQ_LENGTH,
@@ -825,6 +836,99 @@ def build_tiny(
         source=f"builtin:tiny(seed={seed})",
         revision=revision,
         name="tiny",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench: real widths for CPU timings
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Decoder blocks of the `bench` model: enough for FiCoCo-L steps in blocks 1..2 with unreduced first and
+#: last blocks; one LLaVA-7B-width block costs ~1.3 s at ~600 tokens on a 2-core CPU, so more only adds time.
+BENCH_DECODER_LAYERS = 4
+
+
+def _bench_vision_config() -> CLIPVisionConfig:
+    """CLIP ViT-L/14-336 at full width and depth: 1024 wide, 24 layers, 16 heads, MLP 4096, quick_gelu."""
+    return CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+
+
+def _bench_config(tokenizer: PreTrainedTokenizerBase, num_layers: int = BENCH_DECODER_LAYERS) -> LlavaConfig:
+    """ViT-L/14-336 + a LLaVA-1.5-7B-width Llama decoder (4096 wide, MLP 11008, 32 heads, MHA) with
+    `num_layers` blocks and the tiny tokenizer's ~1000-token vocabulary."""
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=num_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return _llava_config(
+        text,
+        image_token_id=image_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        vision=_bench_vision_config(),
+    )
+
+
+def build_bench(
+    seed: int = 0,
+    *,
+    num_layers: int = BENCH_DECODER_LAYERS,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """A seeded random-weight LLaVA with real per-layer cost, for CPU benchmarks (`ficoco-bench`, `make bench`).
+
+    Vision: CLIP ViT-L/14-336 at full width and depth; projector GELU MLP 1024 -> 4096 -> 4096; decoder:
+    Llama blocks of LLaVA-1.5-7B's width (4096, MLP 11008, 32 heads / 32 KV heads) but only `num_layers`
+    of them, and the tiny model's tokenizer, chat template and processor config, so the vocabulary is ~1000
+    tokens: the 7B model's 32000-row embedding and lm_head are not modelled. About 1.1 G parameters
+    (4.5 GB fp32); built in memory each time (no cache), weights from `init_peaky_` so attention is peaky
+    and token selection is meaningful. `revision` identifies the recipe (seed, layers, BUILD_VERSION)
+    rather than hashing 4.5 GB of weights: the build is deterministic.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    from transformers.initialization import no_init_weights
+
+    tokenizer = _build_tiny_tokenizer()
+    config = _bench_config(tokenizer, num_layers)
+    with _quiet_transformers(), _isolated_rng(), no_init_weights():  # init_peaky_ sets every parameter below
+        model = LlavaForConditionalGeneration(config)
+    init_peaky_(model, torch.Generator().manual_seed(seed))
+    model.set_attn_implementation(attn_implementation)
+    model.eval()
+    if dtype != torch.float32:
+        model.to(dtype)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        processor_config=clip_processor_config(),
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        source=f"builtin:bench(seed={seed},layers={num_layers})",
+        revision=f"recipe-v{BUILD_VERSION}-seed{seed}-layers{num_layers}",
+        name="bench",
     )
 
 

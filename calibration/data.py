@@ -1,0 +1,217 @@
+"""Calibration data: images + prompts -> the exact inputs of each graph, keyed by ONNX input names.
+
+The bundle's own front end (`engines.runtime.Frontend`: preprocessor_config.json, chat template,
+tokenizer) turns each (image, prompt) pair into pixel_values and text ids; the *fp32* bundle in ONNX
+Runtime then runs the earlier stages, so every graph is calibrated on what it really sees:
+
+    vision_encoder   pixel_values
+    decoder_prefill  inputs_embeds, visual_tokens, image_offset
+    decoder_step     inputs_embeds, position, past_key_values.{i}.key/.value (from a real prefill and
+                     the greedy tokens after it; `step_samples` steps per pair)
+
+Samples are batch 1 (text lengths differ between prompts). `CalibrationSet.save` writes one `.npz` per
+sample and graph (`<dir>/<graph>/0000.npz`, arrays keyed by input name); `load` reads them back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from exporter.wrappers import PREFILL, STEP, VISION
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+#: Default calibration prompts: short, varied questions of the kind a VLM is asked.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "What is in the picture?",
+    "Describe the image in detail.",
+    "What colours dominate this photo?",
+    "How many objects can you see?",
+    "Is there a person in the image? What are they doing?",
+    "Where could this photo have been taken?",
+    "Write a one-sentence caption for this image.",
+    "What is unusual about this picture?",
+)
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+class CalibrationInputError(ValueError):
+    """Calibration images or prompts are missing, empty or unreadable (the message says which and what to do)."""
+
+
+@dataclass
+class CalibrationSet:
+    """Per graph, a list of feeds (input name -> array, batch 1)."""
+
+    samples: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+    sources: list[dict[str, str]] = field(default_factory=list)  # per pair: image name, prompt
+
+    def size(self, graph: str) -> int:
+        return len(self.samples.get(graph, []))
+
+    def feeds(self, graph: str) -> list[dict[str, np.ndarray]]:
+        if not self.samples.get(graph):
+            raise CalibrationInputError(f"no calibration samples for {graph}")
+        return self.samples[graph]
+
+    def save(self, root: str | os.PathLike[str]) -> Path:
+        """One npz per sample: `<root>/<graph>/<i>.npz` (keys: ONNX input names)."""
+        root = Path(root)
+        for graph, feeds in self.samples.items():
+            d = root / graph
+            d.mkdir(parents=True, exist_ok=True)
+            for i, f in enumerate(feeds):
+                tmp = d / f".{i:04d}.tmp.npz"
+                np.savez(tmp, **f)
+                os.replace(tmp, d / f"{i:04d}.npz")
+        return root
+
+    @classmethod
+    def load(cls, root: str | os.PathLike[str]) -> CalibrationSet:
+        root = Path(root)
+        out = cls()
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            feeds = []
+            for f in sorted(d.glob("*.npz")):
+                with np.load(f) as z:
+                    feeds.append({k: z[k] for k in z.files})
+            if feeds:
+                out.samples[d.name] = feeds
+        if not out.samples:
+            raise CalibrationInputError(f"{root} holds no calibration samples (<graph>/<i>.npz)")
+        return out
+
+
+def load_images(folder: str | os.PathLike[str] | None) -> list[tuple[str, Image.Image]]:
+    """(name, RGB image) for every image file in `folder` (sorted), or the bundled scikit-image photos."""
+    if folder is None:
+        from ficoco.images import test_images
+
+        return test_images()
+    d = Path(folder)
+    if not d.is_dir():
+        raise CalibrationInputError(f"--calib-images {d}: no such directory; give a folder of images (jpg/png/...)")
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CalibrationInputError(
+            f"--calib-images {d} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some, or omit the option to use "
+            "the bundled scikit-image photos"
+        )
+    out = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                out.append((p.name, im.convert("RGB")))
+        except OSError as err:
+            raise CalibrationInputError(f"cannot read calibration image {p}: {err}; remove or replace it") from err
+    return out
+
+
+def load_prompts(path: str | os.PathLike[str] | None) -> list[str]:
+    """Prompts from a text file (one per line; blank lines and lines starting with # skipped), or the defaults."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise CalibrationInputError(f"--calib-prompts {p}: cannot read it ({err.strerror or err})") from err
+    prompts = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+    if not prompts:
+        raise CalibrationInputError(f"--calib-prompts {p} has no prompts; write one question per line")
+    return prompts
+
+
+def pairs(images: Sequence[tuple[str, Image.Image]], prompts: Sequence[str], size: int) -> list[tuple[str, Image.Image, str]]:
+    """`size` (image, prompt) pairs: images in order, prompts cycling at a different stride so pairs vary."""
+    if size < 1:
+        raise CalibrationInputError(f"--calib-size must be at least 1 (got {size})")
+    if not images or not prompts:
+        raise CalibrationInputError("calibration needs at least one image and one prompt")
+    return [(images[i % len(images)][0], images[i % len(images)][1], prompts[(i + i // len(images)) % len(prompts)])
+            for i in range(size)]
+
+
+def collect(
+    bundle: str | os.PathLike[str],
+    images: Sequence[tuple[str, Image.Image]],
+    prompts: Sequence[str],
+    size: int,
+    *,
+    graphs: Sequence[str] = (VISION, PREFILL, STEP),
+    step_samples: int = 2,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> CalibrationSet:
+    """Run the fp32 bundle in ONNX Runtime (CPU) on `size` pairs and record each graph's inputs."""
+    from engines.ort_backend import ort_stages
+    from engines.runtime import Frontend, InputError
+
+    front = Frontend.from_bundle(bundle, verify=False)
+    stages = ort_stages(Path(bundle) / "onnx", provider="cpu", threads=threads)
+    chosen = pairs(images, prompts, size)
+    out = CalibrationSet(samples={g: [] for g in graphs})
+    want_dec = PREFILL in graphs or STEP in graphs
+    for i, (name, image, prompt) in enumerate(chosen):
+        px = front.preprocess([image])
+        ids, offset = front.tokenize([prompt])
+        try:
+            front.check_request(int(ids.shape[1]), max(1, step_samples))
+        except InputError as err:
+            raise CalibrationInputError(f"calibration prompt {prompt!r}: {err}") from err
+        out.sources.append({"image": name, "prompt": prompt})
+        with torch.inference_mode():
+            if VISION in graphs:
+                out.samples[VISION].append({"pixel_values": _np(px)})
+            if want_dec:
+                visual = stages.encode_image(px)
+                embeds = stages.embed(ids)
+                if PREFILL in graphs:
+                    out.samples[PREFILL].append(
+                        {"inputs_embeds": _np(embeds), "visual_tokens": _np(visual), "image_offset": _np(offset)}
+                    )
+                logits, past = stages.prefill(embeds, visual, offset)
+                position = torch.full((1,), int(ids.shape[1] + visual.shape[1]), dtype=torch.long)
+                for _ in range(step_samples if STEP in graphs else 0):
+                    tok = torch.argmax(logits, dim=-1, keepdim=True)
+                    tok_embeds = stages.embed(tok)
+                    feeds = {"inputs_embeds": _np(tok_embeds), "position": _np(position)}
+                    feeds.update({n: _np(p) for n, p in zip(stages.past_names, past, strict=True)})
+                    out.samples[STEP].append(feeds)
+                    logits, past = stages.step(tok_embeds, position, past)
+                    position = position + 1
+        if progress is not None:
+            progress(i + 1, len(chosen))
+    return out
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy())
+
+
+class FeedReader:
+    """An `onnxruntime.quantization.CalibrationDataReader` over a list of feeds (restricted to `names`)."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str]) -> None:
+        self._feeds = [{n: f[n] for n in names} for f in feeds]
+        self._it: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)

@@ -1,0 +1,183 @@
+"""Numbers for a quantized bundle against the fp32 bundle it came from, on ONNX Runtime CPU.
+
+Per quantized graph: file size; stage latency (vision, prefill: median of `repeats` runs, batch 1); max
+absolute error and cosine similarity of the stage outputs (each stage fed the *same* fp32 inputs, so the
+error is that graph's own); greedy token agreement over `new_tokens` tokens (end to end, quantized
+vision -> quantized decoder); and the selection check of `calibration.selection`, per reduction step:
+vision on the same pixels, prefill on the same inputs ("isolated") and end to end.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from calibration import selection as S
+from exporter.wrappers import EMBED, PREFILL, STAGES, STEP, VISION, past_names
+from ficoco.generation import generate_tokens
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    images: int = 3  # bundled photos (ficoco.images.TEST_IMAGES order) used for errors, selection, greedy
+    new_tokens: int = 16  # greedy tokens compared end to end
+    repeats: int = 3  # timed runs per stage (median reported), after one warm-up
+    question: str = "What is in the picture?"
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ProbeStages:
+    """The four graphs of one bundle behind `ficoco.generation.StagedModel`, recording selection indices."""
+
+    def __init__(self, onnx_dir: Path, *, optimize: bool = True, threads: int | None = None,
+                 like: ProbeStages | None = None) -> None:
+        """`like`: probe the same selection steps as that (fp32) model, found by node name."""
+        import onnxruntime as ort
+
+        self.vision = S.SelectionProbe(onnx_dir / f"{VISION}.onnx", optimize=optimize, threads=threads,
+                                       steps=None if like is None else like.vision.steps)
+        self.prefill_probe = S.SelectionProbe(onnx_dir / f"{PREFILL}.onnx", optimize=optimize, threads=threads,
+                                              steps=None if like is None else like.prefill_probe.steps)
+        so = S._session_options(optimize, threads)
+        self.embed_session = ort.InferenceSession(str(onnx_dir / f"{EMBED}.onnx"), so, providers=["CPUExecutionProvider"])
+        self.step_session = ort.InferenceSession(str(onnx_dir / f"{STEP}.onnx"), so, providers=["CPUExecutionProvider"])
+        n = sum(1 for i in self.step_session.get_inputs() if i.name.endswith(".key"))
+        self.past = past_names(n)
+        self.vision_selection: list[np.ndarray] = []
+        self.prefill_selection: list[np.ndarray] = []
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        out, self.vision_selection = self.vision.run({"pixel_values": pixel_values.numpy().astype(np.float32)})
+        return torch.from_numpy(out["visual_tokens"])
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return torch.from_numpy(self.embed_session.run(None, {"input_ids": input_ids.numpy().astype(np.int64)})[0])
+
+    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
+        out, self.prefill_selection = self.prefill_probe.run(
+            {"inputs_embeds": embeds.numpy(), "visual_tokens": visual.numpy(), "image_offset": image_offset.numpy().astype(np.int64)}
+        )
+        presents = [torch.from_numpy(v) for k, v in out.items() if k.startswith("present.")]
+        return torch.from_numpy(out["logits"]), presents
+
+    def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        feeds = {"inputs_embeds": embeds.numpy(), "position": position.numpy().astype(np.int64)}
+        feeds.update({n: p.numpy() for n, p in zip(self.past, past, strict=True)})
+        out = self.step_session.run(None, feeds)
+        return torch.from_numpy(out[0]), [torch.from_numpy(x) for x in out[1:]]
+
+
+def error_stats(got: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> dict[str, float]:
+    g = np.asarray(got, dtype=np.float64).ravel()
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    denom = float(np.linalg.norm(g) * np.linalg.norm(r))
+    return {"max_abs_err": float(np.max(np.abs(g - r))) if g.size else 0.0,
+            "mean_abs_err": float(np.mean(np.abs(g - r))) if g.size else 0.0,
+            "cosine": float(np.dot(g, r) / denom) if denom > 0 else 1.0}
+
+
+def _worst(items: list[dict[str, float]]) -> dict[str, float]:
+    return {"max_abs_err": max(i["max_abs_err"] for i in items), "mean_abs_err": float(np.mean([i["mean_abs_err"] for i in items])),
+            "cosine_min": min(i["cosine"] for i in items)}
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times), 3)
+
+
+def file_sizes(fp32_dir: Path, quant_dir: Path) -> dict[str, dict[str, Any]]:
+    from calibration.quantize import graph_bytes
+
+    out = {}
+    for g in STAGES:
+        a, b = graph_bytes(fp32_dir / f"{g}.onnx"), graph_bytes(quant_dir / f"{g}.onnx")
+        out[g] = {"fp32_bytes": a, "quantized_bytes": b, "ratio": round(b / a, 4) if a else None}
+    return out
+
+
+def evaluate(fp32_bundle: Path, quant_bundle: Path, opts: EvalOptions, *, optimize_quant: bool = True) -> dict[str, Any]:
+    """Compare the quantized bundle with the fp32 one (see the module docstring); returns the report dict."""
+    from engines.runtime import Frontend
+    from ficoco.images import test_images
+
+    front = Frontend.from_bundle(fp32_bundle, verify=False)
+    ref = ProbeStages(fp32_bundle / "onnx", threads=opts.threads)
+    q = ProbeStages(quant_bundle / "onnx", optimize=optimize_quant, threads=opts.threads, like=ref)
+    photos = test_images()[: max(1, opts.images)]
+    ids, offset = front.tokenize([opts.question])
+    n_new = max(1, min(opts.new_tokens, front.max_new_tokens_limit))
+    vis_err, pre_err, pre_e2e_err = [], [], []
+    sel_v: tuple[list, list] = ([], [])
+    sel_p: tuple[list, list, list] = ([], [], [])
+    agree, first_div, same_all = [], [], True
+    with torch.inference_mode():
+        embeds = ref.embed(ids)
+        for _, image in photos:
+            px = front.preprocess([image])
+            vr = ref.encode_image(px)
+            sel_v[0].append(ref.vision_selection)
+            vq = q.encode_image(px)
+            sel_v[1].append(q.vision_selection)
+            vis_err.append(error_stats(vq, vr))
+            lr, _ = ref.prefill(embeds, vr, offset)
+            sel_p[0].append(ref.prefill_selection)
+            lqi, _ = q.prefill(embeds, vr, offset)
+            sel_p[1].append(q.prefill_selection)
+            pre_err.append(error_stats(lqi, lr))
+            lqe, _ = q.prefill(q.embed(ids), vq, offset)
+            sel_p[2].append(q.prefill_selection)
+            pre_e2e_err.append(error_stats(lqe, lr))
+            tr = generate_tokens(ref, px, ids, offset, n_new)[0].tolist()
+            tq = generate_tokens(q, px, ids, offset, n_new)[0].tolist()
+            n = min(len(tr), len(tq))
+            agree.append(sum(a == b for a, b in zip(tr, tq, strict=False)) / max(1, n))
+            div = next((i for i in range(n) if tr[i] != tq[i]), None)
+            first_div.append(div)
+            same_all = same_all and div is None and len(tr) == len(tq)
+        px0 = front.preprocess([photos[0][1]])
+        vis0 = ref.encode_image(px0)
+        latency = {
+            VISION: {"fp32_ms": _median_ms(lambda: ref.encode_image(px0), opts.repeats),
+                     "quantized_ms": _median_ms(lambda: q.encode_image(px0), opts.repeats)},
+            PREFILL: {"fp32_ms": _median_ms(lambda: ref.prefill(embeds, vis0, offset), opts.repeats),
+                      "quantized_ms": _median_ms(lambda: q.prefill(embeds, vis0, offset), opts.repeats)},
+        }
+    for v in latency.values():
+        v["speedup"] = round(v["fp32_ms"] / v["quantized_ms"], 3) if v["quantized_ms"] else None
+    vsteps = S.compare(sel_v[0], sel_v[1], ref.vision.steps)
+    piso = S.compare(sel_p[0], sel_p[1], ref.prefill_probe.steps)
+    pe2e = S.compare(sel_p[0], sel_p[2], ref.prefill_probe.steps)
+    return {
+        "images": [n for n, _ in photos],
+        "question": opts.question,
+        "ort_graph_optimizations": optimize_quant,
+        "sizes": file_sizes(fp32_bundle / "onnx", quant_bundle / "onnx"),
+        "latency_ort_cpu": latency,
+        "errors": {VISION: _worst(vis_err), f"{PREFILL}:logits": _worst(pre_err),
+                   f"{PREFILL}:logits_end_to_end": _worst(pre_e2e_err)},
+        "greedy": {"new_tokens": n_new, "agreement_mean": round(float(np.mean(agree)), 4),
+                   "identical": same_all, "first_divergence": first_div},
+        "selection": {
+            VISION: {"summary": S.summary(vsteps), "steps": vsteps},
+            f"{PREFILL}:isolated": {"summary": S.summary(piso), "steps": piso},
+            f"{PREFILL}:end_to_end": {"summary": S.summary(pe2e), "steps": pe2e},
+        },
+        "options": opts.to_dict(),
+    }

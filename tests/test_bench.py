@@ -1,0 +1,246 @@
+"""ficoco-bench: the profile parser and aggregation on synthetic data, the bench model's geometry, bad input,
+one real worker run on the shared tiny bundle (fast), and the whole command on it (slow: it exports the
+unreduced sibling bundle)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from engines.bench import (
+    BenchInputError,
+    BenchOptions,
+    build_report,
+    graph_node_of,
+    layer_ranges,
+    load_trace,
+    main,
+    node_times,
+    parse_ratios,
+    parse_variants,
+    plan_configs,
+    reduction_share,
+    render_markdown,
+    run_worker,
+    sibling_request,
+    summarize,
+    token_agreement,
+    write_reports,
+)
+from ficoco.flops import flops_report
+from ficoco.geometry import LlavaGeometry
+from ficoco.models import BENCH_DECODER_LAYERS, load_config
+from ficoco.planner import plan
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------ bench model
+def test_bench_model_is_vit_l_336_with_7b_width_decoder() -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = load_config("bench")
+    v, t = cfg.vision_config, cfg.text_config
+    assert (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads) == (1024, 4096, 24, 16)
+    assert (v.image_size, v.patch_size, v.hidden_act) == (336, 14, "quick_gelu")
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-2, "default")
+    assert (t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads) == (4096, 11008, 32, 32)
+    assert t.num_hidden_layers == BENCH_DECODER_LAYERS
+    g = LlavaGeometry.from_config(cfg)
+    assert g.visual_tokens == 576 and g.vision.seq_len == 577 and g.vision.select_block == 22
+    with torch.device("meta"):  # shapes only: no 4.5 GB of weights
+        model = LlavaForConditionalGeneration(cfg)
+    proj = model.model.multi_modal_projector
+    assert (proj.linear_1.in_features, proj.linear_1.out_features, proj.linear_2.out_features) == (1024, 4096, 4096)
+    n_params = sum(p.numel() for p in model.parameters())
+    per_block = 4 * 4096 * 4096 + 3 * 4096 * 11008
+    assert n_params > BENCH_DECODER_LAYERS * per_block + 300e6  # the decoder blocks + ViT-L
+    assert t.vocab_size < 2000  # the tiny tokenizer: the 7B embedding / lm_head are not modelled
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def test_parse_ratios_and_variants() -> None:
+    assert parse_ratios("1.0, 0.5,0.25,0.25") == (1.0, 0.5, 0.25)
+    assert parse_variants("vl,V") == ("VL", "V")
+    assert parse_variants(None) == ()
+    for bad in ("0", "1.5", "abc", ",", "nan"):
+        with pytest.raises(BenchInputError):
+            parse_ratios(bad)
+    with pytest.raises(BenchInputError, match="not one of"):
+        parse_variants("VL,none")
+
+
+def test_summarize_quantiles() -> None:
+    s = summarize([4.0, 1.0, 3.0, 2.0])
+    assert s["n"] == 4 and s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 4.0
+    assert s["q1"] == pytest.approx(1.75) and s["q3"] == pytest.approx(3.25)
+    assert summarize([]) == {"n": 0}
+
+
+def _event(name: str, ts: float, dur: float, op: str = "", cat: str = "Node") -> dict[str, object]:
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"op_name": op} if op else {}}
+
+
+def test_profile_parser_keeps_last_run_and_attributes_fused_nodes(tmp_path: Path) -> None:
+    events = [
+        _event("model_run", 0, 100, cat="Session"),
+        _event("red_topk_kernel_time", 10, 50, "TopK"),  # warm-up run: dropped
+        _event("model_run", 200, 100, cat="Session"),
+        _event("red_topk_kernel_time", 210, 6, "TopK"),
+        _event("red_topk_fence_before", 209, 1, "TopK"),  # not a kernel event
+        _event("mm_kernel_time", 220, 30, "MatMul"),
+        _event("mm2/MatMulScaleFusion/_kernel_time", 250, 10, "FusedMatMul"),  # fused: attributed to mm2
+        _event("red_gather/GatherSliceToSplitFusion_kernel_time", 260, 4, "Split"),
+        _event("Transpose_token_4_kernel_time", 270, 2, "Transpose"),  # inserted by the runtime
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps(events)[:-1] + ",\n")  # ORT may leave the list unterminated
+    nodes = node_times(load_trace(trace), last_runs=1)
+    assert sorted(n for n, _, _ in nodes) == [
+        "Transpose_token_4", "mm", "mm2/MatMulScaleFusion/", "red_gather/GatherSliceToSplitFusion", "red_topk"
+    ]
+    graph = {"red_topk", "red_gather", "mm", "mm2"}
+    assert graph_node_of("mm2/MatMulScaleFusion/", graph) == "mm2"
+    assert graph_node_of("Transpose_token_4", graph) is None
+    share = reduction_share(nodes, {"red_topk", "red_gather"}, graph)
+    assert share["total_node_ms"] == pytest.approx(0.052)
+    assert share["reduction_ms"] == pytest.approx(0.010)
+    assert share["share"] == pytest.approx(10 / 52)
+    assert share["unattributed_ms"] == pytest.approx(0.002)
+    assert share["reduction_nodes_profiled"] == 2
+    assert list(share["top_ops_ms"])[0] == "MatMul"
+
+
+def test_token_agreement() -> None:
+    assert token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == {"agreement": 0.75, "prefix": 2, "compared": 4}
+    assert token_agreement([], [1]) == {"agreement": 0.0, "prefix": 0, "compared": 0}
+
+
+# ------------------------------------------------------------------------------------------------ sweep + report
+def _manifest(tmp_path: Path) -> tuple[dict[str, object], LlavaGeometry]:
+    g = LlavaGeometry.from_config(load_config("tiny"))
+    s = plan(g, "VL", "ficoco", ratio=0.25, l_end=11)
+    return {
+        "geometry": g.to_dict(), "schedule": s.to_dict(), "variant": "VL", "method": "ficoco", "preset": "paper",
+        "positions": "compact", "source_model": {"name": "tiny", "source": "builtin:tiny(seed=0)", "revision": "x"},
+    }, g
+
+
+def test_sibling_requests_keep_bundle_layer_ranges(tmp_path: Path) -> None:
+    manifest, g = _manifest(tmp_path)
+    assert layer_ranges(manifest["schedule"]) == {"v_start": 12, "v_end": 22, "l_start": 4, "l_end": 11}
+    req = sibling_request(manifest, "VL", 0.11)
+    assert req.layers == {"v_start": 12, "v_end": 22, "l_start": 4, "l_end": 11}
+    assert sibling_request(manifest, "V", 0.5).layers == {"v_start": 12, "v_end": 22}
+    assert sibling_request(manifest, "L", 0.5, {"l_start": 2}).layers == {"l_start": 2, "l_end": 11}
+    assert sibling_request(manifest, "VL", 1.0).variant == "none"
+    opts = BenchOptions(bundle=tmp_path / "b", ratios=(1.0, 0.5, 0.25))
+    configs = plan_configs(manifest, opts)
+    assert [c.label for c in configs] == ["unreduced (1.0)", "VL 0.5", "VL 0.25"]
+    assert configs[2].bundle == str((tmp_path / "b").resolve()) and configs[2].origin == "BUNDLE"  # BUNDLE is its own entry
+    assert configs[0].bundle is None and configs[1].bundle is None  # to be exported
+
+
+def test_report_from_synthetic_results(tmp_path: Path) -> None:
+    manifest, g = _manifest(tmp_path)
+    opts = BenchOptions(bundle=tmp_path / "b", ratios=(1.0, 0.25), warmup=0, repeats=2, max_new_tokens=4)
+    configs = plan_configs(manifest, opts)
+    configs[0].bundle = str(tmp_path / "unreduced")
+
+    def runs(ttft: list[float]) -> list[dict[str, float]]:
+        return [{"vision_ms": t * 0.3, "embed_ms": 0.1, "prefill_ms": t * 0.6, "ttft_ms": t, "decode_tokens_per_s": 20.0,
+                 "step_ms_mean": 50.0} for t in ttft]
+
+    prof = {"vision_encoder": {"reduction_ms": 2.0, "total_node_ms": 10.0, "share": 0.2},
+            "decoder_prefill": {"reduction_ms": 1.0, "total_node_ms": 10.0, "share": 0.1}}
+    results = {
+        "unreduced (1.0)": {"runs": runs([200.0, 220.0]), "tokens": [5, 6, 7, 8], "text_len": 13, "peak_rss_bytes": 2**30},
+        "VL 0.25": {"runs": runs([100.0, 120.0]), "tokens": [5, 6, 0, 8], "text_len": 13, "peak_rss_bytes": 2**30, "profile": prof},
+    }
+    report = build_report(configs, results, {}, manifest, opts, g)
+    by = {e["label"]: e for e in report["configs"]}
+    ref, red = by["unreduced (1.0)"], by["VL 0.25"]
+    f_ref = flops_report(g, plan(g, "none").vision, plan(g, "none").decoder, text_tokens=13)["total"]
+    s = plan(g, "VL", "ficoco", ratio=0.25, l_end=11)
+    f_red = flops_report(g, s.vision, s.decoder, text_tokens=13)["total"]
+    assert red["flops_ratio"] == pytest.approx(f_red / f_ref)
+    assert red["ttft_speedup"] == pytest.approx(210.0 / 110.0)
+    assert red["efficiency"] == pytest.approx((210.0 / 110.0) / (f_ref / f_red))
+    assert red["meets_target"] == (red["efficiency"] >= 0.9)
+    assert red["agreement"]["agreement"] == 0.75 and ref["agreement"]["agreement"] == 1.0
+    assert red["reduction_share"] == pytest.approx(3.0 / 20.0)
+    assert red["visual_tokens"] == {"to_decoder": 288, "final": 144}
+    assert report["target"]["config"] == "VL 0.25"
+    md = render_markdown(report)
+    assert "| VL 0.25 | 288 → 144 |" in md and "1.91×" in md
+    paths = write_reports(report, tmp_path / "reports")
+    assert json.loads(paths["json"].read_text())["configs"][1]["label"] == "VL 0.25"
+    assert paths["png"].read_bytes()[:8] == PNG_MAGIC
+    assert not [p for p in (tmp_path / "reports").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+# ------------------------------------------------------------------------------------------------ CLI: bad input
+def test_cli_bad_input_exits_2(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, [str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "error:" in res.output and "does not exist" in res.output
+    res = runner.invoke(main, [str(tmp_path), "--ratios", "0.5,2"])
+    assert res.exit_code == 2 and "outside (0, 1]" in res.output
+    res = runner.invoke(main, [str(tmp_path), "--repeats", "0"])
+    assert res.exit_code == 2 and "--repeats must be at least 1" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_refuses_more_tokens_than_the_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, [str(tiny_bundle), "--max-new-tokens", "999", "--work-dir", str(tmp_path / "w")])
+    assert res.exit_code == 2 and "shape_ranges.max_new_tokens" in res.output
+    assert not (tmp_path / "w").exists()  # nothing exported for a refused request
+
+
+# ------------------------------------------------------------------------------------------------ real runs
+def test_worker_times_and_profiles_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    spec = {"label": "VL 0.25", "kind": "bundle", "bundle": str(tiny_bundle), "model": "tiny", "image": "astronaut",
+            "prompt": "What is in the picture?", "warmup": 0, "repeats": 1, "max_new_tokens": 3, "threads": 1,
+            "profile": True, "trace_dir": str(tmp_path / "traces")}
+    res = run_worker(spec, tmp_path / "scratch")
+    run = res["runs"][0]
+    assert run["vision_ms"] > 0 and run["prefill_ms"] > 0 and run["ttft_ms"] >= run["vision_ms"] + run["prefill_ms"]
+    assert run["decode_tokens_per_s"] > 0 and len(res["tokens"]) == 3
+    assert res["peak_rss_bytes"] >= res["base_rss_bytes"] > 0
+    for stage in ("vision_encoder", "decoder_prefill"):
+        p = res["profile"][stage]
+        assert p["reduction_nodes_in_graph"] > 0 and p["reduction_nodes_profiled"] > 0
+        assert 0.0 < p["share"] < 1.0 and p["reduction_ms"] <= p["total_node_ms"]
+    assert res["profile"]["embed_tokens"]["share"] == 0.0
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    args = [str(tiny_bundle), "--ratios", "1.0,0.25", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "4",
+            "--threads", "2", "--work-dir", str(tmp_path / "work"), "--report-dir", str(tmp_path / "reports")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "reports" / "bench.json").read_text())
+    assert (tmp_path / "reports" / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| VL 0.25 |" in (tmp_path / "reports" / "bench.md").read_text()
+    by = {e["label"]: e for e in report["configs"]}
+    assert set(by) == {"unreduced (1.0)", "VL 0.25", "PyTorch generate (unreduced)"}
+    ref, red, pt = by["unreduced (1.0)"], by["VL 0.25"], by["PyTorch generate (unreduced)"]
+    assert red["origin"] == "BUNDLE" and ref["origin"] == "exported"
+    g = LlavaGeometry.from_dict(json.loads((tiny_bundle / "manifest.json").read_text())["geometry"])
+    s = plan(g, "VL", "ficoco", ratio=0.25, l_end=11)
+    n = report["text_tokens"]
+    want = flops_report(g, s.vision, s.decoder, n)["total"] / flops_report(g, plan(g, "none").vision, plan(g, "none").decoder, n)["total"]
+    assert red["flops_ratio"] == pytest.approx(want)
+    for e in (ref, red, pt):
+        assert e["timings"]["ttft_ms"]["median"] > 0 and e["peak_rss_bytes"] > 0
+    assert 0.0 < red["reduction_share"] < 1.0 and ref["reduction_share"] == 0.0
+    assert pt["tokens"] == ref["tokens"]  # transformers and the unreduced bundle decode the same greedy tokens
+    assert 0.0 <= red["agreement"]["agreement"] <= 1.0 and not math.isnan(red["ttft_speedup"])
+    again = CliRunner().invoke(main, [*args, "--no-pytorch", "--no-profile"])  # the sibling is reused, not re-exported
+    assert again.exit_code == 0 and "cached" in again.output

@@ -1,0 +1,211 @@
+"""calibration/: explicit Q/DQ quantization of a bundle (ficoco-quantize), its lint rules and the selection check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from calibration import graphs as G
+from calibration.cli import main as quantize_main
+from calibration.selection import selection_steps, set_differences
+from exporter import bundle as B
+from exporter.lint import has_errors, lint_files, lint_model
+from exporter.regions import reduction_node_names
+from exporter.wrappers import EMBED, PREFILL, STEP, VISION
+
+FAST_ARGS = ["--calib-size", "1", "--step-samples", "1", "--eval-images", "1", "--eval-tokens", "4", "--repeats", "1"]
+
+
+def _quantize(src: Path, out: Path, *extra: str) -> Path:
+    res = CliRunner().invoke(quantize_main, [str(src), "-o", str(out), *extra], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and "selection" in res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def w4a8_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quant") / "tiny-w4a8"
+    return _quantize(tiny_bundle, out, "--vision", "int8", "--decoder", "int4-weight", *FAST_ARGS)
+
+
+def _graph(bundle: Path, stage: str) -> onnx.ModelProto:
+    return onnx.load(str(bundle / B.ONNX_DIR / f"{stage}.onnx"), load_external_data=False)
+
+
+def test_quantized_bundle_manifest_checker_and_lint(w4a8_bundle: Path, tiny_bundle: Path) -> None:
+    manifest = B.load_manifest(w4a8_bundle, verify=True)  # hashes recomputed
+    source = B.load_manifest(tiny_bundle, verify=False)
+    assert set(source) <= set(manifest)  # every source key kept (ficoco-check rebuilds PyTorch from them)
+    assert manifest["schedule"] == source["schedule"] and manifest["source_model"] == source["source_model"]
+    q = manifest["quantization"]
+    assert set(q["graphs"]) == {VISION, PREFILL, STEP} and q["unquantized"] == [EMBED]
+    for rec in q["graphs"].values():
+        assert rec["tool"] == "onnxruntime.quantization" and rec["tool_version"]
+        assert rec["excluded_nodes"] > 0 and rec["quantized_nodes"] > 0 and rec["ort_cpu_runnable"]
+    assert q["graphs"][VISION]["mode"] == "int8" and q["graphs"][VISION]["calib_size"] == 1
+    assert q["graphs"][PREFILL]["mode"] == "int4-weight" and q["graphs"][PREFILL]["method"] == "rtn"
+    assert manifest["opset"] == 21 and manifest["graphs"][PREFILL]["opset"] == 21
+    for stage in (VISION, EMBED, PREFILL, STEP):
+        onnx.checker.check_model(str(w4a8_bundle / B.ONNX_DIR / f"{stage}.onnx"))
+    runtime = {g: [i["name"] for i in manifest["graphs"][g]["inputs"]] for g in manifest["graphs"]}
+    findings = lint_files(sorted((w4a8_bundle / B.ONNX_DIR).glob("*.onnx")), runtime_inputs=runtime)
+    assert not has_errors(findings)
+    assert not any(f.rule_id.startswith("qdq-") for f in findings)
+
+
+def test_qdq_nodes_are_tensorrt_shaped(w4a8_bundle: Path) -> None:
+    vision = _graph(w4a8_bundle, VISION)
+    inits = {t.name: t for t in vision.graph.initializer}
+    qs = [n for n in vision.graph.node if n.op_type == "QuantizeLinear"]
+    assert qs
+    for n in qs:  # symmetric INT8: constant scale, INT8 zero point of 0
+        assert n.input[1] in inits and n.input[2] in inits
+        zp = inits[n.input[2]]
+        assert zp.data_type == TensorProto.INT8 and not numpy_helper.to_array(zp).any()
+    prefill = _graph(w4a8_bundle, PREFILL)
+    pinits = {t.name: t for t in prefill.graph.initializer}
+    dqs = [n for n in prefill.graph.node if n.op_type == "DequantizeLinear"]
+    assert dqs and all(pinits[n.input[0]].data_type == TensorProto.INT4 for n in dqs)
+    block = {helper.get_attribute_value(a) for n in dqs for a in n.attribute if a.name == "block_size"}
+    assert len(block) == 1 and next(iter(block)) in (16, 32, 64, 128)
+    assert not any(n.op_type == "MatMulNBits" or n.domain == "com.microsoft" for n in prefill.graph.node)
+
+
+def test_reduction_nodes_never_read_quantized_tensors(w4a8_bundle: Path, tiny_bundle: Path) -> None:
+    for stage in (VISION, PREFILL):
+        fp32 = _graph(tiny_bundle, stage)
+        quant = _graph(w4a8_bundle, stage)
+        red = reduction_node_names(fp32)
+        assert red and red <= {n.name for n in quant.graph.node}  # the reduction is all still there
+        assert reduction_node_names(quant) == red  # and still attributable (metadata kept)
+        assert G.qdq_feeding(quant, red) == {}
+        # every dequantized tensor feeds only the weight GEMMs
+        assert set(G.qdq_consumers(quant)) <= {"MatMul", "Conv", "Gemm"}
+
+
+def test_report_and_selection_differences(w4a8_bundle: Path) -> None:
+    report = json.loads((w4a8_bundle / "reports" / "quantize.json").read_text())
+    ev = report["evaluation"]
+    for key in (VISION, f"{PREFILL}:isolated", f"{PREFILL}:end_to_end"):
+        steps = ev["selection"][key]["steps"]
+        assert steps and all(isinstance(s["differ"], int) and 0 <= s["differ"] <= s["kept"] for s in steps)
+    assert len(ev["selection"][VISION]["steps"]) == 11  # one per FiCoCo-V step of the schedule
+    assert ev["sizes"][PREFILL]["quantized_bytes"] < ev["sizes"][PREFILL]["fp32_bytes"]
+    assert 0.0 <= ev["greedy"]["agreement_mean"] <= 1.0
+    assert -1.0 <= ev["errors"][VISION]["cosine_min"] <= 1.0 + 1e-9
+
+
+def test_quantized_bundle_runs_in_onnxruntime(w4a8_bundle: Path) -> None:
+    from engines.builder import BuildOptions, plan_build
+    from engines.runtime import Pipeline
+    from ficoco.images import test_image
+
+    pipe = Pipeline.from_bundle(w4a8_bundle, backend="onnxruntime")
+    answer = pipe.generate(test_image("astronaut"), "What is in the picture?", max_new_tokens=4, stop_token_ids=[])
+    assert len(answer.token_ids) == 4
+    plan = plan_build(w4a8_bundle, BuildOptions())  # no TensorRT needed: typing and Q/DQ scan
+    assert plan.strongly_typed and plan.flags == ()
+    assert plan.qdq[VISION] == {"int8"} and plan.qdq[PREFILL] == {"int4"}
+
+
+def test_bad_input_exits_2(tmp_path: Path, tiny_bundle: Path, w4a8_bundle: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(quantize_main, [str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "no bundle" in res.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = runner.invoke(quantize_main, [str(tiny_bundle), "-o", str(tmp_path / "o1"), "--calib-images", str(empty)])
+    assert res.exit_code == 2 and "holds no images" in res.output
+    res = runner.invoke(quantize_main, [str(w4a8_bundle), "-o", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "already quantized" in res.output
+    res = runner.invoke(quantize_main, [str(tiny_bundle), "-o", str(tmp_path / "o3"), "--vision", "none", "--decoder", "none"])
+    assert res.exit_code == 2 and "nothing to quantize" in res.output
+    assert not any(p.name.startswith(("o1", "o2", "o3", ".o")) for p in tmp_path.iterdir())  # nothing half-written
+
+
+def test_modified_quantized_bundle_is_refused(w4a8_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(w4a8_bundle, copy)
+    with open(copy / B.ONNX_DIR / f"{PREFILL}.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(B.BundleError, match="modified"):
+        B.load_manifest(copy, verify=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Q/DQ lint rules and selection helpers on hand-made graphs
+# ----------------------------------------------------------------------------------------------------
+
+
+def _qdq_model(zero: int = 0, dynamic_scale: bool = False, int4_activation: bool = False) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    inits = [w, numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(zero, np.int8), "z")]
+    nodes = []
+    scale = "s"
+    if dynamic_scale:
+        nodes.append(helper.make_node("ReduceMax", ["x"], ["sx"], keepdims=0, name="scale_from_data"))
+        scale = "sx"
+    if int4_activation:
+        inits.append(numpy_helper.from_array(np.array(0, np.int8), "z4"))
+        inits[-1] = helper.make_tensor("z4", TensorProto.INT4, [], [0])
+    zp = "z4" if int4_activation else "z"
+    nodes += [
+        helper.make_node("QuantizeLinear", ["x", scale, zp], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", scale, zp], ["xd"], name="dq"),
+        helper.make_node("MatMul", ["xd", "w"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_qdq_lint_rules() -> None:
+    assert not has_errors(lint_model(_qdq_model(), "trt11"))
+    ids = {f.rule_id for f in lint_model(_qdq_model(zero=3), "trt11") if f.severity == "error"}
+    assert ids == {"qdq-zero-point"}
+    ids = {f.rule_id for f in lint_model(_qdq_model(dynamic_scale=True), "trt11") if f.severity == "error"}
+    assert "qdq-scale-constant" in ids
+    ids = {f.rule_id for f in lint_model(_qdq_model(int4_activation=True), "trt11") if f.severity == "error"}
+    assert "qdq-int4" in ids
+
+
+def test_selection_helpers(tiny_bundle: Path) -> None:
+    assert set_differences(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[3, 2, 1], [4, 5, 7]])) == [0, 1]
+    steps = selection_steps(_graph(tiny_bundle, VISION))
+    assert len(steps) == 11 and all(s.node for s in steps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Slow: the real SmolLM2-135M decoder weights
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smol_w4a8_bundle(smol, tmp_path: Path) -> None:
+    from engines.runtime import Pipeline
+    from exporter.export import ExportOptions
+    from exporter.pipeline import PlanRequest, export_bundle
+    from ficoco.images import test_image
+
+    src = export_bundle(smol, PlanRequest(variant="VL", ratio=0.25, layers={"l_start": 2, "l_end": 5}), tmp_path / "smol",
+                        ExportOptions(max_batch_size=1, max_text_len=64, max_new_tokens=16))
+    out = _quantize(src, tmp_path / "smol-w4a8", "--calib-size", "4", "--eval-images", "3", "--eval-tokens", "16")
+    manifest = B.load_manifest(out, verify=True)
+    assert manifest["quantization"]["graphs"][PREFILL]["quantized_nodes"] > 0
+    runtime = {g: [i["name"] for i in manifest["graphs"][g]["inputs"]] for g in manifest["graphs"]}
+    assert not has_errors(lint_files(sorted((out / B.ONNX_DIR).glob("*.onnx")), runtime_inputs=runtime))
+    report = json.loads((out / "reports" / "quantize.json").read_text())["evaluation"]
+    print(json.dumps({k: report[k] for k in ("sizes", "latency_ort_cpu", "errors", "greedy")}, indent=1))
+    print({k: [s["differ"] for s in v["steps"]] for k, v in report["selection"].items()})
+    # real decoder weights: INT4 weight-only keeps the logits close (a loose bound, not a hard-coded result)
+    assert report["errors"][f"{PREFILL}:logits"]["cosine_min"] > 0.9
+    pipe = Pipeline.from_bundle(out, backend="onnxruntime")
+    assert pipe.generate(test_image("chelsea"), "What is in the picture?", max_new_tokens=8).token_ids is not None
