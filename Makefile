@@ -30,9 +30,12 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests || test $$? -eq 5
 
 # CPU benchmark with real per-layer cost: the `bench` built-in (CLIP ViT-L/14-336 + 4 LLaVA-7B-width decoder
-# blocks, random weights) as a FiCoCo-VL 0.25 bundle (decoder steps in blocks 1..2), then a ratio sweep.
-# Bundles are reused when present (BENCH_BUNDLE and the sweep's cache beside it, ~7.3 GB each).
+# blocks, random weights) as a FiCoCo-VL 0.25 bundle (decoder steps in blocks 1..2), its INT8-vision /
+# INT4-weight-decoder quantized copy (ficoco-quantize), then a ratio sweep that also times the quantized copy
+# and transformers' generate. Bundles are reused when present (~7.3 GB each fp32, ~1.1 GB quantized).
+# BENCH_QUANT=0 leaves the quantized bundle out.
 BENCH_BUNDLE ?= out/bench-vl25
+BENCH_QUANT ?= 1
 BENCH_ARGS ?= --ratios 1.0,0.5,0.25,0.11 --variants VL
 bench: $(STAMP)
 	@set -e; start=$$(date +%s); \
@@ -40,7 +43,15 @@ bench: $(STAMP)
 	  $(BIN)/ficoco-export --model bench --variant VL --ratio 0.25 --l-start 1 --l-end 2 --no-validate \
 	    --max-batch-size 1 --max-text-len 128 --max-new-tokens 32 -o $(BENCH_BUNDLE); \
 	fi; \
-	$(BIN)/ficoco-bench $(BENCH_BUNDLE) $(BENCH_ARGS) --no-verify; \
+	also=""; \
+	if [ "$(BENCH_QUANT)" = 1 ]; then \
+	  if [ ! -f $(BENCH_BUNDLE)-w4a8/manifest.json ]; then \
+	    $(BIN)/ficoco-quantize $(BENCH_BUNDLE) -o $(BENCH_BUNDLE)-w4a8 --vision int8 --decoder int4-weight \
+	      --calib-size 2 --step-samples 1 --eval-images 1 --eval-tokens 8 --repeats 1; \
+	  fi; \
+	  also="--also $(BENCH_BUNDLE)-w4a8"; \
+	fi; \
+	$(BIN)/ficoco-bench $(BENCH_BUNDLE) $(BENCH_ARGS) $$also --no-verify; \
 	echo "make bench: $$(( $$(date +%s) - start )) s end to end"
 
 lint: $(STAMP)
