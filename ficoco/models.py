@@ -598,19 +598,24 @@ def _llava_config(
     )
 
 
-def _tiny_vision_config() -> CLIPVisionConfig:
-    """CLIP ViT-L/14-336's geometry (336 px, 14 px patches, 24 layers, quick_gelu) at width 64."""
+def _clip_336_config(width: int, mlp: int, heads: int, projection_dim: int) -> CLIPVisionConfig:
+    """CLIP ViT-L/14-336's geometry (336 px, 14 px patches, 24 layers, quick_gelu) at a given width."""
     return CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=width,
+        intermediate_size=mlp,
         num_hidden_layers=24,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         image_size=336,
         patch_size=14,
-        projection_dim=64,
+        projection_dim=projection_dim,
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     )
+
+
+def _tiny_vision_config() -> CLIPVisionConfig:
+    """CLIP ViT-L/14-336's geometry at width 64 (4 heads, MLP 128)."""
+    return _clip_336_config(width=64, mlp=128, heads=4, projection_dim=64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -850,17 +855,7 @@ BENCH_DECODER_LAYERS = 4
 
 def _bench_vision_config() -> CLIPVisionConfig:
     """CLIP ViT-L/14-336 at full width and depth: 1024 wide, 24 layers, 16 heads, MLP 4096, quick_gelu."""
-    return CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    )
+    return _clip_336_config(width=1024, mlp=4096, heads=16, projection_dim=768)
 
 
 def _bench_config(tokenizer: PreTrainedTokenizerBase, num_layers: int = BENCH_DECODER_LAYERS) -> LlavaConfig:
