@@ -209,3 +209,20 @@ def test_smol_w4a8_bundle(smol, tmp_path: Path) -> None:
     assert report["errors"][f"{PREFILL}:logits"]["cosine_min"] > 0.9
     pipe = Pipeline.from_bundle(out, backend="onnxruntime")
     assert pipe.generate(test_image("chelsea"), "What is in the picture?", max_new_tokens=8).token_ids is not None
+
+
+def test_ficoco_check_judges_a_quantized_bundle_against_fp32_pytorch(w4a8_bundle: Path) -> None:
+    """ficoco-check on the quantized bundle: the quantized thresholds apply, every level is measured against
+    the fp32 PyTorch model, and the quantized and fp32 graphs really differ (errors > 0, cosine < 1)."""
+    from engines.check import CheckOptions, run_check
+
+    report = run_check(w4a8_bundle, CheckOptions(backend="onnxruntime", num_samples=1, max_new_tokens=4))
+    d = report.to_dict()
+    assert report.bundle_kind == "quantized" and report.thresholds.min_cosine == 0.99
+    stages = report.stage_summary()
+    assert {"vision_encoder:visual_tokens", "decoder_prefill:logits"} <= set(stages)
+    vis = stages["vision_encoder:visual_tokens"]
+    assert 0.0 < vis["max_abs_err"] < float("inf") and -1.0 <= vis["min_cosine"] < 1.0
+    assert stages["embed_tokens:inputs_embeds"]["max_abs_err"] == 0.0  # the embedding is never quantized
+    assert 0.0 <= report.greedy_summary()["match_rate"] <= 1.0
+    assert report.passed == (not report.failures) and json.dumps(d)
