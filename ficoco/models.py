@@ -793,15 +793,18 @@ def _build_tiny_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerBase:
     return fast
 
 
-def _tiny_config(tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
+def _llama_llava_config(
+    tokenizer: PreTrainedTokenizerBase, *, width: int, mlp: int, layers: int, heads: int, vision: CLIPVisionConfig | None = None
+) -> LlavaConfig:
+    """A Llama decoder (MHA, untied lm_head) over `tokenizer`'s vocabulary, inside LLaVA-1.5's vision side."""
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=32,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
@@ -810,7 +813,13 @@ def _tiny_config(tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    return _llava_config(text, image_token_id=image_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return _llava_config(
+        text, image_token_id=image_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, vision=vision
+    )
+
+
+def _tiny_config(tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
+    return _llama_llava_config(tokenizer, width=64, mlp=172, layers=32, heads=4)
 
 
 def build_tiny(
@@ -861,28 +870,8 @@ def _bench_vision_config() -> CLIPVisionConfig:
 def _bench_config(tokenizer: PreTrainedTokenizerBase, num_layers: int = BENCH_DECODER_LAYERS) -> LlavaConfig:
     """ViT-L/14-336 + a LLaVA-1.5-7B-width Llama decoder (4096 wide, MLP 11008, 32 heads, MHA) with
     `num_layers` blocks and the tiny tokenizer's ~1000-token vocabulary."""
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=num_layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    return _llava_config(
-        text,
-        image_token_id=image_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        vision=_bench_vision_config(),
+    return _llama_llava_config(
+        tokenizer, width=4096, mlp=11008, layers=num_layers, heads=32, vision=_bench_vision_config()
     )
 
 
