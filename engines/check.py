@@ -88,6 +88,8 @@ class Thresholds:
     min_cosine: float | None = None
     max_kl: float | None = None
     min_reduction_agreement: float | None = None
+    #: level 4: the bundle's answer accuracy may fall at most this much (a fraction) below PyTorch's
+    max_accuracy_drop: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,9 +101,11 @@ class Thresholds:
 #: must match. quantized (a non-empty manifest "quantization"): judged by cosine only, >= 0.99.
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(atol=1e-4, rtol=1e-3, check_error_stat="elemwise", min_token_match=1.0),
-    "fp16": Thresholds(atol=5e-2, rtol=5e-2, check_error_stat="mean", min_token_match=0.5, min_cosine=0.99),
+    "fp16": Thresholds(atol=5e-2, rtol=5e-2, check_error_stat="mean", min_token_match=0.5, min_cosine=0.99,
+                       max_accuracy_drop=0.01),
     "quantized": Thresholds(
-        atol=5e-2, rtol=5e-2, check_error_stat="mean", min_token_match=0.5, gate_tolerance=False, min_cosine=0.99
+        atol=5e-2, rtol=5e-2, check_error_stat="mean", min_token_match=0.5, gate_tolerance=False, min_cosine=0.99,
+        max_accuracy_drop=0.02,
     ),
 }
 
@@ -131,6 +135,7 @@ def resolve_thresholds(manifest: dict[str, Any], options: CheckOptions) -> Thres
         min_token_match=t.min_token_match if options.min_token_match is None else float(options.min_token_match),
         max_kl=options.max_kl,
         min_reduction_agreement=options.min_reduction_agreement,
+        max_accuracy_drop=t.max_accuracy_drop if options.max_accuracy_drop is None else float(options.max_accuracy_drop),
     )
 
 
@@ -154,6 +159,10 @@ class CheckOptions:
     min_token_match: float | None = None
     max_kl: float | None = None
     min_reduction_agreement: float | None = None
+    #: level 4: easy-vqa test images per split whose questions are answered (None: TASK_IMAGES for a model
+    #: trained on easy-vqa, i.e. `shapes`, else 0 = off)
+    task_images: int | None = None
+    max_accuracy_drop: float | None = None  # fraction, e.g. 0.01 = one point
     verify: bool = True
     verbose: bool = False
 
@@ -169,6 +178,10 @@ class CheckOptions:
                 raise CheckInputError(f"{name} is a rate in [0, 1] (got {v})")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise CheckInputError(f"--min-cosine is a cosine similarity in [-1, 1] (got {self.min_cosine})")
+        if self.task_images is not None and self.task_images < 0:
+            raise CheckInputError(f"--task-images must be >= 0 (0 turns the answer-accuracy gate off; got {self.task_images})")
+        if self.max_accuracy_drop is not None and not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise CheckInputError(f"--max-accuracy-drop is a fraction in [0, 1], e.g. 0.01 for one point (got {self.max_accuracy_drop})")
         if self.num_samples is not None and self.num_samples < 1:
             raise CheckInputError(f"--num-samples must be at least 1 (got {self.num_samples})")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -548,6 +561,39 @@ def _nanmin(xs: Sequence[float]) -> float:
 
 
 @dataclass
+class TaskResult:
+    """Level 4 on one split: answer accuracy of the bundle and of the reduced PyTorch model, same questions."""
+
+    split: str
+    n: int
+    bundle_accuracy: float
+    reference_accuracy: float
+    same_answers: int
+
+
+#: Level 4's default: easy-vqa test images per split (each with its ~10 or 6 questions).
+TASK_IMAGES = 4
+#: Models trained on easy-vqa, for which level 4 is on by default.
+TASK_MODELS = ("shapes",)
+
+
+def check_task(pipe: Any, ref_stages: Any, loaded: Any, n_images: int) -> list[TaskResult]:
+    """Answer the questions of the first `n_images` images of each easy-vqa test split with both models."""
+    from ficoco import vqa
+    from ficoco.answering import Prompting, answer_split
+
+    out = []
+    for name in vqa.SPLITS:
+        split = vqa.test_split(name).limit(n_images)
+        got = answer_split(pipe.stages, Prompting.of_frontend(pipe), split, max_batch=pipe.max_decoder_batch)
+        ref = answer_split(ref_stages, Prompting.of_model(loaded), split)
+        same = sum(vqa.normalize_answer(a) == vqa.normalize_answer(b) for a, b in zip(got, ref, strict=True))
+        out.append(TaskResult(name, len(split.questions), vqa.score(split.questions, got).accuracy,
+                              vqa.score(split.questions, ref).accuracy, same))
+    return out
+
+
+@dataclass
 class CheckReport:
     """Everything `ficoco-check` found; `passed` is the verdict, `failures` says which gates failed."""
 
@@ -562,6 +608,7 @@ class CheckReport:
     tool_versions: dict[str, str]
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
+    task: list[TaskResult] = field(default_factory=list)
 
     # -- aggregates --------------------------------------------------------------------------------------------
     def stage_summary(self) -> dict[str, dict[str, Any]]:
@@ -655,6 +702,12 @@ class CheckReport:
                 f"reduction: greedy agreement with the unreduced model {rs['token_agreement']:.3f} < "
                 f"--min-reduction-agreement {t.min_reduction_agreement:g}"
             )
+        for tr in self.task:
+            if tr.bundle_accuracy < tr.reference_accuracy - t.max_accuracy_drop - 1e-12:
+                fails.append(
+                    f"answers ({tr.split}, {tr.n} questions): bundle accuracy {100 * tr.bundle_accuracy:.1f} % is more than "
+                    f"{100 * t.max_accuracy_drop:g} points below PyTorch's {100 * tr.reference_accuracy:.1f} % (--max-accuracy-drop)"
+                )
         self.failures = fails
 
     @property
@@ -679,6 +732,7 @@ class CheckReport:
                 "stages": self.stage_summary(),
                 "greedy": self.greedy_summary(),
                 "reduction": self.reduction_summary(),
+                "task": [asdict(tr) for tr in self.task],
             },
             "samples": [s.to_dict() for s in self.samples],
             "tool_versions": dict(self.tool_versions),
@@ -733,6 +787,16 @@ class CheckReport:
                 f"| {i} | {s.image} | {prompt} | {s.greedy.match_rate:.3f} | {d} | {s.reduction.kl:.4g} | "
                 f"{'yes' if s.reduction.top1_agree else 'no'} | {s.reduction.tokens.match_rate:.3f} |"
             )
+        if self.task:
+            lines += [
+                "",
+                f"| answers (easy-vqa test, exact match) | questions | bundle accuracy | PyTorch accuracy | same answers | pass (drop <= {100 * t.max_accuracy_drop:g} pt) |",
+                "|---|---:|---:|---:|---:|:---:|",
+            ]
+            for tr in self.task:
+                ok = tr.bundle_accuracy >= tr.reference_accuracy - t.max_accuracy_drop - 1e-12
+                lines.append(f"| {tr.split} | {tr.n} | {100 * tr.bundle_accuracy:.1f} % | {100 * tr.reference_accuracy:.1f} % | "
+                             f"{tr.same_answers}/{tr.n} | {'yes' if ok else '**NO**'} |")
         if self.failures:
             lines += ["", "Failed:", *[f"- {f}" for f in self.failures]]
         return "\n".join(lines) + "\n"
@@ -846,6 +910,11 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
         )
         if progress is not None:
             progress(i + 1, len(samples), f"{s.image_name} / {s.prompt}")
+    task_images = options.task_images
+    if task_images is None:
+        task_images = TASK_IMAGES if loaded.name in TASK_MODELS else 0
+    if task_images:
+        report.task = check_task(pipe, ref_stages, loaded, task_images)
     report.seconds = time.perf_counter() - t_start
     report.judge()
     return report
@@ -872,6 +941,8 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
 @click.option("--min-token-match", type=float, help="Least exact-match rate of the backend's greedy tokens vs the reduced PyTorch model, over all positions of all samples [default: 1.0 fp32, 0.5 fp16 and quantized].")
 @click.option("--max-kl", type=float, help="Fail when the mean first-token KL(p_unreduced || p_reduced), in nats, exceeds this [default: informational, no gate].")
 @click.option("--min-reduction-agreement", type=float, help="Fail when the greedy token agreement of the reduced vs the unreduced PyTorch model (rate in [0, 1]) is below this [default: informational, no gate].")
+@click.option("--task-images", type=int, help=f"Level 4: answer the questions of this many easy-vqa test images per split (easy-vqa, mosaic) with the bundle and with PyTorch; 0 turns it off [default: {TASK_IMAGES} for a model trained on easy-vqa ({', '.join(TASK_MODELS)}), else 0].")
+@click.option("--max-accuracy-drop", type=float, help="Level 4: fail when the bundle's answer accuracy is more than this fraction below PyTorch's (0.01 = one point) [default: 0 fp32, 0.01 fp16, 0.02 quantized].")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Where check.json and check.md go [default: BUNDLE/reports].")
 @click.option("--device", type=int, default=0, show_default=True, help="CUDA device index (TensorRT / ONNX Runtime CUDA).")
 @click.option("--threads", type=int, help="ONNX Runtime CPU threads [default: all cores].")
@@ -900,7 +971,8 @@ def _check(bundle: Path, kw: dict[str, Any]) -> None:
         model=kw["model"], images=kw["images"], prompts=kw["prompts"], num_samples=kw["num_samples"],
         max_new_tokens=kw["max_new_tokens"], atol=kw["atol"], rtol=kw["rtol"], check_error_stat=kw["check_error_stat"],
         min_cosine=kw["min_cosine"], min_token_match=kw["min_token_match"], max_kl=kw["max_kl"],
-        min_reduction_agreement=kw["min_reduction_agreement"], verify=not kw["no_verify"], verbose=bool(kw["verbose"]),
+        min_reduction_agreement=kw["min_reduction_agreement"], task_images=kw["task_images"],
+        max_accuracy_drop=kw["max_accuracy_drop"], verify=not kw["no_verify"], verbose=bool(kw["verbose"]),
     )
     console = Console(file=sys.stderr)
     with Progress(

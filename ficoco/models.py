@@ -50,7 +50,7 @@ ALIASES: dict[str, str] = {
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
 }
-BUILTINS: tuple[str, ...] = ("tiny", "smol", "bench")
+BUILTINS: tuple[str, ...] = ("tiny", "smol", "bench", "shapes")
 
 #: Bumped whenever `build_smol` would produce different files; part of the smol cache key.
 BUILD_VERSION = 3
@@ -155,6 +155,17 @@ class LoadedModel:
 # ----------------------------------------------------------------------------------------------------------------
 # Where things live
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def shapes_dir() -> Path:
+    """The shipped llava-hf directory of the trained `shapes` model (inside the package; never downloaded)."""
+    path = Path(str(importlib.resources.files("ficoco").joinpath("builtin", "shapes")))
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"the built-in model 'shapes' is not installed ({path} has no config.json); reinstall the package, "
+            "or rebuild it with `make train`."
+        )
+    return path
 
 
 def hf_hub_cache(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -265,6 +276,8 @@ def load_config(name: str, cache_dir: str | os.PathLike[str] | None = None) -> L
         return _smol_config()
     if name == "bench":
         return _bench_config(_build_tiny_tokenizer())
+    if name == "shapes":
+        return _read_llava_config(shapes_dir() / "config.json")
     path = Path(name).expanduser()
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -318,6 +331,10 @@ def load_model(
         return build_smol(dtype=dtype, attn_implementation=attn_implementation)
     if name == "bench":
         return build_bench(dtype=dtype, attn_implementation=attn_implementation)
+    if name == "shapes":
+        return _load_local_dir(
+            shapes_dir(), dtype=dtype, attn_implementation=attn_implementation, name="shapes", source="builtin:shapes"
+        )
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():

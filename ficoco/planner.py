@@ -199,6 +199,19 @@ class _Resolved:
     epsilon: float
 
 
+#: Decoder depth the presets' FiCoCo-L start blocks were chosen for (LLaVA-1.5-7B's Vicuna/Llama).
+PAPER_DECODER_BLOCKS = 32
+
+
+def default_l_start(preset_start: int, num_layers: int) -> int:
+    """The default first FiCoCo-L block: the preset's (chosen for 32 blocks) for decoders of 32 blocks or more;
+    at the same relative depth, round(start · num_layers / 32), for shallower ones (e.g. the 8-block `shapes`
+    decoder: block 1), so that the steps span the same share of the decoder."""
+    if num_layers >= PAPER_DECODER_BLOCKS:
+        return preset_start
+    return max(0, min(num_layers - 2, round(preset_start * num_layers / PAPER_DECODER_BLOCKS)))
+
+
 def _resolve(
     geometry: LlavaGeometry,
     variant: str,
@@ -256,7 +269,7 @@ def _resolve(
             _check_range(block, block, 0, last, "decoder", ("l_start", "l_end"), f"{dec.num_layers} decoder blocks")
             l_range = (block, block)
         else:
-            ls = _check_int(params.l_start if l_start is None else l_start, "l_start")
+            ls = _check_int(default_l_start(params.l_start, dec.num_layers) if l_start is None else l_start, "l_start")
             le = _check_int(dec.num_layers - 2 if l_end is None else l_end, "l_end")
             _check_range(ls, le, 0, last, "decoder", ("l_start", "l_end"), f"{dec.num_layers} decoder blocks")
             l_range = (ls, le)
