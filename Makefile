@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo test test-all bench lint clean train eval
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,8 +54,22 @@ bench: $(STAMP)
 	$(BIN)/ficoco-bench $(BENCH_BUNDLE) $(BENCH_ARGS) $$also --no-verify; \
 	echo "make bench: $$(( $$(date +%s) - start )) s end to end"
 
+# Rebuild the shipped `shapes` model from its seed (CUDA when present; ~70 min on 2 CPU cores). The weights
+# in ficoco/builtin/shapes are what this writes; tests/test_shapes_model.py checks their sha256 against the
+# training log it writes beside them.
+SHAPES_DIR := ficoco/builtin/shapes
+train: $(STAMP)
+	$(BIN)/ficoco-train -o $(SHAPES_DIR)
+
+# Answer accuracy vs visual-token budget: every method and baseline at 576/192/128/64 tokens on both
+# easy-vqa test splits, reduced PyTorch model -> reports/eval.{json,md,png}. EVAL_ARGS="--limit 40" for a
+# subset (the README's table says which it quotes).
+EVAL_ARGS ?=
+eval: $(STAMP)
+	$(BIN)/ficoco-eval $(EVAL_ARGS) -o reports
+
 lint: $(STAMP)
-	$(BIN)/ruff check ficoco exporter engines calibration tests
+	$(BIN)/ruff check ficoco exporter engines calibration evaluation training tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -47,7 +47,7 @@ def _lint_only(bundle: Path, target: str, console: Console) -> None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--model", "-m", help="Model: alias (llava-1.5-7b, llava-1.5-13b), a local llava-hf directory, a HF repo id in the local cache, or the built-ins tiny / smol. Always offline.")
+@click.option("--model", "-m", help="Model: alias (llava-1.5-7b, llava-1.5-13b), a local llava-hf directory, a HF repo id in the local cache, or the built-ins shapes (trained on easy-vqa) / tiny / smol / bench. Always offline.")
 @click.option("--variant", type=click.Choice(["none", "V", "L", "VL"], case_sensitive=False), default="VL", show_default=True, help="Where to reduce: V = vision encoder, L = decoder, VL = both, none = no reduction.")
 @click.option("--method", type=click.Choice(["ficoco", "tome", "evit", "fastv"]), default="ficoco", show_default=True, help="Reduction method (tome/evit: vision only; fastv: decoder only).")
 @click.option("--ratio", type=float, help="Fraction of the 576 visual tokens KEPT at the end of reduction, in (0, 1]; 0.25 -> 144 tokens.")
@@ -57,7 +57,7 @@ def _lint_only(bundle: Path, target: str, console: Console) -> None:
 @click.option("--positions", type=click.Choice(["compact", "original"]), default="compact", show_default=True, help="Decoder RoPE positions after FiCoCo-L: renumbered per layer, or original positions kept.")
 @click.option("--v-start", type=int, help="First CLIP block (0-based) with a reduction step [default: 12].")
 @click.option("--v-end", type=int, help="Last CLIP block with a reduction step [default: the feature block, 22].")
-@click.option("--l-start", type=int, help="First decoder block with a reduction step [default: 4 paper / 5 official; fastv: its step block 1].")
+@click.option("--l-start", type=int, help="First decoder block with a reduction step [default: 4 paper / 5 official for 32+ decoder blocks, at the same relative depth for shallower decoders (shapes: 1); fastv: its step block 1].")
 @click.option("--l-end", type=int, help="Last decoder block with a reduction step [default: last block - 1].")
 @click.option("--vl-split", type=int, help="VL only: visual tokens after the vision stage [default: sqrt(576 * final)].")
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), help="Bundle directory [default: out/<model>-<variant>-<method>-<budget>].")
@@ -91,7 +91,7 @@ def main(**kw: object) -> None:
         _lint_only(Path(str(kw["lint_bundle"])), str(kw["trt_target"]), console)
         return
     if not kw["model"]:
-        _fail(console, "--model is required (an alias such as llava-1.5-7b, a local directory, or tiny / smol)", 2)
+        _fail(console, "--model is required (an alias such as llava-1.5-7b, a local directory, or shapes / tiny / smol)", 2)
     try:
         _export(kw, console)
     except KeyboardInterrupt:

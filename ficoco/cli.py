@@ -119,8 +119,8 @@ def write_json_atomic(path: Path, text: str) -> None:
     "--l-start",
     type=int,
     default=None,
-    help="First 0-based decoder block with a step [default: 4 (paper) / 5 (official); fastv: its single "
-    "step block, 1].",
+    help="First 0-based decoder block with a step [default: 4 (paper) / 5 (official) for decoders of 32+ "
+    "blocks, round(start * blocks / 32) for shallower ones (shapes: 1); fastv: its single step block, 1].",
 )
 @click.option(
     "--l-end",

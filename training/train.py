@@ -61,6 +61,8 @@ class TrainConfig:
     aux_cls: float = 0.5
     aux_patch: float = 0.5
     eval_every: int = 150
+    #: test images per split in the evaluations during training (first answer token)
+    eval_images: int = 60
     threads: int = 2
 
 
@@ -221,6 +223,30 @@ class Trainee(nn.Module):
         return logits_answer, logits_eos, self.cls_head(vo.pooler_output), feats
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid², dim] fixed 2-D sine-cosine embedding: the first half of the channels encode the row, the second
+    half the column, each as sin/cos at frequencies 1/10000^(2i/(dim/2)) (as in ViT/MAE's fixed embeddings)."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        angle = coord[:, None] * omega[None, :]
+        parts += [torch.sin(angle), torch.cos(angle)]
+    return torch.cat(parts, dim=1).float()
+
+
+def _spatial_init_(model: LlavaForConditionalGeneration, amplitude: float = 0.5) -> None:
+    """Start CLIP's learned position embedding at a 2-D sine-cosine code ([CLS] row zero): a tower trained
+    from scratch then knows which patches are neighbours from step 0 instead of learning it from data."""
+    tower = model.model.vision_tower
+    emb = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight
+    grid = int(round((emb.shape[0] - 1) ** 0.5))
+    with torch.no_grad():
+        emb.zero_()
+        emb[1:] = amplitude * sincos_2d(grid, emb.shape[1])
+
+
 def _near_identity_(model: LlavaForConditionalGeneration) -> None:
     """Scale each residual branch's output projection by 1/sqrt(2·depth): a deep, narrow stack starts close to
     the identity and trains stably at a high learning rate."""
@@ -285,6 +311,7 @@ def train(cfg: TrainConfig, out: Path, progress=None) -> dict:
         model = LlavaForConditionalGeneration(build_config(tokenizer))
     model.set_attn_implementation("sdpa")
     _near_identity_(model)
+    _spatial_init_(model)
     trainee = Trainee(model, tokenizer).to(device)
     trainee.prefix = trainee.prefix.to(device)
     sampler = Sampler(cfg, rng)
@@ -351,7 +378,7 @@ def train(cfg: TrainConfig, out: Path, progress=None) -> dict:
             logger.info("%s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}))
             run_loss = 0.0
         if not vision_only and ((i + 1) % cfg.eval_every == 0 or i + 1 == cfg.steps):
-            acc = quick_eval(trainee)
+            acc = quick_eval(trainee, cfg.eval_images)
             acc.update({"step": step + 1, "elapsed_s": time.time() - t0})
             log["evals"].append(acc)
             logger.info("eval %s", json.dumps({k: round(v, 3) for k, v in acc.items()}))

@@ -1,0 +1,54 @@
+"""ficoco-eval on a fixed small subset (the full grid is `make eval`), and the check's answer gate."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from evaluation.cli import main as eval_main
+from evaluation.grid import GRID_METHODS, grid
+
+
+def test_grid_covers_every_method_at_the_paper_budgets() -> None:
+    rows = grid()
+    assert rows[0].label == "unreduced"
+    budgets = {r.keep_tokens for r in rows[1:]}
+    assert budgets == {192, 128, 64}
+    assert len(rows) == 1 + 3 * len([m for m in GRID_METHODS if m[1] in {r.method for r in rows}])
+
+
+def test_eval_cli_writes_the_report(tmp_path) -> None:
+    out = tmp_path / "reports"
+    res = CliRunner().invoke(eval_main, ["--limit", "1", "--budgets", "64", "--methods", "FiCoCo-VL (paper)",
+                                         "--threads", "2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "eval.json").read_text())
+    labels = {(r["label"], r["split"]) for r in data["results"]}
+    for split in ("easy-vqa", "mosaic"):
+        assert {("unreduced", split), ("question only (blind)", split), ("FiCoCo-VL (paper)", split)} <= labels
+    vl = next(r for r in data["results"] if r["label"] == "FiCoCo-VL (paper)")
+    assert vl["visual_tokens"] == 64 and 0 < vl["tflops"]
+    assert (out / "eval.md").read_text().count("FiCoCo-VL (paper)") >= 2
+    assert (out / "eval.png").stat().st_size > 1000
+
+
+def test_eval_cli_bad_input_exit_2(tmp_path) -> None:
+    r = CliRunner().invoke(eval_main, ["--splits", "nope", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown split" in r.output
+    r = CliRunner().invoke(eval_main, ["--bundle", str(tmp_path), "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "not a bundle" in r.output
+    r = CliRunner().invoke(eval_main, ["--budgets", "0", "-o", str(tmp_path)])
+    assert r.exit_code == 2
+
+
+def test_check_answer_gate_on_a_bundle(tiny_bundle) -> None:
+    """Level 4 on the session's tiny bundle: fp32 ONNX Runtime gives PyTorch's answers to every question."""
+    from engines.check import CheckOptions, run_check
+
+    rep = run_check(tiny_bundle, CheckOptions(num_samples=1, max_new_tokens=2, task_images=1))
+    assert [t.split for t in rep.task] == ["easy-vqa", "mosaic"]
+    for t in rep.task:
+        assert t.same_answers == t.n > 0 and t.bundle_accuracy == t.reference_accuracy
+    assert rep.to_dict()["aggregate"]["task"][0]["n"] == rep.task[0].n
+    assert "answers (easy-vqa test" in rep.to_markdown()
