@@ -52,3 +52,23 @@ def test_check_answer_gate_on_a_bundle(tiny_bundle) -> None:
         assert t.same_answers == t.n > 0 and t.bundle_accuracy == t.reference_accuracy
     assert rep.to_dict()["aggregate"]["task"][0]["n"] == rep.task[0].n
     assert "answers (easy-vqa test" in rep.to_markdown()
+
+
+def test_check_answer_gate_options_are_validated() -> None:
+    import pytest
+
+    from engines.check import CheckInputError, CheckOptions
+
+    with pytest.raises(CheckInputError, match="--task-images"):
+        CheckOptions(task_images=-1).validate()
+    with pytest.raises(CheckInputError, match="--max-accuracy-drop"):
+        CheckOptions(max_accuracy_drop=2.0).validate()
+
+
+def test_train_cli_bad_input_exit_2(tmp_path) -> None:
+    from training.cli import main as train_main
+
+    r = CliRunner().invoke(train_main, ["--steps", "0", "-o", str(tmp_path / "m")])
+    assert r.exit_code == 2 and not (tmp_path / "m").exists()
+    r = CliRunner().invoke(train_main, ["--lr", "-1", "-o", str(tmp_path / "m")])
+    assert r.exit_code == 2 and not (tmp_path / "m").exists()
