@@ -82,10 +82,12 @@ def test_default_decoder_range_fits_its_depth(shapes) -> None:
 
 
 def test_it_answers_test_questions(shapes) -> None:
-    """A fixed small subset; the full numbers are `make eval`'s (README)."""
+    """A fixed small subset; the full numbers are `make eval`'s (README). Colour questions need the image
+    (the question-only baseline gets about 12 % of them); the trained model answers them."""
     prompting = Prompting.of_model(shapes)
     model = ReducedLlava(shapes.model, plan(shapes.geometry, "none"))
-    for name, floor in (("easy-vqa", 0.8), ("mosaic", 0.5)):
-        split = vqa.test_split(name).limit(6)
-        acc = vqa.score(split.questions, answer_split(model.stages(), prompting, split)).accuracy
-        assert acc >= floor, (name, acc)
+    split = vqa.test_split("easy-vqa").limit(10)
+    sc = vqa.score(split.questions, answer_split(model.stages(), prompting, split))
+    blind = vqa.score(split.questions, vqa.blind_answers(split.questions))
+    assert sc.type_accuracy()["color"] >= 0.9 > blind.type_accuracy()["color"]
+    assert sc.accuracy >= 0.7
