@@ -49,7 +49,7 @@ def _lint_only(bundle: Path, target: str, console: Console) -> None:
 @click.command(context_settings=CONTEXT)
 @click.option("--model", "-m", help="Model: alias (llava-1.5-7b, llava-1.5-13b), a local llava-hf directory, a HF repo id in the local cache, or the built-ins shapes (trained on easy-vqa) / tiny / smol / bench. Always offline.")
 @click.option("--variant", type=click.Choice(["none", "V", "L", "VL"], case_sensitive=False), default="VL", show_default=True, help="Where to reduce: V = vision encoder, L = decoder, VL = both, none = no reduction.")
-@click.option("--method", type=click.Choice(["ficoco", "tome", "evit", "fastv"]), default="ficoco", show_default=True, help="Reduction method (tome/evit: vision only; fastv: decoder only).")
+@click.option("--method", type=click.Choice(["ficoco", "tome", "evit", "random", "pool", "fastv"]), default="ficoco", show_default=True, help="Reduction method (tome/evit and the baselines random/pool: vision only, variant V; fastv: decoder only).")
 @click.option("--ratio", type=float, help="Fraction of the 576 visual tokens KEPT at the end of reduction, in (0, 1]; 0.25 -> 144 tokens.")
 @click.option("--keep-tokens", type=int, help="Visual tokens kept at the end of reduction (instead of --ratio).")
 @click.option("--target-tflops", type=float, help="Pick the largest budget whose decoder prefill costs at most this many TFLOPs (at --text-tokens 60).")

@@ -69,9 +69,9 @@ def write_json_atomic(path: Path, text: str) -> None:
     "--method",
     default="ficoco",
     show_default=True,
-    type=click.Choice(["ficoco", "tome", "evit", "fastv"], case_sensitive=False),
-    help="Reduction method. tome and evit reduce the vision stage only (variant V); fastv the decoder only "
-    "(variant L).",
+    type=click.Choice(["ficoco", "tome", "evit", "random", "pool", "fastv"], case_sensitive=False),
+    help="Reduction method. tome, evit and the baselines random (seeded pruning) and pool (spatial average "
+    "pooling) reduce the vision stage only (variant V); fastv the decoder only (variant L).",
 )
 @click.option(
     "--ratio",

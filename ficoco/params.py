@@ -73,6 +73,21 @@ class EViTParams:
 
 
 @dataclass(frozen=True)
+class RandomParams:
+    seed: int = 0  # fixes the patch order (ficoco.methods.random_prune.patch_order); same seed, same kept set
+    start: int = 12  # first 0-based CLIP block with a step, as ToMe / EViT
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"the random-pruning seed must be an integer in [0, 2^32), got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class PoolParams:
+    start: int = 12  # first 0-based CLIP block with a step, as ToMe / EViT
+
+
+@dataclass(frozen=True)
 class FastVParams:
     k: int = 2  # FastV's K: blocks 0..K-1 see every token; the step runs in block K-1 after attention
 
@@ -82,5 +97,7 @@ METHOD_STAGES: dict[str, tuple[str, ...]] = {
     "ficoco": ("vision", "decoder"),
     "tome": ("vision",),
     "evit": ("vision",),
+    "random": ("vision",),
+    "pool": ("vision",),
     "fastv": ("decoder",),
 }

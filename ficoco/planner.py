@@ -23,6 +23,8 @@ from ficoco.params import (
     PRESETS,
     EViTParams,
     FastVParams,
+    PoolParams,
+    RandomParams,
     ToMeParams,
     ficoco_params,
 )
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VARIANTS: tuple[str, ...] = ("none", "V", "L", "VL")
-METHODS: tuple[str, ...] = ("ficoco", "tome", "evit", "fastv")
+METHODS: tuple[str, ...] = ("ficoco", "tome", "evit", "random", "pool", "fastv")
 POSITIONS: tuple[str, ...] = ("compact", "original")
 _VARIANT_STAGES: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -94,9 +96,9 @@ class _StageRequest:
 def _step_k(method: str, n: int, epsilon: float) -> int:
     if method == "ficoco":
         return ficoco_k(n, epsilon)
-    if method in ("tome", "evit"):
+    if method in ("tome", "evit", "pool"):
         return 1
-    return 0  # fastv: pure pruning
+    return 0  # fastv, random: pure pruning
 
 
 def _check_step(req: _StageRequest, layer: int, n: int, r: int, k: int) -> None:
@@ -120,6 +122,12 @@ def _check_step(req: _StageRequest, layer: int, n: int, r: int, k: int) -> None:
             raise PlanError(
                 f"{where} must remove {r} of {n} tokens, but EViT keeps [CLS] plus one fused token "
                 f"(at most {n - 2} per block); {hint}."
+            )
+    elif req.method in ("random", "pool"):
+        if n - r < 2:
+            raise PlanError(
+                f"{where} must remove {r} of {n} tokens, but {req.method} keeps [CLS] and at least one patch "
+                f"(at most {n - 2} per block); keep more tokens."
             )
     elif req.method == "ficoco":
         floor_ = max(2, k + 1) if req.has_cls else max(1, k)
@@ -246,7 +254,13 @@ def _resolve(
 
     v_range: tuple[int, int] | None = None
     if "vision" in stages:
-        default_start = {"ficoco": params.v_start, "tome": ToMeParams().start, "evit": EViTParams().start}[method]
+        default_start = {
+            "ficoco": params.v_start,
+            "tome": ToMeParams().start,
+            "evit": EViTParams().start,
+            "random": RandomParams().start,
+            "pool": PoolParams().start,
+        }[method]
         vs = _check_int(default_start if v_start is None else v_start, "v_start")
         ve = _check_int(vis.select_block if v_end is None else v_end, "v_end")
         _check_range(
@@ -377,7 +391,9 @@ def plan(
     Args:
         geometry: the model's shapes (`LlavaGeometry.from_config`).
         variant: "none", "V" (vision stage), "L" (decoder) or "VL" (both; FiCoCo only), any case.
-        method: "ficoco", "tome" / "evit" (vision only) or "fastv" (decoder only).
+        method: "ficoco", "tome" / "evit" / "random" / "pool" (vision only) or "fastv" (decoder only).
+            random and pool are the baselines of `ficoco.methods.random_prune` / `ficoco.methods.pool`: the same
+            default blocks as ToMe / EViT (12 .. select_block), K = 0 (random) / K = 1 (pool).
         ratio: fraction of the model's visual tokens (576) that remain at the end, in (0, 1];
             n_final = round(ratio · 576), halves up.
         keep_tokens: the same budget in tokens, in [1, 576].

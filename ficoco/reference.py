@@ -14,6 +14,8 @@ Conventions (the same ones the static code documents):
 * local-penalty window ties: the first token in row-major order inside the 2x2 window.
 * vision spans have [CLS] at slot 0, never a source; kept tokens stay in ascending original order.
 * EViT removes r + 1 patches and appends one fused token (key `EVIT_FUSED` in the target maps).
+* random / pool order patches by a fixed function of their original index (a hash; a lattice order)
+  and are written here from those definitions, with sorted(...) and min(...) over Python lists.
 * targets are reported as span indices of the input span (not slots of the kept list).
 
 Results are returned in the input dtype; the accumulation is done in float64.
@@ -228,6 +230,59 @@ def _evit_plan(attn: list[float], step: ReductionStep):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The baselines: random pruning and spatial pooling
+# ----------------------------------------------------------------------------------------------------
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64 from its definition, with Python integers reduced mod 2^64 after every step."""
+    m = 2**64
+    z = (x + 0x9E3779B97F4A7C15) % m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % m
+    return z ^ (z >> 31)
+
+
+def _random_plan(pos: list[int], step: ReductionStep, seed: int):
+    """The r present patches with the largest SplitMix64(seed · 2^32 + patch) leave; nothing is recycled."""
+    n = step.n
+    score: list[float] = [-math.inf] + [_splitmix64(seed * 2**32 + pos[i]) for i in range(1, n)]
+    sources = sorted(_top(list(range(1, n)), score, step.r))
+    return sources, _complement(sources, n), {i: {} for i in sources}, score
+
+
+def _lattice_rank(row: int, col: int, grid_side: int) -> tuple[int, ...]:
+    """The pooling order of a patch as a tuple compared lexicographically: for bit b = 0 (finest) upwards of
+    the grid centred in the next power-of-two grid, the class of (row bit, col bit): 00 < 11 < 01 < 10."""
+    levels = 1
+    while 2**levels < grid_side:
+        levels += 1
+    offset = (2**levels - grid_side) // 2
+    r, c = row + offset, col + offset
+    rank = {"00": 0, "11": 1, "01": 2, "10": 3}
+    return tuple(rank[f"{(r >> b) & 1}{(c >> b) & 1}"] for b in range(levels))
+
+
+def _pool_plan(pos: list[int], step: ReductionStep, grid_side: int):
+    """Keep the patches first in the lattice order; each source flows (alpha = 1) into the kept patch
+    nearest to it on the grid (squared distance, ties to the lowest span index, [CLS] excluded)."""
+    n = step.n
+    coords = {i: divmod(pos[i], grid_side) for i in range(1, n)}
+    order = sorted(range(1, n), key=lambda i: _lattice_rank(*coords[i], grid_side))
+    score: list[float] = [-math.inf] * n
+    for place, i in enumerate(order):
+        score[i] = float(place)
+    sources = sorted(_top(list(range(1, n)), score, step.r))
+    kept = _complement(sources, n)
+    targets: TargetMap = {}
+    for i in sources:
+        (ri, ci) = coords[i]
+        best = min((j for j in kept if j != 0), key=lambda j: ((coords[j][0] - ri) ** 2 + (coords[j][1] - ci) ** 2, j))
+        targets[i] = {best: 1.0}
+    return sources, kept, targets, score
+
+
+# ----------------------------------------------------------------------------------------------------
 # Vision entry points
 # ----------------------------------------------------------------------------------------------------
 
@@ -257,6 +312,12 @@ def reference_vision_plan(
         attn = _attention_row64(q[:, :, 0], k, scale, size_bias)
         for b in range(batch):
             plans.append(_evit_plan(attn[b].tolist(), step))
+    elif method == "random":
+        for b in range(batch):
+            plans.append(_random_plan(pos[b].tolist(), step, params.random.seed))
+    elif method == "pool":
+        for b in range(batch):
+            plans.append(_pool_plan(pos[b].tolist(), step, grid_side))
     else:
         raise ValueError(f"{method!r} is not a vision reduction method")
     return _batch(plans)
@@ -297,7 +358,9 @@ def reference_vision_apply(
         if method == "ficoco":
             xb = _merge_normalized(hidden[b], kept, targets, denominator=True)
             mb = m64[kept]
-        elif method == "tome":
+        elif method == "random":  # pruned: the kept rows as they are
+            xb, mb = x64[kept], m64[kept]
+        elif method in ("tome", "pool"):
             incoming: dict[int, list[int]] = {j: [] for j in kept}  # I_j
             for i, flows in targets.items():
                 for j in flows:

@@ -38,7 +38,7 @@ class ReductionStep:
 @dataclass(frozen=True)
 class StageSchedule:
     stage: Stage
-    method: str  # "none", "ficoco", "tome", "evit", "fastv"
+    method: str  # "none", "ficoco", "tome", "evit", "random", "pool", "fastv"
     num_layers: int  # blocks this stage runs (vision: select_block + 1; decoder: all blocks)
     span_in: int  # span length entering block 0 (vision: CLS + patches; decoder: visual tokens)
     steps: tuple[ReductionStep, ...] = ()

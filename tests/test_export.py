@@ -145,7 +145,11 @@ def _compare_stage(model: ReducedLlava, stage: str, tmp_path: Path) -> bool:
     return all(c.passed for c in results)
 
 
-@pytest.mark.parametrize("method", ["tome", "evit"])
+# random / pool: ~50 s each on a loaded 2-core machine; their reduction step alone is exported and compared
+# quickly in tests/test_baselines.py (test_baseline_step_exports_and_matches)
+@pytest.mark.parametrize(
+    "method", ["tome", "evit", pytest.param("random", marks=pytest.mark.slow), pytest.param("pool", marks=pytest.mark.slow)]
+)
 def test_other_vision_methods_export_and_match(tiny: LoadedModel, method: str, tmp_path: Path) -> None:
     model = ReducedLlava(tiny.model, plan(tiny.geometry, "V", method=method, ratio=0.25)).eval()
     assert _compare_stage(model, VISION, tmp_path)
@@ -222,6 +226,7 @@ def test_graph_only_llava_7b(tmp_path: Path) -> None:
         (["--model", "tiny", "--ratio", "1.5"], "ratio must be"),
         (["--model", "tiny", "--variant", "XL", "--ratio", "0.5"], "Invalid value for '--variant'"),
         (["--model", "tiny", "--variant", "V", "--method", "fastv", "--ratio", "0.5"], "fastv"),
+        (["--model", "tiny", "--variant", "VL", "--method", "pool", "--ratio", "0.5"], "VL needs method ficoco"),
         (["--model", "tiny", "--variant", "L", "--ratio", "0.5", "--l-start", "40"], "l_start"),
         (["--variant", "VL", "--ratio", "0.25"], "--model is required"),
     ],

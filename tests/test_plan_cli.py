@@ -71,6 +71,14 @@ def test_json_stub(runner: CliRunner, stub_models: None) -> None:
     assert s.visual_tokens_final == 144 and s.visual_tokens_to_decoder == 288
 
 
+@pytest.mark.parametrize("method", ["random", "pool"])
+def test_baseline_methods_stub(runner: CliRunner, stub_models: None, method: str) -> None:
+    result = runner.invoke(plan_main, ["--variant", "V", "--method", method, "--keep-tokens", "64", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    s = Schedule.from_dict(json.loads(result.stdout))
+    assert s.vision.method == method and s.visual_tokens_final == 64 and s.vision.steps[0].layer == 12
+
+
 def test_table_stub(runner: CliRunner, stub_models: None) -> None:
     result = runner.invoke(plan_main, ["--variant", "v", "--keep-tokens", "192"])
     assert result.exit_code == 0, result.output
@@ -90,6 +98,8 @@ def test_output_file_atomic(runner: CliRunner, stub_models: None, tmp_path: Path
     "args",
     [
         ["--variant", "VL", "--method", "tome", "--ratio", "0.25"],
+        ["--variant", "VL", "--method", "random", "--ratio", "0.25"],
+        ["--variant", "L", "--method", "pool", "--ratio", "0.25"],
         ["--variant", "V"],
         ["--variant", "V", "--ratio", "1.5"],
         ["--variant", "V", "--ratio", "nan"],

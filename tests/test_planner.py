@@ -111,6 +111,27 @@ def test_other_methods(geo: LlavaGeometry) -> None:
     assert plan(geo, "L", "fastv", keep_tokens=288, l_start=3).decoder.steps[0].layer == 3
 
 
+@pytest.mark.parametrize("method, k", [("random", 0), ("pool", 1)])
+def test_baseline_methods(geo: LlavaGeometry, method: str, k: int) -> None:
+    """random / pool: vision only, ToMe's and EViT's blocks (12 .. 22), the even split, K = 0 / 1, and the
+    same FLOPs as any other vision method with the same per-block token counts."""
+    quarter = plan(geo, "V", method.upper(), ratio=0.25)
+    assert quarter.method == quarter.vision.method == method and quarter.decoder.method == "none"
+    assert [st.layer for st in quarter.vision.steps] == list(range(12, 23))
+    assert [st.r for st in quarter.vision.steps] == [40, 40, 40] + [39] * 8
+    assert all(st.k == k for st in quarter.vision.steps)
+    assert quarter.vision.span_out == 145 and quarter.visual_tokens_to_decoder == quarter.visual_tokens_final == 144
+    assert quarter.flops == plan(geo, "V", "tome", ratio=0.25).flops  # same token counts at every block
+    s64 = plan(geo, "V", method, keep_tokens=64)
+    assert [st.r for st in s64.vision.steps] == [47] * 6 + [46] * 5
+    assert s64.vision.span_out == 65 and s64.visual_tokens_final == 64
+    assert s64.flops["prefill"] == pytest.approx(1.61, rel=0.01)
+    one = plan(geo, "V", method, keep_tokens=64, v_start=22)
+    assert [(st.layer, st.n, st.r, st.k) for st in one.vision.steps] == [(22, 577, 512, k)]
+    assert plan(geo, "V", method, keep_tokens=1, v_start=22).vision.span_out == 2  # [CLS] + one patch
+    assert Schedule.from_dict(json.loads(quarter.to_json())) == quarter
+
+
 def test_no_reduction_cases(geo: LlavaGeometry) -> None:
     for s in (plan(geo, "none"), plan(geo, "NONE", ratio=1.0), plan(geo, "VL", ratio=1.0), plan(geo, "V", keep_tokens=576)):
         assert s.vision.steps == () and s.decoder.steps == ()
@@ -172,10 +193,13 @@ def test_plan_error_is_value_error() -> None:
     "args, kw, needle",
     [
         (("X",), {"ratio": 0.5}, "choose one of none, V, L, VL"),
-        (("V", "sparsevlm"), {"ratio": 0.5}, "choose one of ficoco, tome, evit, fastv"),
+        (("V", "sparsevlm"), {"ratio": 0.5}, "choose one of ficoco, tome, evit, random, pool, fastv"),
         (("L", "tome"), {"ratio": 0.5}, "only the vision stage"),
         (("VL", "evit"), {"ratio": 0.5}, "VL needs method ficoco"),
         (("V", "fastv"), {"ratio": 0.5}, "only the decoder stage"),
+        (("VL", "random"), {"ratio": 0.25}, "VL needs method ficoco"),
+        (("VL", "pool"), {"keep_tokens": 64}, "VL needs method ficoco"),
+        (("L", "pool"), {"ratio": 0.5}, "only the vision stage"),
         (("V",), {}, "needs a budget"),
         (("VL",), {"ratio": 0.5, "keep_tokens": 10}, "exactly one budget"),
         (("V",), {"ratio": 0.0}, "(0, 1]"),

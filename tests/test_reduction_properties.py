@@ -37,7 +37,7 @@ def _settings(max_examples: int):
     )
 
 
-# Examples per test (x parametrizations): 4 x (150 + 12) + 3 x (110 + 12) + 150 + 120 = 1284 generated cases.
+# Examples per test (x parametrizations): 6 x (150 + 12) + 3 x (110 + 12) + 150 + 120 = 1608 generated cases.
 VISION_EXAMPLES = 150
 VISION_LARGE_EXAMPLES = 12
 DECODER_EXAMPLES = 110
@@ -47,7 +47,9 @@ PENALTY_EXAMPLES = 120
 
 
 def max_r(method: str, n: int) -> int:
-    return {"ficoco": n - 1, "tome": (n + 1) // 2 - 1, "evit": n - 2, "fastv": n - 1}[method]
+    return {"ficoco": n - 1, "tome": (n + 1) // 2 - 1, "evit": n - 2, "random": n - 2, "pool": n - 2, "fastv": n - 1}[
+        method
+    ]
 
 
 @st.composite
@@ -114,7 +116,14 @@ def _check_no_kept_mixing(mix: torch.Tensor, plan: MergePlan, b: int) -> torch.T
 # Vision steps
 # ----------------------------------------------------------------------------------------------------
 
-VISION = [("ficoco", "paper"), ("ficoco", "official"), ("tome", "paper"), ("evit", "paper")]
+VISION = [
+    ("ficoco", "paper"),
+    ("ficoco", "official"),
+    ("tome", "paper"),
+    ("evit", "paper"),
+    ("random", "paper"),
+    ("pool", "paper"),
+]
 
 
 @st.composite
@@ -186,7 +195,7 @@ def check_vision_step(
     n_kept = n - n_sources
 
     # [CLS] stays at slot 0, untouched; kept tokens keep their original order (pos ascending in the input)
-    inexact = method == "tome" and not unit_sizes and dtype == torch.float32  # (m x) / m in fp32
+    inexact = method in ("tome", "pool") and not unit_sizes and dtype == torch.float32  # (m x) / m in fp32
     assert not bool((plan.sources == 0).any())
     assert bool((out.pos[:, 0] == -1).all())
     if inexact:
@@ -239,6 +248,11 @@ def check_vision_step(
             assert bool(((per_source - 1).abs() <= 1e-4).logical_or(per_source.abs() <= 1e-6).all())
             # [CLS] (paper and official: v_cls_is_target = False) receives nothing
             assert float(mix[b, 0, 0]) == 1.0
+        elif method == "random":  # pruned: the kept tokens verbatim, the sources nowhere
+            assert torch.equal(mix[b], torch.eye(n)[kept])
+        elif method == "pool":  # every source goes, whole, into exactly one kept patch, never [CLS]
+            assert bool(((mix[b][:, sources] > 0).sum(dim=0) == 1).all())
+            assert torch.equal(mix[b, 0], torch.eye(n)[0])
         else:  # tome: every source goes, whole, into exactly one odd-slot target
             assert all(s % 2 == 0 for s in sources)
             receivers = (mix[b][:, sources] > 0).sum(dim=0)
@@ -251,8 +265,8 @@ def check_vision_step(
         for b in range(batch):  # targets are kept tokens, never [CLS]
             for flows in _flow(plan, b).values():
                 assert all(plan.kept[b, slot] != 0 for slot, w in flows.items() if w > 0)
-    if method == "tome":
-        assert torch.allclose(out.size.sum(dim=1), size.sum(dim=1)), "ToMe sizes must add up"
+    if method in ("tome", "pool"):
+        assert torch.allclose(out.size.sum(dim=1), size.sum(dim=1)), "ToMe / pool sizes must add up"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -191,10 +191,16 @@ def check_decoder(method, preset, x, q, k, offsets, step, scale, *, atol=OUT_ATO
 
 def max_r(method: str, n: int) -> int:
     """The largest r a step may take: [CLS] is never a source (ToMe: only the even slots are; EViT
-    removes r + 1 patches)."""
-    return {"ficoco": n - 1, "tome": (n + 1) // 2 - 1, "evit": n - 2, "fastv": n - 1, "ficoco_l": n - 1}[
-        method
-    ]
+    removes r + 1 patches; random and pool keep at least one patch, as the planner requires)."""
+    return {
+        "ficoco": n - 1,
+        "tome": (n + 1) // 2 - 1,
+        "evit": n - 2,
+        "random": n - 2,
+        "pool": n - 2,
+        "fastv": n - 1,
+        "ficoco_l": n - 1,
+    }[method]
 
 
 def r_values(method: str, n: int, lo: int = 0, *, full: bool = True) -> list[int]:
@@ -213,9 +219,19 @@ def step_for(n: int, r: int) -> ReductionStep:
 # Vision: FiCoCo-V, ToMe, EViT
 # ----------------------------------------------------------------------------------------------------
 
-# ToMe, EViT and FastV read no FiCoCo hyperparameter, so only FiCoCo runs under both presets
-# (test_presets_only_change_ficoco checks that premise).
-VISION = [("ficoco", "paper"), ("ficoco", "official"), ("tome", "paper"), ("evit", "paper")]
+# ToMe, EViT, FastV and the random / pool baselines read no FiCoCo hyperparameter, so only FiCoCo runs
+# under both presets (test_presets_only_change_ficoco checks that premise).
+VISION = [
+    ("ficoco", "paper"),
+    ("ficoco", "official"),
+    ("tome", "paper"),
+    ("evit", "paper"),
+    ("random", "paper"),
+    ("pool", "paper"),
+]
+# The baselines' scores depend only on the patch positions and never tie (a hash; distinct lattice keys),
+# so the tests built around score ties do not apply to them.
+ATTENTION_VISION = [m for m in VISION if m[0] not in ("random", "pool")]
 DECODER = [("ficoco", "paper"), ("ficoco", "official"), ("fastv", "paper")]
 
 # (n, seed, batch): 577 = LLaVA-1.5's first step; K = 2 for n >= 502, K = 1 for n <= 501
@@ -244,7 +260,7 @@ DECODER_CASES = [
 
 def test_presets_only_change_ficoco() -> None:
     paper, official = MethodParams.for_preset("paper"), MethodParams.for_preset("official")
-    assert paper.tome == official.tome and paper.ficoco != official.ficoco
+    assert paper.tome == official.tome and paper.random == official.random and paper.ficoco != official.ficoco
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,7 +297,7 @@ def test_ficoco_v_odd_grid(preset: str, grid_side: int, n: int) -> None:
             check_vision("ficoco", preset, hidden, pos, size, q, k, step_for(n, r), grid_side, scale)
 
 
-@pytest.mark.parametrize("method, preset", VISION)
+@pytest.mark.parametrize("method, preset", ATTENTION_VISION)
 @pytest.mark.parametrize("n", [577, 40, 12])
 def test_vision_exact_ties(method: str, preset: str, n: int) -> None:
     """Inputs with many bitwise-equal scores, correlations and cosines: both sides must break every tie
@@ -299,7 +315,7 @@ def test_vision_exact_ties(method: str, preset: str, n: int) -> None:
     assert boundary_ties > 0, "the tie inputs never put a tie on the source boundary"
 
 
-@pytest.mark.parametrize("method, preset", [m for m in VISION if m[0] != "tome"])
+@pytest.mark.parametrize("method, preset", [m for m in ATTENTION_VISION if m[0] != "tome"])
 def test_vision_quantised(method: str, preset: str) -> None:
     """q, k rounded to quarters (many equal logits) with an exact power-of-two scale. (ToMe's cosines
     divide by norms, so equal real values need not be equal floats: its ties come from tome_palette.)"""
@@ -326,7 +342,7 @@ def test_vision_r0_identity(method: str, preset: str, dtype: torch.dtype) -> Non
     params = MethodParams.for_preset(preset)
     for n in (577, 40, 2):
         hidden, pos, size, q, k, scale = vision_inputs(n, 3, n, dtype=dtype)
-        if method == "tome" and dtype == torch.float32:
+        if method in ("tome", "pool") and dtype == torch.float32:
             size = torch.ones_like(size)  # (m x) / m is only bit-exact in fp32 for m = 1; see below
         step = step_for(n, 0)
         out, plan = vision_step(

@@ -1,8 +1,8 @@
 """The reduction methods, each a filter/correlate/compress triple, and the two entry points the models use.
 
-`vision_step` runs one step inside a CLIP block (FiCoCo-V, ToMe, EViT); `decoder_plan` +
-`decoder_compress` run one step inside a Llama block (FiCoCo-L, FastV). The reduced PyTorch model and
-the exported graphs both call these, so the math exists once.
+`vision_step` runs one step inside a CLIP block (FiCoCo-V, ToMe, EViT, and the random / pool baselines);
+`decoder_plan` + `decoder_compress` run one step inside a Llama block (FiCoCo-L, FastV). The reduced
+PyTorch model and the exported graphs both call these, so the math exists once.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ficoco.methods import evit, fastv, ficoco_l, ficoco_v, tome
+from ficoco.methods import evit, fastv, ficoco_l, ficoco_v, pool, random_prune, tome
 from ficoco.paradigm import MergePlan, gather_tokens
-from ficoco.params import PAPER, FiCoCoParams, ToMeParams, ficoco_params
+from ficoco.params import PAPER, FiCoCoParams, RandomParams, ToMeParams, ficoco_params
 from ficoco.schedule import ReductionStep
 
-VISION_METHODS = ("ficoco", "tome", "evit")
+VISION_METHODS = ("ficoco", "tome", "evit", "random", "pool")
 DECODER_METHODS = ("ficoco", "fastv")
 
 
@@ -27,6 +27,7 @@ class MethodParams:
 
     ficoco: FiCoCoParams = PAPER
     tome: ToMeParams = field(default_factory=ToMeParams)
+    random: RandomParams = field(default_factory=RandomParams)
 
     @classmethod
     def for_preset(cls, preset: str) -> MethodParams:
@@ -76,6 +77,13 @@ def vision_step(
             ),
             merge,
         )
+    if method == "random":
+        merge = random_prune.plan(pos, step, params.random.seed, grid_side)
+        return VisionTokens(random_prune.compress(x, merge), gather_tokens(pos, merge.kept), gather_tokens(size, merge.kept)), merge
+    if method == "pool":
+        merge = pool.plan(pos, step, grid_side)
+        x2, size2 = pool.compress(x, size, merge)
+        return VisionTokens(x2, gather_tokens(pos, merge.kept), size2), merge
     raise ValueError(f"{method!r} is not a vision reduction method ({', '.join(VISION_METHODS)})")
 
 
