@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint clean train eval
+.PHONY: install demo test test-all bench lint clean train eval eval-bundles
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -67,6 +67,27 @@ train: $(STAMP)
 EVAL_ARGS ?=
 eval: $(STAMP)
 	$(BIN)/ficoco-eval $(EVAL_ARGS) -o reports
+
+# The shapes model's bundles judged on the task: fp32 (FiCoCo-VL 0.25, ONNX Runtime) on the whole test splits,
+# then its fp16 export and its INT8-vision / INT4-weight-decoder copy (calibrated on easy-vqa *train* images)
+# on the first EVAL_QUANT_IMAGES images of each split; ficoco-check on each (16 easy-vqa train images, one
+# question each) for the stage errors and the selection flips per reduction step. Bundles and the calibration set are reused when present. -> reports/bundles/
+SHAPES_BUNDLE := out/shapes-vl25
+EVAL_QUANT_IMAGES ?= 100
+eval-bundles: $(STAMP)
+	@set -e; b=$(SHAPES_BUNDLE); \
+	test -f $$b/manifest.json || $(BIN)/ficoco-export --model shapes --variant VL --ratio 0.25 -o $$b; \
+	test -f $$b-fp16/manifest.json || $(BIN)/ficoco-export --model shapes --variant VL --ratio 0.25 --precision fp16 --no-validate -o $$b-fp16; \
+	test -d out/calib-easy-vqa || $(BIN)/python -m evaluation.calib out/calib-easy-vqa --images 16; \
+	test -f $$b-w4a8/manifest.json || $(BIN)/ficoco-quantize $$b -o $$b-w4a8 --vision int8 --decoder int4-weight \
+	  --calib-images out/calib-easy-vqa/images --calib-prompts out/calib-easy-vqa/prompts.txt --calib-size 16; \
+	$(BIN)/ficoco-eval --bundle $$b -o reports/bundles/fp32-full; \
+	$(BIN)/ficoco-eval --bundle $$b --bundle $$b-fp16 --bundle $$b-w4a8 --limit $(EVAL_QUANT_IMAGES) -o reports/bundles; \
+	printf 'what shape is in the image?\n' > out/calib-easy-vqa/one-question.txt; \
+	fail=0; for k in "" -fp16 -w4a8; do \
+	  $(BIN)/ficoco-check $$b$$k --images out/calib-easy-vqa/images --prompts out/calib-easy-vqa/one-question.txt \
+	    --task-images 10 --report-dir reports/bundles/check$${k:--fp32} || fail=1; \
+	done; exit $$fail
 
 lint: $(STAMP)
 	$(BIN)/ruff check ficoco exporter engines calibration evaluation training tests

@@ -49,7 +49,7 @@ class ProbeStages:
                                        steps=None if like is None else like.vision.steps)
         self.prefill_probe = S.SelectionProbe(onnx_dir / f"{PREFILL}.onnx", optimize=optimize, threads=threads,
                                               steps=None if like is None else like.prefill_probe.steps)
-        so = S._session_options(optimize, threads)
+        so = S.probe_session_options(optimize, threads)
         self.embed_session = ort.InferenceSession(str(onnx_dir / f"{EMBED}.onnx"), so, providers=["CPUExecutionProvider"])
         self.step_session = ort.InferenceSession(str(onnx_dir / f"{STEP}.onnx"), so, providers=["CPUExecutionProvider"])
         n = sum(1 for i in self.step_session.get_inputs() if i.name.endswith(".key"))

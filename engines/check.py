@@ -1,4 +1,4 @@
-"""`ficoco-check`: the accuracy gate of a bundle against PyTorch, at three levels.
+"""`ficoco-check`: the accuracy gate of a bundle against PyTorch, at four levels.
 
 For a handful of (image, prompt) pairs, the bundle's backend (`Pipeline.from_bundle`, ONNX Runtime or
 TensorRT) is compared with the reduced PyTorch model rebuilt from the manifest (`reference_for_bundle`):
@@ -13,6 +13,12 @@ TensorRT) is compared with the reduced PyTorch model rebuilt from the manifest (
    reduced PyTorch model vs the unreduced transformers model on the same inputs: KL(p_unreduced ||
    p_reduced) of the first generated token, its top-1 agreement, and greedy token agreement
    (`LlavaForConditionalGeneration.generate`).
+4. **answers** (the `shapes` model): accuracy of the bundle vs the reduced PyTorch model on easy-vqa test
+   questions (`--task-images`, `--max-accuracy-drop`).
+
+Beside the gates, for information: the **selection flips** of every reduction step, i.e. how many kept
+tokens of the bundle's ONNX graphs differ from the fp32 reference's (`engines.selection`), and how many
+of those are ties between patches of identical pixels.
 
 Default thresholds depend on the bundle (`DEFAULT_THRESHOLDS`: fp32, fp16, quantized); every one can be
 overridden. The report goes to BUNDLE/reports/check.json and check.md (atomic writes; reports/ is not
@@ -45,6 +51,7 @@ import torch
 from torch import Tensor
 
 from engines.cli import CONTEXT, _guarded, _setup_logging
+from engines.selection import SelectionCheck
 from exporter.wrappers import EMBED, PREFILL, STEP, VISION
 
 log = logging.getLogger(__name__)
@@ -532,6 +539,7 @@ class SampleResult:
     greedy: TokenAgreement
     reduction: ReductionCost
     seconds: float
+    selection: SelectionCheck | None = None  # kept-set flips per reduction step (None: not measured)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -541,6 +549,7 @@ class SampleResult:
             "stages": {c.name: c.to_dict() for c in self.stages},
             "greedy": self.greedy.to_dict(),
             "reduction": self.reduction.to_dict(),
+            "selection": None if self.selection is None else self.selection.to_dict(),
             "seconds": round(self.seconds, 3),
         }
 
@@ -609,6 +618,7 @@ class CheckReport:
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
     task: list[TaskResult] = field(default_factory=list)
+    selection_note: str = ""  # why kept-set flips were not (fully) measured
 
     # -- aggregates --------------------------------------------------------------------------------------------
     def stage_summary(self) -> dict[str, dict[str, Any]]:
@@ -666,6 +676,19 @@ class CheckReport:
             "gated": t.max_kl is not None or t.min_reduction_agreement is not None,
             "passed": passed,
         }
+
+    def selection_summary(self) -> list[dict[str, Any]]:
+        """Per reduction step (in order): kept tokens, flips summed and worst over samples, tie flips summed."""
+        rows: dict[tuple[str, int], dict[str, Any]] = {}
+        for s in self.samples:
+            for st in (s.selection.steps if s.selection else []):
+                r = rows.setdefault((st.stage, st.block), {"stage": st.stage, "block": st.block, "kept": st.kept,
+                                                           "samples": 0, "flips": 0, "max_flips": 0, "tie_flips": 0})
+                r["samples"] += 1
+                r["flips"] += st.flips
+                r["max_flips"] = max(r["max_flips"], st.flips)
+                r["tie_flips"] += st.tie_flips
+        return list(rows.values())
 
     def judge(self) -> None:
         """Fill `failures` (one line per failed gate, naming the stage / level and the numbers)."""
@@ -733,7 +756,9 @@ class CheckReport:
                 "greedy": self.greedy_summary(),
                 "reduction": self.reduction_summary(),
                 "task": [asdict(tr) for tr in self.task],
+                "selection": self.selection_summary(),
             },
+            "selection_note": self.selection_note,
             "samples": [s.to_dict() for s in self.samples],
             "tool_versions": dict(self.tool_versions),
             "seconds": round(self.seconds, 2),
@@ -797,6 +822,17 @@ class CheckReport:
                 ok = tr.bundle_accuracy >= tr.reference_accuracy - t.max_accuracy_drop - 1e-12
                 lines.append(f"| {tr.split} | {tr.n} | {100 * tr.bundle_accuracy:.1f} % | {100 * tr.reference_accuracy:.1f} % | "
                              f"{tr.same_answers}/{tr.n} | {'yes' if ok else '**NO**'} |")
+        sel = self.selection_summary()
+        if sel:
+            lines += [
+                "",
+                "| selection (kept tokens vs fp32 PyTorch, info) | block | kept | flips (all samples) | worst sample | of them ties |",
+                "|---|---:|---:|---:|---:|---:|",
+                *[f"| {r['stage']} step {i} | {r['block']} | {r['kept']} | {r['flips']} | {r['max_flips']} | {r['tie_flips']} |"
+                  for i, r in enumerate(sel)],
+            ]
+        if self.selection_note:
+            lines += ["", f"Selection: {self.selection_note}"]
         if self.failures:
             lines += ["", "Failed:", *[f"- {f}" for f in self.failures]]
         return "\n".join(lines) + "\n"
@@ -851,7 +887,7 @@ def tool_versions() -> dict[str, str]:
 
 
 def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = None, progress: ProgressCallback | None = None) -> CheckReport:
-    """Check a bundle's backend against PyTorch at the three levels; returns the judged report.
+    """Check a bundle's backend against PyTorch at the four levels; returns the judged report.
 
     Raises BundleError (missing / modified / graph-only bundle), CheckInputError / ImageError /
     InputError (bad images, prompts, options, reference model) before any sample runs.
@@ -894,6 +930,7 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
         tool_versions=tool_versions(),
     )
     ref_stages = reduced.stages()
+    selection, report.selection_note = _selection_checker(front.bundle, options.threads)
     for i, s in enumerate(samples):
         t0 = time.perf_counter()
         px = pipe.preprocess([s.image])
@@ -904,9 +941,14 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
             known = _Precomputed(ref_stages, sc.ref_visual, (sc.ref_logits, sc.ref_past))
             ref_tokens = generate_tokens(known, px, ids, offsets, n_new)[0].tolist()
         cost = reduction_cost(loaded, px, ids, int(offsets[0]), sc.ref_logits[0], ref_tokens, n_new)
+        flips = None
+        if selection is not None:
+            with torch.inference_mode():
+                flips = selection.check(reduced, px, reduced.embed_text(ids), offsets)
+            report.selection_note = report.selection_note or flips.note
         report.samples.append(
             SampleResult(s.image_name, s.prompt, sc.comparisons, token_agreement(got_tokens, ref_tokens), cost,
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, flips)
         )
         if progress is not None:
             progress(i + 1, len(samples), f"{s.image_name} / {s.prompt}")
@@ -918,6 +960,18 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
     report.seconds = time.perf_counter() - t_start
     report.judge()
     return report
+
+
+def _selection_checker(bundle: Path, threads: int | None) -> tuple[Any, str]:
+    """The kept-set probes over the bundle's ONNX graphs, or (None, why not)."""
+    from engines.selection import SelectionChecker
+    from exporter.bundle import ONNX_DIR
+
+    try:
+        return SelectionChecker(Path(bundle) / ONNX_DIR, threads), ""
+    except Exception as err:  # a graph ONNX Runtime cannot load on CPU (e.g. a TensorRT-only plugin): say so
+        log.warning("selection flips not measured: %s", err)
+        return None, f"not measured ({type(err).__name__}: {err})"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -105,8 +105,9 @@ def _eval(kw: dict[str, Any]) -> None:
             loaded = load_model(kw["model"])
             results += G.blind_results(splits)
             results += G.evaluate_model(loaded, configs, splits, on_progress=progress)
+        references: dict[str, list] = {}  # one PyTorch run per (source model, schedule), shared by bundles
         for b in kw["bundles"]:
-            results_b, agree = _eval_bundle(b, kw["backend"], splits, progress)
+            results_b, agree = _eval_bundle(b, kw["backend"], splits, progress, references)
             results += results_b
             agreement += agree
     import shlex as _sh
@@ -125,8 +126,19 @@ def _eval(kw: dict[str, Any]) -> None:
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
-def _eval_bundle(path: Path, backend: str, splits: list, progress) -> tuple[list, list[dict[str, Any]]]:
-    """The bundle through the runtime and the reduced PyTorch model with the bundle's schedule, same questions."""
+def _bundle_label(path: Path, manifest: dict[str, Any], backend: str) -> str:
+    req = (manifest.get("quantization") or {}).get("request") or {}
+    kind = f"vision {req.get('vision')}, decoder {req.get('decoder')}" if req else manifest.get("precision", "fp32")
+    return f"bundle {path.name} ({backend}, {kind})"
+
+
+def _eval_bundle(path: Path, backend: str, splits: list, progress, references: dict[str, list]) -> tuple[list, list[dict[str, Any]]]:
+    """The bundle through the runtime and the reduced PyTorch model with the bundle's schedule, same questions.
+
+    `references` caches the PyTorch results by (source model, schedule): bundles exported with one schedule
+    (fp32, fp16, quantized copies) are compared with one reference run, whose rows appear once."""
+    import json
+
     from engines.check import reference_for_bundle
     from engines.runtime import Pipeline
     from evaluation import grid as G
@@ -136,16 +148,20 @@ def _eval_bundle(path: Path, backend: str, splits: list, progress) -> tuple[list
     pipe = Pipeline.from_bundle(path, backend=backend)
     loaded, reduced = reference_for_bundle(pipe.manifest)
     sched = reduced.schedule
-    label = f"bundle {path.name} ({pipe.backend}, {pipe.manifest.get('precision', 'fp32')})"
+    label = _bundle_label(path, pipe.manifest, pipe.backend)
     got = G.evaluate_stages(label, pipe.stages, Prompting.of_frontend(pipe), splits, sched, {"bundle": str(path)}, progress)
-    ref = G.evaluate_stages(f"PyTorch, schedule of {path.name}", reduced.stages(), Prompting.of_model(loaded), splits,
-                            sched, {"reference_of": str(path)}, progress)
+    key = json.dumps([loaded.name, pipe.manifest["schedule"]], sort_keys=True)
+    fresh = key not in references
+    if fresh:
+        references[key] = G.evaluate_stages(f"PyTorch, schedule of {path.name}", reduced.stages(), Prompting.of_model(loaded),
+                                            splits, sched, {"reference_of": str(path)}, progress)
+    ref = references[key]
     agree = []
     for g, r, s in zip(got, ref, splits, strict=True):
         same = sum(vqa.normalize_answer(a) == vqa.normalize_answer(b) for a, b in zip(g.predictions, r.predictions, strict=True))
         agree.append({"bundle": str(path), "split": s.name, "n": len(s.questions), "same": same,
                       "bundle_accuracy": g.score["accuracy"], "reference_accuracy": r.score["accuracy"]})
-    return got + ref, agree
+    return got + (ref if fresh else []), agree
 
 
 if __name__ == "__main__":

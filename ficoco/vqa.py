@@ -104,6 +104,14 @@ def _read_questions(part: str) -> tuple[tuple[str, str, int], ...]:
     return tuple((str(q), str(a), int(i)) for q, a, i in json.loads(f.read_text(encoding="utf-8")))
 
 
+def questions_by_image(part: str) -> dict[int, list[str]]:
+    """easy-vqa's questions of `part` ("train"/"test") per image id, in file order."""
+    out: dict[int, list[str]] = {}
+    for q, _a, i in _read_questions(part):
+        out.setdefault(i, []).append(q)
+    return out
+
+
 def image_path(part: str, image_id: int) -> Path:
     """The PNG of easy-vqa image `image_id` of `part` ("train" or "test")."""
     return _package_dir() / part / "images" / f"{image_id}.png"

@@ -98,6 +98,11 @@ def test_check_passes_on_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
     for s in report["samples"]:
         assert s["reduction"]["token_tokens"] == s["greedy"]["reference_tokens"]  # the reduced model's tokens
         assert len(s["reduction"]["token_reference_tokens"]) == 6
+    # selection: the fp32 graphs keep exactly the reference's tokens at every reduction step
+    sel = report["aggregate"]["selection"]
+    assert [r["stage"] for r in sel] == ["vision"] * 11 + ["decoder"] * 8  # the bundle's schedule
+    assert all(r["flips"] == 0 and r["samples"] == 2 for r in sel) and report["selection_note"] == ""
+    assert "| selection (kept tokens vs fp32 PyTorch, info)" in res.stdout
 
 
 def test_perturbed_weights_fail_at_the_prefill_stage(perturbed_bundle: Path, tmp_path: Path) -> None:

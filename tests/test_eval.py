@@ -72,3 +72,32 @@ def test_train_cli_bad_input_exit_2(tmp_path) -> None:
     assert r.exit_code == 2 and not (tmp_path / "m").exists()
     r = CliRunner().invoke(train_main, ["--lr", "-1", "-o", str(tmp_path / "m")])
     assert r.exit_code == 2 and not (tmp_path / "m").exists()
+
+
+def test_eval_bundles_share_one_reference_run(tiny_bundle, tmp_path) -> None:
+    """Two bundles with one schedule: each answered through ONNX Runtime, one PyTorch reference row."""
+    out = tmp_path / "reports"
+    res = CliRunner().invoke(eval_main, ["--bundle", str(tiny_bundle), "--bundle", str(tiny_bundle), "--splits", "easy-vqa",
+                                         "--limit", "1", "--threads", "2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "eval.json").read_text())
+    labels = [r["label"] for r in data["results"]]
+    assert labels.count("bundle tiny-vl25 (onnxruntime, fp32)") == 2
+    assert labels.count("PyTorch, schedule of tiny-vl25") == 1
+    for a in data["meta"]["agreement"]:
+        assert a["n"] > 0 and a["same"] == a["n"] and a["bundle_accuracy"] == a["reference_accuracy"]
+
+
+def test_calibration_set_is_drawn_from_train_images(tmp_path) -> None:
+    from evaluation.calib import main as calib_main
+
+    out = tmp_path / "calib"
+    res = CliRunner().invoke(calib_main, [str(out), "--images", "3"])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert names == ["mosaic-m0000.png", "tile-0000.png", "tile-0001.png"]
+    prompts = (out / "prompts.txt").read_text().splitlines()
+    assert prompts and len(prompts) == len(set(prompts)) and all(p.strip() for p in prompts)
+    again = CliRunner().invoke(calib_main, [str(out)])
+    assert again.exit_code == 2 and "exists" in again.output
+    assert [p.name for p in tmp_path.iterdir()] == ["calib"]  # no partial left behind

@@ -1,0 +1,186 @@
+"""Which visual tokens a bundle keeps, step by step, against the fp32 PyTorch reference ("selection flips").
+
+`exporter.probe.SelectionProbe` runs a bundle graph with the kept set T of every reduction step as an
+extra output (ONNX Runtime, CPU); `ReducedLlava`'s `VisionOutput.plans` / `PrefillOutput.plans` hold the
+reference's T per block. Both run on the same inputs: the vision graph on the same pixels, the prefill
+graph on the reference's text embeddings and visual tokens, so the decoder's flips are its own.
+
+A *flip* is a span index kept by one side and not by the other: flips = |T_ref \\ T_bundle| (both sets
+have n - r members, so this equals |T_bundle \\ T_ref|). Steps are compared position by position: once
+an earlier step flipped, a later step's span holds different tokens on the two sides, so its flips
+include the consequence of the earlier ones. The report also says how many flips are *ties*: the two
+swapped tokens stand for image patches with identical pixels (two patches of one flat background), so
+the flip changes which of two identical-looking patches is kept (their positions differ, their content
+does not). A merged token is named by the patch it kept.
+
+TensorRT engines do not expose their selection; the flips of a TensorRT bundle are measured on its ONNX
+graphs, which is what its engines were built from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from exporter.probe import SelectionProbe, set_differences
+
+log = logging.getLogger(__name__)
+
+_ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _numpy_feeds(probe: SelectionProbe, feeds: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """Torch inputs as numpy arrays of the graph's input types (fp32 inputs of an fp16 graph are cast)."""
+    out = {}
+    for name, ort_type in probe.input_types.items():
+        dtype = _ORT_NP.get(ort_type)
+        if dtype is None:
+            raise ValueError(f"selection probe: input {name} has unsupported type {ort_type}")
+        t = feeds[name].detach().cpu()
+        out[name] = (t.float() if t.is_floating_point() else t).numpy().astype(dtype)
+    return out
+
+
+@dataclass
+class StepFlips:
+    """One reduction step of one sample: how many kept tokens differ from the reference's."""
+
+    stage: str  # "vision" | "decoder"
+    block: int  # the block whose output it reduces
+    kept: int  # |T|
+    flips: int  # |T_ref \ T_bundle|, worst over the batch
+    tie_flips: int  # of those, swaps between two patches with identical pixels
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _flips(ref: np.ndarray, got: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per batch row: (flips, indices only the reference kept, indices only the bundle kept)."""
+    counts = set_differences(ref, got)
+    return [(c, np.setdiff1d(r, g), np.setdiff1d(g, r)) for c, r, g in zip(counts, ref, got, strict=True)]
+
+
+def _patches(pixel_values: Tensor, grid_side: int) -> Tensor:
+    """[B, 3, H, W] -> [B, grid_side**2, 3 * p * p]: the pixels of every patch, row-major like CLIP's."""
+    b, c, h, _ = pixel_values.shape
+    p = h // grid_side
+    x = pixel_values.reshape(b, c, grid_side, p, grid_side, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, grid_side * grid_side, c * p * p)
+
+
+def _ties(pos: np.ndarray, patches: Tensor | None, only_ref: np.ndarray, only_got: np.ndarray) -> int:
+    """How many swapped indices pair up with a token whose original patch has identical pixels.
+
+    pos: [n] the reference's original patch index of each span slot (-1: [CLS] or a fused token)."""
+    if patches is None or only_ref.size == 0:
+        return 0
+    pool = [int(pos[j]) for j in only_got if pos[j] >= 0]
+    ties = 0
+    for i in only_ref:
+        a = int(pos[i])
+        if a < 0:
+            continue
+        hit = next((k for k, b in enumerate(pool) if torch.equal(patches[a], patches[b])), None)
+        if hit is not None:
+            ties += 1
+            pool.pop(hit)
+    return ties
+
+
+def compare_steps(
+    stage: str, ref_plans: Mapping[int, Any], got: Sequence[np.ndarray], pos: np.ndarray,
+    patches: Tensor | None = None, fused: bool = False,
+) -> list[StepFlips]:
+    """Pair the reference's plans (block -> MergePlan, in block order) with the bundle's kept sets (graph order).
+
+    pos: [B, n] the original patch index of each slot of the first step's span (-1 for [CLS]); it follows
+    the reference's kept sets from step to step (a merged token is named by the patch it kept), and with
+    `patches` ([B, N, 3 p p] pixels) a flip between two patches of identical pixels counts as a tie.
+    `fused`: the method appends one fused token (-1) after every step (EViT).
+    """
+    blocks = sorted(ref_plans)
+    if len(blocks) != len(got):
+        raise ValueError(f"{stage}: the reference reduces at {len(blocks)} blocks, the graph has {len(got)} kept sets")
+    out = []
+    for block, g in zip(blocks, got, strict=True):
+        ref = ref_plans[block].kept.detach().cpu().numpy()
+        if ref.shape != g.shape:
+            raise ValueError(f"{stage} block {block}: kept set of shape {list(g.shape)}, the reference's is {list(ref.shape)}")
+        rows = _flips(ref, g)
+        worst = max(range(len(rows)), key=lambda b: rows[b][0])
+        count, only_ref, only_got = rows[worst]
+        ties = _ties(pos[worst], None if patches is None else patches[worst], only_ref, only_got)
+        out.append(StepFlips(stage, block, int(ref.shape[1]), count, ties))
+        pos = np.take_along_axis(pos, ref, axis=1)
+        if fused:
+            pos = np.concatenate([pos, np.full((pos.shape[0], 1), -1, dtype=pos.dtype)], axis=1)
+    return out
+
+
+@dataclass
+class SelectionCheck:
+    """The flips of every reduction step of one sample (vision steps, then decoder steps)."""
+
+    steps: list[StepFlips]
+    note: str = ""  # why some stage could not be probed
+
+    @property
+    def total(self) -> int:
+        return sum(s.flips for s in self.steps)
+
+    @property
+    def non_tie(self) -> int:
+        return sum(s.flips - s.tie_flips for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "non_tie": self.non_tie, "steps": [s.to_dict() for s in self.steps], "note": self.note}
+
+
+class SelectionChecker:
+    """Probes over a bundle's vision and prefill graphs, reused for every sample."""
+
+    def __init__(self, onnx_dir: str | Path, threads: int | None = None) -> None:
+        from exporter.wrappers import PREFILL, VISION
+
+        d = Path(onnx_dir)
+        self.vision = SelectionProbe(d / f"{VISION}.onnx", threads=threads)
+        self.prefill = SelectionProbe(d / f"{PREFILL}.onnx", threads=threads)
+
+    def check(self, reduced: Any, pixel_values: Tensor, text_embeds: Tensor, image_offset: Tensor) -> SelectionCheck:
+        """Kept sets of the bundle's graphs vs `reduced` (a fp32 `ReducedLlava`) on the same inputs.
+
+        The prefill graph gets the reference's visual tokens, so its flips are the decoder's own.
+        """
+        notes = []
+        steps: list[StepFlips] = []
+        with torch.inference_mode():
+            vis = reduced.encode_image(pixel_values)
+            pre = reduced.prefill(text_embeds, vis.visual, image_offset)
+        g = reduced.geometry.vision
+        patches = _patches(pixel_values.float(), g.grid_side)
+        b = int(pixel_values.shape[0])
+        first = -1 if g.has_cls else 0
+        pos0 = np.broadcast_to(np.arange(first, g.num_patches, dtype=np.int64), (b, g.num_patches - first)).copy()
+        sched = reduced.schedule
+        for probe, stage, plans, feeds, pos, fused in (
+            (self.vision, "vision", vis.plans, {"pixel_values": pixel_values}, pos0, sched.vision.method == "evit"),
+            (self.prefill, "decoder", pre.plans,
+             {"inputs_embeds": text_embeds, "visual_tokens": vis.visual, "image_offset": image_offset},
+             vis.pos.cpu().numpy().astype(np.int64), False),
+        ):
+            if not plans:
+                continue
+            if not probe.usable or not probe.steps:
+                notes.append(f"{stage}: the graph's reduction nodes cannot be found (no node metadata); not measured")
+                continue
+            _, kept = probe.run(_numpy_feeds(probe, feeds))
+            steps += compare_steps(stage, plans, kept, pos, patches, fused)
+        return SelectionCheck(steps, "; ".join(notes))

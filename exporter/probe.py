@@ -1,0 +1,121 @@
+"""A bundle graph with its token selections exposed: the kept set T of every reduction step as an output.
+
+Every reduction step of every method ends in `ficoco.paradigm.complement_sorted`, a ``TopK`` whose
+*indices* are used: the kept set T, ascending span indices (the complement of the sources S the filter
+removed). Other TopKs of a step (the correlate's quantile) use only their values. `selection_steps` finds
+the index-producing TopKs among the reduction nodes (`exporter.regions`), in graph order, one per step.
+
+`SelectionProbe` loads the graph without its weights, adds those indices as graph outputs and saves the
+copy to a temporary directory. ONNX Runtime refuses external data outside a model's own directory
+(symbolic links included), so the weights are memory-mapped from the bundle's own files and handed over
+with `SessionOptions.add_external_initializers`: nothing in the bundle changes, no weight is copied, and
+the graph may be of any size. Used by the quantizer's report (`calibration.selection`) and by
+`ficoco-check`'s selection flips (`engines.selection`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from exporter.regions import has_namespaces, node_namespace, reduction_node_names
+
+
+@dataclass(frozen=True)
+class SelectionStep:
+    index: int  # step number in graph order
+    node: str  # TopK node name
+    output: str  # its indices output (kept token positions within the span)
+    namespace: str
+
+
+def selection_steps(model: onnx.ModelProto) -> list[SelectionStep]:
+    """The reduction's index-producing TopK nodes, in graph order (one per reduction step)."""
+    red = reduction_node_names(model)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    steps = []
+    for n in model.graph.node:
+        if n.op_type == "TopK" and n.name in red and len(n.output) > 1 and n.output[1] in used:
+            steps.append(SelectionStep(len(steps), n.name, n.output[1], node_namespace(n)))
+    return steps
+
+
+def probe_session_options(optimize: bool = True, threads: int | None = None) -> Any:
+    """The exporter's ONNX Runtime session options, optionally with every graph optimization off."""
+    from exporter.validate import session_options
+
+    so = session_options(threads)
+    if not optimize:
+        import onnxruntime as ort
+
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return so
+
+
+def external_initializers(model: onnx.ModelProto, base: Path) -> tuple[list[str], list[Any]]:
+    """(names, OrtValues) of the initializers stored in external-data files under `base`, memory-mapped."""
+    import onnxruntime as ort
+
+    names: list[str] = []
+    values: list[Any] = []
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        arr = np.memmap(base / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(t.dims))
+        names.append(t.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(np.asarray(arr)))
+    return names, values
+
+
+class SelectionProbe:
+    """An ONNX Runtime CPU session of a graph with its selection indices as extra outputs.
+
+    `usable` is False when the graph lost its node metadata (rewritten by an external tool), so its
+    reduction nodes cannot be found; `steps` is then empty unless given.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, optimize: bool = True, threads: int | None = None,
+                 steps: Sequence[SelectionStep] | None = None) -> None:
+        """`steps`: the steps to expose (e.g. those of the fp32 graph, when a rewrite dropped the metadata)."""
+        import onnxruntime as ort
+
+        path = Path(path)
+        model = onnx.load(str(path), load_external_data=False)
+        self.usable = steps is not None or has_namespaces(model)
+        self.steps = list(steps) if steps is not None else selection_steps(model)
+        existing = {o.name for o in model.graph.output}
+        for s in self.steps:
+            if s.output not in existing:
+                model.graph.output.append(helper.make_tensor_value_info(s.output, TensorProto.INT64, None))
+        self.input_names = [i.name for i in model.graph.input]
+        so = probe_session_options(optimize, threads)
+        names, self._weights = external_initializers(model, path.parent)  # the weights must outlive the session
+        if names:
+            so.add_external_initializers(names, self._weights)
+        with tempfile.TemporaryDirectory(prefix="ficoco-probe-") as tmp:
+            copy = Path(tmp) / path.name
+            onnx.save_model(model, str(copy))
+            self.session = ort.InferenceSession(str(copy), so, providers=["CPUExecutionProvider"])
+        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """(the graph's own outputs by name, the kept indices [B, n_kept] of each step)."""
+        out = self.session.run(None, {k: feeds[k] for k in self.input_names})
+        by_name = dict(zip(self.output_names, out, strict=True))
+        return by_name, [by_name[s.output] for s in self.steps]
+
+
+def set_differences(ref: np.ndarray, got: np.ndarray) -> list[int]:
+    """Per batch row, |set(ref row) - set(got row)| (= the flips of a step: both sets have n - r members)."""
+    return [len(set(r.tolist()) - set(g.tolist())) for r, g in zip(ref, got, strict=True)]
