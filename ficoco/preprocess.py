@@ -4,6 +4,12 @@ Steps, in CLIPImageProcessor's order: convert to RGB (alpha composited onto whit
 edge to ``size.shortest_edge`` with PIL (the other side ``int(short * long / short_in)``, truncated), center
 crop to ``crop_size`` (zero padding if the image is smaller), rescale (float64 multiply, then float32),
 normalize with the mean/std in float32.
+
+Memory and time are bounded by the output, not by the file: an image is refused before it is decoded
+when it has more than `MAX_PIXELS` pixels (a decompression bomb: a few hundred bytes of PNG can declare
+gigapixels) or an aspect ratio beyond `MAX_ASPECT` (resizing the short side of a 1 x 4000 strip to 336 px
+would make a 336 x 1,344,000 image only to crop 336 x 336 out of it). Both limits name the file and
+the fix.
 """
 
 from __future__ import annotations
@@ -24,6 +30,29 @@ class ImageError(ValueError):
     """An image file that cannot be used (missing, unreadable, not an image); the message names the file."""
 
 
+#: Largest image accepted, in pixels (width x height): 50 megapixels, ~150 MB decoded as RGB.
+MAX_PIXELS = 50_000_000
+#: Largest accepted ratio of the long side to the short side.
+MAX_ASPECT = 32.0
+
+
+def check_image_size(width: int, height: int, name: str = "image") -> None:
+    """ImageError unless the image is non-empty, at most MAX_PIXELS and at most MAX_ASPECT : 1."""
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: the image is empty ({width} x {height} pixels); give an image with pixels")
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{name}: {width} x {height} = {width * height:,} pixels is more than the {MAX_PIXELS:,} accepted "
+            f"(a decompression bomb, or a photo far larger than the model's input); downscale it first"
+        )
+    aspect = max(width, height) / min(width, height)
+    if aspect > MAX_ASPECT:
+        raise ImageError(
+            f"{name}: aspect ratio {aspect:.0f}:1 ({width} x {height} pixels) is beyond the {MAX_ASPECT:.0f}:1 "
+            "accepted; only a central square is seen by the model, so crop or pad the image to a sensible shape"
+        )
+
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Open an image file fully and return it as RGB (transparency composited onto white)."""
     p = Path(path)
@@ -32,9 +61,14 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     if not p.is_file():
         raise ImageError(f"{p}: not a file")
     try:
-        with Image.open(p) as im:
+        with Image.open(p) as im:  # reads the header only: the size is known before any pixel is decoded
+            check_image_size(im.width, im.height, str(p))
             im.load()
             return to_rgb(im)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{p}: refused as a decompression bomb ({err}); downscale it first") from err
     except UnidentifiedImageError as err:
         raise ImageError(f"{p}: not an image file PIL can read ({err})") from err
     except (OSError, ValueError, SyntaxError) as err:
@@ -87,6 +121,7 @@ def preprocess_image(image: ImageLike, processor_config: dict[str, Any]) -> torc
     img = load_image(image) if isinstance(image, (str, os.PathLike)) else image
     if not isinstance(img, Image.Image):
         raise ImageError(f"expected a PIL image or a path, got {type(img).__name__}")
+    check_image_size(img.width, img.height, getattr(img, "filename", "") or "image")
     if cfg.get("do_convert_rgb", True):
         img = to_rgb(img)
     if cfg.get("do_resize", True):

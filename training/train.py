@@ -10,7 +10,11 @@ the vision tower, then `questions_per_image` questions answered from one shared 
 * [CLS]: binary cross-entropy of which shapes and colours the image holds, from the last layer's pooled
   [CLS] (so [CLS] attention, which FiCoCo-V and EViT score tokens by, looks at the shapes);
 * patches: per-patch cross-entropy of the shape and colour covering it (or background), from the features
-  the projector reads (layer −2), so every visual token says what it shows.
+  the projector reads (layer −2), so every visual token says what it shows;
+* [CLS] attention: in blocks `cls_attn_from`..select layer, −log of the mass of [CLS]'s head-mean attention
+  (softmax over the patches of l_0j = mean_h q_h0·k_hj/√d) that lands on the shapes' patches. Without it
+  the pooled [CLS] learned the image-level labels while attending to the background, so FiCoCo-V and EViT,
+  which keep what [CLS] attends to, kept background and dropped the shapes (docs/shapes-model.md).
 
 The auxiliary heads are dropped when the model is saved. Deterministic for a given seed and device.
 """
@@ -60,6 +64,10 @@ class TrainConfig:
     synthetic: float = 0.5
     aux_cls: float = 0.5
     aux_patch: float = 0.5
+    #: weight of the [CLS]-attention guidance: -log of the attention mass [CLS] puts on the shapes' patches
+    aux_cls_attn: float = 0.5
+    #: first CLIP block whose [CLS] attention is guided (through the last block the projector reads)
+    cls_attn_from: int = 6
     eval_every: int = 150
     #: test images per split in the evaluations during training (first answer token)
     eval_images: int = 60
@@ -195,7 +203,25 @@ class Trainee(nn.Module):
         vo = self.llava.model.vision_tower(pixel_values=pix, output_hidden_states=True)
         return vo, vo.hidden_states[self.llava.config.vision_feature_layer][:, 1:]
 
-    def forward(self, pix: torch.Tensor, questions: list[list[int]], owner: list[int], answers: list[int] | None):
+    def cls_attention(self, hidden_states: tuple[torch.Tensor, ...], first: int) -> torch.Tensor:
+        """[B, L, N]: [CLS]'s attention over the N patches in blocks first..select layer, from the softmax
+        of its head-mean scaled logits (the quantity FiCoCo-V and EViT score tokens by)."""
+        tower = self.llava.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        last = len(layers) + self.llava.config.vision_feature_layer  # -2 -> block 22 of 24
+        out = []
+        for i in range(first, last + 1):
+            attn = layers[i].self_attn
+            x = layers[i].layer_norm1(hidden_states[i])  # hidden_states[i] is block i's input
+            b, n, _ = x.shape
+            q = attn.q_proj(x[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x[:, 1:]).view(b, n - 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            logits = (q @ k.transpose(-1, -2))[:, :, 0].mean(dim=1) * attn.scale  # [B, N]
+            out.append(torch.softmax(logits, dim=-1))
+        return torch.stack(out, dim=1)
+
+    def forward(self, pix: torch.Tensor, questions: list[list[int]], owner: list[int], answers: list[int] | None,
+                with_vision: bool = False):
         m = self.llava.model
         vo, feats = self.vision(pix)
         vis = m.multi_modal_projector(feats)
@@ -220,6 +246,8 @@ class Trainee(nn.Module):
         last_q = torch.tensor([len(t) - 1 for t in questions])
         logits_answer = self.llava.lm_head(h[rows, last_q])
         logits_eos = self.llava.lm_head(h[rows, last_q + 1]) if answers is not None else None
+        if with_vision:
+            return logits_answer, logits_eos, self.cls_head(vo.pooler_output), feats, vo
         return logits_answer, logits_eos, self.cls_head(vo.pooler_output), feats
 
 
@@ -354,13 +382,17 @@ def train(cfg: TrainConfig, out: Path, progress=None) -> dict:
             lcls = trainee.cls_head(vo.pooler_output)
             loss_answer = torch.zeros(())
         else:
-            la, le, lcls, feats = trainee(pix, qs, owner, ans)
+            la, le, lcls, feats, vo = trainee(pix, qs, owner, ans, with_vision=True)
             y = torch.tensor(ans, device=device)
             loss_answer = F.cross_entropy(la, y) + F.cross_entropy(le, torch.full_like(y, eos))
+        fg_mask = (ps_t > 0).view(len(batch), 1, -1).float()  # [B, 1, N] patches covered by a shape
+        mass = (trainee.cls_attention(vo.hidden_states, cfg.cls_attn_from) * fg_mask).sum(-1)  # [B, L]
+        has_fg = fg_mask.sum(-1) > 0  # [B, 1]: an image whose shapes cover no patch has nothing to look at
+        loss_attn = -(torch.log(mass + 1e-6) * has_fg).sum() / (has_fg.sum() * mass.shape[1]).clamp_min(1)
         loss_cls = F.binary_cross_entropy_with_logits(lcls, cls_t.to(device))
         lps, lpc = trainee.patch_shape(feats).flatten(0, 1), trainee.patch_color(feats).flatten(0, 1)
         loss_patch = F.cross_entropy(lps, ps_t) + F.cross_entropy(lpc, pc_t)
-        loss = loss_answer + cfg.aux_cls * loss_cls + cfg.aux_patch * loss_patch
+        loss = loss_answer + cfg.aux_cls * loss_cls + cfg.aux_patch * loss_patch + cfg.aux_cls_attn * loss_attn
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainee.parameters(), 1.0)
@@ -372,7 +404,8 @@ def train(cfg: TrainConfig, out: Path, progress=None) -> dict:
                 patch_acc = float((lps.argmax(-1)[fg] == ps_t[fg]).float().mean()) if fg.any() else float("nan")
                 cls_acc = float(((lcls > 0).float() == cls_t.to(device)).all(-1).float().mean())
             rec = {"step": step + 1, "stage": 1 if vision_only else 2, "answer": run_loss / 10,
-                   "cls": float(loss_cls), "patch": float(loss_patch), "patch_shape_acc_fg": patch_acc,
+                   "cls": float(loss_cls.detach()), "patch": float(loss_patch.detach()), "patch_shape_acc_fg": patch_acc,
+                   "cls_attn_fg_mass": float(mass.detach().mean()), "fg_fraction": float(fg_mask.mean()),
                    "cls_exact": cls_acc, "lr": lr, "elapsed_s": time.time() - t0}
             log["losses"].append(rec)
             logger.info("%s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}))

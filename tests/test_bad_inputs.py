@@ -1,0 +1,78 @@
+"""The catalogue of bad inputs: each case asserts a clear error (naming the problem), the exit code, no
+traceback, and nothing left behind. Grows with every class of bad input found (issue: "bad input costs
+nothing"). Cases that need a bundle use the session's tiny bundle read-only.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from engines.cli import run_main
+from ficoco.preprocess import MAX_ASPECT, MAX_PIXELS, ImageError, load_image, preprocess_image
+
+PROMPT = "What is in the picture?"
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header declares width x height (a decompression bomb: the pixels are never there)."""
+    Image.new("RGB", (1, 1), (255, 255, 255)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _strip(path: Path, width: int, height: int) -> Path:
+    Image.new("RGB", (width, height), (200, 10, 10)).save(path)
+    return path
+
+
+# (name, make(tmp) -> path, words the message must contain)
+IMAGE_CASES = [
+    ("strip-1x4000", lambda d: _strip(d / "strip.png", 1, 4000), ["strip.png", "aspect ratio 4000:1"]),
+    ("strip-20000x1", lambda d: _strip(d / "wide.png", 20000, 1), ["wide.png", "aspect ratio 20000:1"]),
+    ("bomb-9000x9000", lambda d: _png_claiming(d / "bomb.png", 9000, 9000), ["bomb.png", "81,000,000 pixels"]),
+    ("bomb-100000x100000", lambda d: _png_claiming(d / "huge.png", 100_000, 100_000), ["huge.png", "pixels"]),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "words"), IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
+def test_image_refused_before_decoding(tmp_path: Path, name: str, make, words: list[str]) -> None:
+    path = make(tmp_path)
+    assert path.stat().st_size < 1000  # a few hundred bytes on disk
+    with pytest.raises(ImageError) as err:
+        load_image(path)
+    for w in words:
+        assert w in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "make", "words"), IMAGE_CASES[:3], ids=[c[0] for c in IMAGE_CASES[:3]])
+def test_ficoco_run_refuses_the_image_with_exit_2(tiny_bundle: Path, tmp_path: Path, name: str, make, words: list[str]) -> None:
+    path = make(tmp_path)
+    res = CliRunner().invoke(run_main, [str(tiny_bundle), "--image", str(path), "--prompt", PROMPT, "--no-verify"])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and res.stderr.startswith("error: ") and "cannot read" not in res.stderr
+    for w in words:
+        assert w in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nothing written beside it
+
+
+def test_in_memory_images_are_checked_too() -> None:
+    cfg = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336},
+           "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    with pytest.raises(ImageError, match="empty"):
+        preprocess_image(Image.new("RGB", (0, 0)), cfg)
+    with pytest.raises(ImageError, match="aspect ratio"):
+        preprocess_image(Image.new("RGB", (2, int(2 * MAX_ASPECT) + 2)), cfg)
+    ok = preprocess_image(Image.new("RGB", (10, int(10 * MAX_ASPECT))), cfg)  # at the limit: accepted
+    assert ok.shape == (1, 3, 336, 336)
+    assert MAX_PIXELS >= 7680 * 4320  # an 8K frame is accepted
