@@ -30,7 +30,7 @@ HELP_EPILOG = "Example: ficoco-quantize out/llava7b-vl25 -o out/llava7b-vl25-w4a
 @click.option("--eval-images", type=int, default=3, show_default=True, help="Bundled photos used for the report's errors, selection check and greedy agreement (0: no evaluation).")
 @click.option("--eval-tokens", type=int, default=16, show_default=True, help="Greedy tokens compared with the fp32 bundle.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per stage for the latency medians (ONNX Runtime CPU).")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads [default: ONNX Runtime's choice].")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads [default: ONNX Runtime's choice].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
 def main(bundle: Path, **kw: Any) -> None:

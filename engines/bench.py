@@ -1074,7 +1074,7 @@ def run_bench(opts: BenchOptions, say: Callable[[str], None] | None = None) -> t
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs per configuration before the timed ones.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per configuration (median and min/max are reported).")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True, help="Tokens generated per run (greedy, EOS ignored); at most BUNDLE's limit.")
-@click.option("--threads", type=int, default=0, show_default=True,
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="ONNX Runtime intra-op threads and torch.set_num_threads for every configuration [0: every available core].")
 @click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="Image file, or the name of a built-in test photo (astronaut, chelsea, coffee, ...).")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="The question asked about the image.")

@@ -999,7 +999,7 @@ def _selection_checker(bundle: Path, threads: int | None) -> tuple[Any, str]:
 @click.option("--max-accuracy-drop", type=float, help="Level 4: fail when the bundle's answer accuracy is more than this fraction below PyTorch's (0.01 = one point) [default: 0 fp32, 0.01 fp16, 0.02 quantized].")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Where check.json and check.md go [default: BUNDLE/reports].")
 @click.option("--device", type=int, default=0, show_default=True, help="CUDA device index (TensorRT / ONNX Runtime CUDA).")
-@click.option("--threads", type=int, help="ONNX Runtime CPU threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime CPU threads [default: all cores].")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (large models).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, Polygraphy's comparison log and full tracebacks.")
 def main(bundle: Path, **kw: Any) -> None:

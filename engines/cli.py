@@ -176,7 +176,7 @@ def _build(bundle: Path, kw: dict[str, Any]) -> None:
 @click.option("--stop-token-id", "stop_ids", type=int, multiple=True, help="Token id that ends the answer (repeatable) [default: the bundle's EOS id].")
 @click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-new-tokens tokens (no stop token; for benchmarks).")
 @click.option("--device", type=int, default=0, show_default=True, help="CUDA device index (TensorRT / ONNX Runtime CUDA).")
-@click.option("--threads", type=int, help="ONNX Runtime CPU threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime CPU threads [default: all cores].")
 @click.option("--timings", is_flag=True, help="Print per-stage times (ms), TTFT and decode tokens/s to stderr as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (large models).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
@@ -220,6 +220,8 @@ def _run(bundle: Path, kw: dict[str, Any]) -> None:
     ids, _ = front.tokenize([kw["prompt"]])
     limit = front.max_new_tokens_limit if kw["max_new_tokens"] is None else int(kw["max_new_tokens"])
     front.check_request(int(ids.shape[1]), limit)
+    if kw["stop_ids"]:
+        front.check_stop_ids(kw["stop_ids"])
     pipe = Pipeline.from_bundle(
         front, backend=kw["backend"], verify=not kw["no_verify"], device=int(kw["device"]),
         ort_provider=kw["ort_provider"], threads=kw["threads"],

@@ -230,6 +230,16 @@ class Frontend:
                 "(shape_ranges.max_new_tokens). Ask for fewer, or re-export with a larger --max-new-tokens."
             )
 
+    def check_stop_ids(self, stop_token_ids: Sequence[int]) -> None:
+        """InputError for a stop token id outside the tokenizer's vocabulary (it could never be generated)."""
+        vocab = len(self.tokenizer)
+        bad = [int(t) for t in stop_token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise InputError(
+                f"stop token id(s) {', '.join(map(str, bad))} outside the vocabulary (0..{vocab - 1}); "
+                "give ids of the bundle's tokenizer (tokenizer/tokenizer.json)"
+            )
+
     # -- inputs ----------------------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[ImageLike]) -> Tensor:
         """pixel_values [B, 3, H, W] (float32) per the bundle's preprocessor_config.json; ImageError on a bad file."""
@@ -241,7 +251,13 @@ class Frontend:
         """(input_ids [B, T] without the image placeholder, image offsets [B]) for questions of equal token length."""
         ids: list[Tensor] = []
         offsets: list[int] = []
+        if isinstance(questions, str) or not questions:
+            raise InputError("give a list of questions (strings), one per image")
         for q in questions:
+            if not isinstance(q, str):
+                raise InputError(f"a question must be a string, got {type(q).__name__}")
+            if not q.strip():
+                raise InputError("the question is empty; ask something about the image")
             p = encode_prompt(self.tokenizer, format_prompt(self.chat_template, q), self.image_token_id)
             ids.append(p.text_ids)
             offsets.append(p.image_offset)
@@ -371,6 +387,7 @@ class Pipeline(Frontend):
         n_new = self.max_new_tokens_limit if max_new_tokens is None else int(max_new_tokens)
         self.check_request(int(input_ids.shape[1]), n_new)
         stops = list(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        self.check_stop_ids(stops)
         if tm is not None:
             tm.preprocess_ms, tm.tokenize_ms, tm.text_len = (t1 - t0) * 1e3, (t2 - t1) * 1e3, int(input_ids.shape[1])
         tokens = self.generate_ids(

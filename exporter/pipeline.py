@@ -69,6 +69,31 @@ class ValidationOptions:
     image: str = "astronaut"
     question: str = "What is in the picture?"
 
+    def __post_init__(self) -> None:
+        import math
+
+        for name, v in (("--atol", self.atol), ("--rtol", self.rtol)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (got {v})")
+        if self.decode_steps < 1:
+            raise ValueError(f"--decode-steps must be at least 1 (got {self.decode_steps}); use --no-validate to skip validation")
+
+
+def check_context(config: Any, opts: ExportOptions) -> None:
+    """ValueError when the longest sequence the shape ranges allow (text + unreduced visual tokens + new
+    tokens) exceeds the decoder's context (`max_position_embeddings`): checked from the config, before any
+    weight is loaded."""
+    geometry = LlavaGeometry.from_config(config)
+    text = getattr(config, "text_config", config)
+    limit = int(getattr(text, "max_position_embeddings", 0) or 0)
+    need = opts.max_text_len + geometry.visual_tokens + opts.max_new_tokens
+    if limit and need > limit:
+        raise ValueError(
+            f"--max-text-len {opts.max_text_len} + {geometry.visual_tokens} visual tokens + --max-new-tokens "
+            f"{opts.max_new_tokens} = {need} positions, more than the decoder's context of {limit} "
+            "(max_position_embeddings); lower --max-text-len or --max-new-tokens"
+        )
+
 
 def tool_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -126,6 +151,7 @@ def export_bundle(
     notify = progress or (lambda stage, event: None)
     t0 = time.perf_counter()
 
+    check_context(model.model.config if isinstance(model, LoadedModel) else load_config(model), opts)
     notify("load", "start")
     if opts.graph_only:
         name = model if isinstance(model, str) else model.name

@@ -76,3 +76,70 @@ def test_in_memory_images_are_checked_too() -> None:
     ok = preprocess_image(Image.new("RGB", (10, int(10 * MAX_ASPECT))), cfg)  # at the limit: accepted
     assert ok.shape == (1, 3, 336, 336)
     assert MAX_PIXELS >= 7680 * 4320  # an 8K frame is accepted
+
+
+# ------------------------------------------------------------------------------------------------------
+# options: checked before any work
+# ------------------------------------------------------------------------------------------------------
+
+
+def _run_cli(args: list[str]) -> tuple[int, str]:
+    res = CliRunner().invoke(run_main, args)
+    assert "Traceback" not in res.output
+    return res.exit_code, res.stderr
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--temperature", "nan"], "temperature must be a finite number > 0"),
+    (["--temperature", "inf"], "temperature must be a finite number > 0"),
+    (["--threads", "-3"], "--threads"),
+    (["--stop-token-id", "999999999"], "outside the vocabulary"),
+    (["--stop-token-id", "-1"], "outside the vocabulary"),
+])
+def test_ficoco_run_bad_options(tiny_bundle: Path, photo: str, extra: list[str], words: str) -> None:
+    code, err = _run_cli([str(tiny_bundle), "--image", photo, "--prompt", PROMPT, "--no-verify", *extra])
+    assert code == 2 and words in err
+
+
+def test_ficoco_run_empty_prompt(tiny_bundle: Path, photo: str) -> None:
+    code, err = _run_cli([str(tiny_bundle), "--image", photo, "--prompt", "   ", "--no-verify"])
+    assert code == 2 and "the question is empty" in err
+
+
+def test_pipeline_refuses_a_question_that_is_not_a_string(tiny_bundle: Path) -> None:
+    from engines.runtime import Frontend, InputError
+
+    front = Frontend.from_bundle(tiny_bundle, verify=False)
+    with pytest.raises(InputError, match="must be a string"):
+        front.tokenize([42])  # type: ignore[list-item]
+    with pytest.raises(InputError, match="a list of questions"):
+        front.tokenize("what?")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--decode-steps", "-1"], "--decode-steps must be at least 1"),
+    (["--atol", "-1"], "--atol must be a finite number >= 0"),
+    (["--rtol", "nan"], "--rtol must be a finite number >= 0"),
+    (["--max-new-tokens", "100000000"], "more than the decoder's context of 4096"),
+])
+def test_ficoco_export_checks_options_before_any_work(tmp_path: Path, extra: list[str], words: str) -> None:
+    import time
+
+    from exporter.cli import main as export_main
+
+    out = tmp_path / "bundle"
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(export_main, ["--model", "tiny", "--variant", "VL", "--ratio", "0.25", "-o", str(out), *extra])
+    assert res.exit_code == 2, res.output
+    assert words in res.output and "Traceback" not in res.output
+    assert time.perf_counter() - t0 < 30  # refused up front, not after an export
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from ficoco.images import test_image
+
+    path = tmp_path_factory.mktemp("photo") / "astronaut.png"
+    test_image("astronaut").save(path)
+    return str(path)

@@ -198,7 +198,7 @@ def test_cli_bad_inputs(bundle: Path, images: list[Path], tmp_path: Path) -> Non
     code, err = run_cli([str(bundle), *ok, "--greedy", "--temperature", "0.7"])
     assert code == 2 and "--greedy cannot be combined" in err
     code, err = run_cli([str(bundle), *ok, "--temperature", "0"])
-    assert code == 2 and "temperature must be > 0" in err
+    assert code == 2 and "temperature must be a finite number > 0" in err
 
 
 def test_cli_tampered_bundle(bundle: Path, images: list[Path], tmp_path: Path) -> None:
