@@ -15,6 +15,7 @@ HELP_EPILOG = "Example: ficoco-quantize out/llava7b-vl25 -o out/llava7b-vl25-w4a
 
 
 @click.command(context_settings=CONTEXT, epilog=HELP_EPILOG)
+@click.version_option(package_name="ficoco-export")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory of the new quantized bundle (must not exist or be empty, unless --force).")
 @click.option("--vision", type=click.Choice(["int8", "fp8", "none"]), default="int8", show_default=True, help="Vision encoder: INT8 or FP8 (E4M3) Q/DQ on weights (per channel) and activations (per tensor) of its MatMul/Conv, or none.")

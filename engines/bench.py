@@ -1061,6 +1061,7 @@ def run_bench(opts: BenchOptions, say: Callable[[str], None] | None = None) -> t
 
 
 @click.command(context_settings=CONTEXT)
+@click.version_option(package_name="ficoco-export")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS), show_default=True,
               help="Comma-separated fractions of the visual tokens kept, in (0, 1]; 1.0 is the unreduced model.")

@@ -980,6 +980,7 @@ def _selection_checker(bundle: Path, threads: int | None) -> tuple[Any, str]:
 
 
 @click.command(context_settings=CONTEXT)
+@click.version_option(package_name="ficoco-export")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True, help="Backend to check. auto: TensorRT when it, a GPU and engines built for them exist, else ONNX Runtime.")
 @click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu has it, else CPU).")

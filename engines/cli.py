@@ -86,6 +86,7 @@ SHAPES_HELP = (
 
 
 @click.command(context_settings=CONTEXT)
+@click.version_option(package_name="ficoco-export")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--fp16", is_flag=True, help="Allow FP16 kernels (TensorRT 10 weak typing) for an fp32 export. An fp16 export is built strongly typed in its own types without this flag.")
 @click.option("--bf16", is_flag=True, help="Allow BF16 kernels (TensorRT 10 weak typing) for an fp32 export.")
@@ -163,6 +164,7 @@ def _build(bundle: Path, kw: dict[str, Any]) -> None:
 
 
 @click.command(context_settings=CONTEXT)
+@click.version_option(package_name="ficoco-export")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, required=True, help="Image file (PNG, JPEG, ... anything PIL reads). Repeat for a batch: the prompt is asked of every image.")
 @click.option("--prompt", required=True, help="The question about the image (the bundle's chat template wraps it).")

@@ -41,6 +41,7 @@ def _machine() -> str:
 
 
 @click.command(context_settings=CONTEXT)
+@click.version_option(package_name="ficoco-export")
 @click.option("--model", default="shapes", show_default=True, help="Model for the PyTorch grid (a built-in, alias or llava-hf directory).")
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(path_type=Path),
               help="Evaluate this bundle through the runtime as well (repeatable); compared with the reduced PyTorch model.")

@@ -47,6 +47,7 @@ def _lint_only(bundle: Path, target: str, console: Console) -> None:
 
 
 @click.command(context_settings=CONTEXT)
+@click.version_option(package_name="ficoco-export")
 @click.option("--model", "-m", help="Model: alias (llava-1.5-7b, llava-1.5-13b), a local llava-hf directory, a HF repo id in the local cache, or the built-ins shapes (trained on easy-vqa) / tiny / smol / bench. Always offline.")
 @click.option("--variant", type=click.Choice(["none", "V", "L", "VL"], case_sensitive=False), default="VL", show_default=True, help="Where to reduce: V = vision encoder, L = decoder, VL = both, none = no reduction.")
 @click.option("--method", type=click.Choice(["ficoco", "tome", "evit", "random", "pool", "fastv"]), default="ficoco", show_default=True, help="Reduction method (tome/evit and the baselines random/pool: vision only, variant V; fastv: decoder only).")

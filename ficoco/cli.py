@@ -51,6 +51,7 @@ def write_json_atomic(path: Path, text: str) -> None:
     name="ficoco-plan",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
+@click.version_option(package_name="ficoco-export")
 @click.option(
     "--model",
     default="llava-1.5-7b",

@@ -19,6 +19,7 @@ DEFAULTS = TrainConfig()
 
 
 @click.command(context_settings=CONTEXT)
+@click.version_option(package_name="ficoco-export")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=Path("out/shapes"), show_default=True,
               help="The llava-hf directory to write (replaced atomically when training ends and at each evaluation).")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of weights, data order and drawn images.")
