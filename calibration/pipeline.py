@@ -153,7 +153,7 @@ def quantize_bundle(bundle: str | os.PathLike[str], out: str | os.PathLike[str],
         }
         new.setdefault("tool_versions", {})["quantizer"] = f"onnxruntime.quantization {Q.tool_version()}"
         new["files"] = B.hash_files(stage)
-        B.write_json(stage / B.MANIFEST, new)
+        B.write_manifest(stage, new)
         report: dict[str, Any] = {"quantization": records, "lint": {"errors": 0, "findings": len(lint_report["findings"])}}
         if request.evaluation is not None:
             notify("evaluate", 0, 1)

@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+#: 2: the manifest carries its own digest ("integrity"); bundles of version 1 are refused (re-export).
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 ONNX_DIR = "onnx"
 TOKENIZER_DIR = "tokenizer"
@@ -58,8 +59,29 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+INTEGRITY = "integrity"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace) without its "integrity" key.
+
+    Through `files` (the sha256 of every other file) it covers the whole bundle: an edited value, a
+    deleted `files` entry or an edited chat template all change it. It guards against accidents and
+    naive edits, not against someone who recomputes it: it is not a signature."""
+    body = {k: v for k, v in manifest.items() if k != INTEGRITY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Write `root`/manifest.json with its digest (the one writer of manifests; atomic like write_json)."""
+    body = {k: v for k, v in manifest.items() if k != INTEGRITY}
+    body[INTEGRITY] = {"sha256": manifest_digest(body), "covers": "canonical JSON of every other key; files by their sha256"}
+    write_json(Path(root) / MANIFEST, body)
+
+
 def load_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
-    """Read `<bundle>/manifest.json`; with `verify`, check every listed file's sha256."""
+    """Read `<bundle>/manifest.json`, check its own digest; with `verify`, also every listed file's sha256."""
     root = Path(bundle)
     mpath = root / MANIFEST
     if not root.is_dir():
@@ -70,13 +92,26 @@ def load_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> dict[s
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise BundleError(f"{mpath} is not valid JSON ({e}); the bundle is damaged, re-export it.") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath} cannot be read ({e}); the bundle is damaged, re-export it.") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath} holds a JSON {type(manifest).__name__}, not an object; the bundle is damaged, re-export it.")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(
             f"{mpath} has schema version {manifest.get('schema_version')!r}; this ficoco-export reads version "
             f"{SCHEMA_VERSION}. Re-export the bundle with this version."
         )
+    recorded = manifest.get(INTEGRITY)
+    if not isinstance(recorded, dict) or recorded.get("sha256") != manifest_digest(manifest):
+        raise BundleError(
+            f"{mpath} was changed after export (its integrity digest does not match its content); the runtime "
+            "would trust edited values, so re-export the bundle or restore the original manifest."
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{mpath} lists no files; the bundle is damaged, re-export it.")
     if verify:
-        for rel, digest in manifest.get("files", {}).items():
+        for rel, digest in files.items():
             f = root / rel
             if not f.is_file():
                 raise BundleError(f"bundle file {rel} is missing from {root}; re-export the bundle.")

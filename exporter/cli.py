@@ -36,9 +36,15 @@ def _lint_only(bundle: Path, target: str, console: Console) -> None:
         manifest = load_manifest(bundle, verify=False)
     except BundleError as e:
         _fail(console, str(e), 2)
-    files = [bundle / g["file"] for g in manifest["graphs"].values()]
-    runtime = {stage: [i["name"] for i in g["inputs"]] for stage, g in manifest["graphs"].items()}
-    findings = lint_files(files, target=target, runtime_inputs=runtime)
+    try:
+        files = [bundle / g["file"] for g in manifest["graphs"].values()]
+        runtime = {stage: [i["name"] for i in g["inputs"]] for stage, g in manifest["graphs"].items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        _fail(console, f"{bundle}/manifest.json has no readable graph list ({e}); re-export the bundle", 2)
+    try:
+        findings = lint_files(files, target=target, runtime_inputs=runtime)
+    except ValueError as e:
+        _fail(console, str(e), 2)
     if findings:
         console.print(format_findings(findings), highlight=False)
     if has_errors(findings):

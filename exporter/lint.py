@@ -1345,7 +1345,11 @@ def lint_model(
         path = Path(model)
         graph_file = graph_file or str(path)
         base_dir = str(path.parent)
-        model = onnx.load(str(path), load_external_data=False)
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as err:  # protobuf's DecodeError, OSError: a truncated or foreign file
+            raise ValueError(f"{path} is not a readable ONNX model ({type(err).__name__}: {err}); it is truncated or "
+                             "damaged: re-export the bundle") from err
     graph_file = graph_file or model.graph.name or "<model>"
     weights: frozenset[str] = frozenset()
     if runtime_inputs is not None:

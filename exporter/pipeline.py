@@ -247,5 +247,5 @@ def export_bundle(
         }
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         manifest["files"] = B.hash_files(stage_dir)
-        B.write_json(stage_dir / B.MANIFEST, manifest)
+        B.write_manifest(stage_dir, manifest)
     return Path(out).resolve()

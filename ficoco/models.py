@@ -299,8 +299,32 @@ def load_config(name: str, cache_dir: str | os.PathLike[str] | None = None) -> L
     raise _unknown_name_error(name)
 
 
+def _read_json(path: Path) -> Any:
+    """A model directory's JSON file; ModelLayoutError naming the file when it is unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLayoutError(f"{path} cannot be read as JSON ({err}); restore the file or re-download the model.") from err
+
+
+def _check_weight_files(path: Path) -> None:
+    """Every safetensors file of the directory opens (header and data size), else ModelLayoutError naming it."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as err:  # safetensors raises its own SafetensorError for a truncated or corrupt file
+            raise ModelLayoutError(
+                f"{f} is not a readable safetensors file ({err}); it is truncated or damaged: re-download or re-save the weights."
+            ) from err
+
+
 def _read_llava_config(cfg_file: Path) -> LlavaConfig:
-    data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    data = _read_json(cfg_file)
+    if not isinstance(data, dict):
+        raise ModelLayoutError(f"{cfg_file} holds a JSON {type(data).__name__}, not an object; restore the file.")
     if data.get("model_type") != "llava":
         raise ModelLayoutError(
             f"{cfg_file}: model_type is {data.get('model_type')!r}, expected 'llava' (LlavaForConditionalGeneration)."
@@ -365,7 +389,7 @@ def check_layout(path: str | os.PathLike[str]) -> None:
         missing.append(" or ".join(_WEIGHT_FILES[:2]) + " (weights)")
     for index in (f for f in weights if f.endswith(".index.json")):
         shards = sorted(
-            set(json.loads((p / index).read_text(encoding="utf-8")).get("weight_map", {}).values())
+            set((_read_json(p / index) or {}).get("weight_map", {}).values())
         )
         missing.extend(f"{s} (shard listed in {index})" for s in shards if not (p / s).is_file())
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
@@ -385,7 +409,7 @@ def _read_chat_template(path: Path, tokenizer: PreTrainedTokenizerBase) -> str:
     for fname in ("chat_template.json", "processor_config.json"):
         f = path / fname
         if f.is_file():
-            tmpl = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
+            tmpl = (_read_json(f) or {}).get("chat_template")
             if isinstance(tmpl, str) and tmpl:
                 return tmpl
     f = path / "chat_template.jinja"
@@ -439,7 +463,8 @@ def _load_local_dir(
     _read_llava_config(path / "config.json")  # clear error for a non-LLaVA config before transformers' own
     meta: dict[str, Any] = {}
     if (path / METADATA_FILE).is_file():
-        meta = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+        meta = _read_json(path / METADATA_FILE)
+    _check_weight_files(path)
     with _quiet_transformers():
         model, info = LlavaForConditionalGeneration.from_pretrained(
             str(path),
@@ -454,7 +479,7 @@ def _load_local_dir(
         keys = sorted(str(k) for k in (info.get(kind) or ()))
         if keys:  # transformers' own warning is silenced above, so say it here
             logger.warning("%s: %d %s in the weights, e.g. %s", path, len(keys), kind, ", ".join(keys[:5]))
-    processor_config = json.loads((path / "preprocessor_config.json").read_text(encoding="utf-8"))
+    processor_config = _read_json(path / "preprocessor_config.json")
     if revision is None:
         revision = meta.get("revision")
     if revision is None:

@@ -143,3 +143,112 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("photo") / "astronaut.png"
     test_image("astronaut").save(path)
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# damaged models and bundles: named file, exit 2, no traceback
+# ------------------------------------------------------------------------------------------------------
+
+
+def _bundle_copy(src: Path, dst: Path) -> Path:
+    """A copy of a bundle whose big files are symbolic links (they are only read)."""
+    for f in src.rglob("*"):
+        if f.is_dir() or "reports" in f.parts:
+            continue
+        t = dst / f.relative_to(src)
+        t.parent.mkdir(parents=True, exist_ok=True)
+        if f.stat().st_size > 1 << 20:
+            t.symlink_to(f)
+        else:
+            t.write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_manifest(bundle: Path, edit) -> None:
+    import json
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    edit(m)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def _ficoco_run(bundle: Path, photo: str, *extra: str) -> tuple[int, str]:
+    return _run_cli([str(bundle), "--image", photo, "--prompt", PROMPT, *extra])
+
+
+MANIFEST_CASES = [
+    ("a JSON list", lambda b: (b / "manifest.json").write_text("[1, 2]"), "holds a JSON list"),
+    ("an edited chat template", lambda b: _edit_manifest(b, lambda m: m["prompt"].__setitem__("chat_template", "{{ messages }}")),
+     "changed after export"),
+    ("raised shape ranges", lambda b: _edit_manifest(b, lambda m: m["shape_ranges"].__setitem__("max_new_tokens", 10**6)),
+     "changed after export"),
+    ("a deleted files entry", lambda b: _edit_manifest(b, lambda m: m["files"].pop(next(iter(m["files"])))),
+     "changed after export"),
+    ("no manifest digest", lambda b: _edit_manifest(b, lambda m: m.pop("integrity")), "changed after export"),
+    ("not JSON", lambda b: (b / "manifest.json").write_text("{ nope"), "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("name", "damage", "words"), MANIFEST_CASES, ids=[c[0] for c in MANIFEST_CASES])
+def test_damaged_manifest_is_refused_by_every_command(tiny_bundle: Path, tmp_path: Path, photo: str, name: str, damage, words: str) -> None:
+    from calibration.cli import main as quantize_main
+    from engines.check import main as check_main
+    from exporter.cli import main as export_main
+
+    b = _bundle_copy(tiny_bundle, tmp_path / "b")
+    damage(b)
+    for verify in ([], ["--no-verify"]):
+        code, err = _ficoco_run(b, photo, *verify)
+        assert code == 2 and words in err, (verify, err)
+    for cmd, args in ((check_main, [str(b)]), (quantize_main, [str(b), "-o", str(tmp_path / "q")]),
+                      (export_main, ["--lint-only", str(b)])):
+        res = CliRunner().invoke(cmd, args)
+        assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, (cmd.name, res.output)
+    assert not (tmp_path / "q").exists()
+
+
+def test_truncated_onnx_under_lint_only(tiny_bundle: Path, tmp_path: Path) -> None:
+    from exporter.cli import main as export_main
+
+    b = _bundle_copy(tiny_bundle, tmp_path / "b")
+    g = b / "onnx" / "embed_tokens.onnx"
+    data = g.read_bytes()
+    g.unlink()
+    g.write_bytes(data[: len(data) // 3])
+    res = CliRunner().invoke(export_main, ["--lint-only", str(b)])
+    assert res.exit_code == 2 and "embed_tokens.onnx is not a readable ONNX model" in res.output and "Traceback" not in res.output
+
+
+def _model_copy(tmp_path: Path) -> Path:
+    import shutil
+
+    from ficoco.models import shapes_dir
+
+    d = tmp_path / "model"
+    shutil.copytree(shapes_dir(), d)
+    return d
+
+
+def test_corrupt_config_json_names_the_file(tmp_path: Path) -> None:
+    from exporter.cli import main as export_main
+    from ficoco.cli import plan_main
+
+    d = _model_copy(tmp_path)
+    (d / "config.json").write_text('{"model_type": "llava", ')
+    res = CliRunner().invoke(plan_main, ["--model", str(d), "--variant", "VL", "--ratio", "0.25"])
+    assert res.exit_code == 2 and "config.json cannot be read as JSON" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(export_main, ["--model", str(d), "--variant", "VL", "--ratio", "0.25", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "config.json cannot be read as JSON" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_safetensors_names_the_file(tmp_path: Path) -> None:
+    from exporter.cli import main as export_main
+
+    d = _model_copy(tmp_path)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    res = CliRunner().invoke(export_main, ["--model", str(d), "--variant", "VL", "--ratio", "0.25", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    assert "model.safetensors is not a readable safetensors file" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()

@@ -22,7 +22,7 @@ from engines.check import (
     resolve_thresholds,
     token_agreement,
 )
-from exporter.bundle import MANIFEST, hash_files, write_json
+from exporter.bundle import MANIFEST, hash_files, write_manifest
 
 QUICK = ["--num-samples", "1", "--max-new-tokens", "4"]
 
@@ -35,7 +35,7 @@ def _rehash(bundle: Path) -> None:
     """Make a hand-edited bundle "valid" again: the manifest's sha256 list matches its files."""
     manifest = json.loads((bundle / MANIFEST).read_text())
     manifest["files"] = hash_files(bundle)
-    write_json(bundle / MANIFEST, manifest)
+    write_manifest(bundle, manifest)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -156,7 +156,7 @@ def test_graph_only_bundle_exits_2(tiny_bundle: Path, tmp_path: Path) -> None:
     manifest = json.loads((b / MANIFEST).read_text())
     manifest["graph_only"] = True
     manifest["prompt"]["chat_template"] = None
-    write_json(b / MANIFEST, manifest)
+    write_manifest(b, manifest)
     _rehash(b)
     res = _invoke(b)
     assert res.exit_code == 2 and "--graph-only bundle" in res.stderr
