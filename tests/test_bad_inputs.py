@@ -252,3 +252,66 @@ def test_truncated_safetensors_names_the_file(tmp_path: Path) -> None:
     assert res.exit_code == 2, res.output
     assert "model.safetensors is not a readable safetensors file" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the output path: a lock, a re-check at the rename, stale partials
+# ------------------------------------------------------------------------------------------------------
+
+
+def _hold_staging(out: str, entered, release) -> None:  # runs in a child process
+    from exporter.bundle import staging_dir
+
+    with staging_dir(out) as stage:
+        (stage / "winner.txt").write_text("first")
+        entered.set()
+        release.wait(30)
+
+
+def test_second_writer_of_one_output_fails_at_once(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    from exporter.bundle import OutputLocked, staging_dir
+
+    out = tmp_path / "bundle"
+    ctx = mp.get_context("spawn")
+    entered, release = ctx.Event(), ctx.Event()
+    first = ctx.Process(target=_hold_staging, args=(str(out), entered, release))
+    first.start()
+    try:
+        assert entered.wait(60)
+        with pytest.raises(OutputLocked, match=r"another ficoco process is writing .*bundle \(pid \d+\)"):
+            with staging_dir(out):
+                pass
+    finally:
+        release.set()
+        first.join(60)
+    assert first.exitcode == 0
+    assert (out / "winner.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no lock, no partial left
+
+
+def test_a_directory_that_appears_during_the_run_is_not_replaced(tmp_path: Path) -> None:
+    from exporter.bundle import BundleError, staging_dir
+
+    out = tmp_path / "bundle"
+    with pytest.raises(BundleError, match="appeared during the run"):
+        with staging_dir(out) as stage:
+            (stage / "new.txt").write_text("new")
+            out.mkdir()
+            (out / "theirs.txt").write_text("someone else's")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_force_over_a_file_and_stale_partials_leave_nothing(tmp_path: Path) -> None:
+    from exporter.bundle import staging_dir
+
+    out = tmp_path / "bundle"
+    out.write_text("a file in the way")
+    (tmp_path / ".bundle.partial-abc123").mkdir()  # what a SIGKILLed run leaves
+    (tmp_path / ".bundle.old-999").write_text("x")
+    with staging_dir(out, force=True) as stage:
+        (stage / "ok.txt").write_text("ok")
+    assert out.is_dir() and (out / "ok.txt").read_text() == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
