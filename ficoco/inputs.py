@@ -7,6 +7,8 @@ expanded form transformers' own `LlavaForConditionalGeneration` wants, for refer
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,34 @@ def _render(chat_template: str, messages: list[dict[str, Any]]) -> str:
     return rendered[0]
 
 
+_MARKER = re.compile(r"<\|[^|<>]+\|>|</?[A-Za-z_][^<>\s]*>|\[/?[A-Z_]+\]|\b[A-Za-z_]+:")
+
+
+#: special-token spellings refused in any question, whether or not the template shows them (BOS/EOS, ChatML, Llama-2)
+_SPECIAL = re.compile(r"</?s>|<\|[^|<>]+\|>|\[/?INST\]")
+
+
+def _refuse_role_markers(rendered: str, question: str) -> None:
+    """PromptError when the question contains a marker the template itself uses around it.
+
+    Policy (docs/reliability.md): a question is data, never structure. The template's own role markers
+    (``USER:``, ``ASSISTANT:``; case-insensitive) and special tokens (``</s>``, ``<|im_end|>``, ``[INST]``)
+    in a question would let it fake a turn, so such a question is refused, not escaped: an escaped marker
+    tokenizes differently from what the user wrote, and silently changing a question is worse than saying
+    so. Markers are read from the rendered prompt, so this follows whatever template the bundle carries.
+    """
+    at = rendered.index(question)
+    frame = rendered[:at] + " " + rendered[at + len(question):]
+    markers = {m.group(0) for m in _MARKER.finditer(frame)} - {IMAGE_PLACEHOLDER}
+    lowered = question.lower()
+    found = sorted({m for m in markers if m.lower() in lowered} | {m.group(0) for m in _SPECIAL.finditer(question)})
+    if found:
+        raise PromptError(
+            f"the question contains {', '.join(repr(m) for m in found)}, which the chat template uses to mark turns; "
+            "a question cannot add turns of its own: remove it from the question"
+        )
+
+
 def format_prompt(chat_template: str, question: str) -> str:
     """Render a single user turn (one image, then `question`) with `chat_template`, ready for generation.
 
@@ -66,6 +96,7 @@ def format_prompt(chat_template: str, question: str) -> str:
             errors.append(f"{type(err).__name__}: {err}")
             continue
         if text.count(IMAGE_PLACEHOLDER) == 1 and question in text:
+            _refuse_role_markers(text, question)
             return text
         errors.append(f"rendered {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER!r} in {text!r}")
     raise PromptError("the chat template does not render one image and the question: " + "; ".join(errors))
