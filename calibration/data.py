@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from exporter.wrappers import PREFILL, STEP, VISION
+from ficoco.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,8 @@ class CalibrationSet:
             d = root / graph
             d.mkdir(parents=True, exist_ok=True)
             for i, f in enumerate(feeds):
-                tmp = d / f".{i:04d}.tmp.npz"
-                np.savez(tmp, **f)
-                os.replace(tmp, d / f"{i:04d}.npz")
+                with atomic_path(d / f"{i:04d}.npz") as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, **f)
         return root
 
     @classmethod

@@ -34,7 +34,6 @@ go to ``BUNDLE/reports/`` (``--report-dir``), each written atomically.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -44,9 +43,8 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +52,7 @@ from typing import Any
 import click
 
 from engines.cli import CONTEXT, _guarded, _setup_logging
+from ficoco.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -942,7 +941,7 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
         ax_a.legend(fontsize=7)
     fig.suptitle(f"ficoco-bench {Path(report['bundle']).name} ({report['machine']['threads']} threads, onnxruntime CPU)", fontsize=10)
     fig.tight_layout()
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
@@ -952,23 +951,8 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temp file beside `path`, renamed onto it when the block succeeds (removed when it fails)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_text(path: Path, text: str) -> None:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 

@@ -283,10 +283,9 @@ def _read_cache(path: Path | None) -> bytes:
 
 
 def _write_cache(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from ficoco.atomic import write_atomic
+
+    write_atomic(path, data)
 
 
 def _build_one(

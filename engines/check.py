@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -53,6 +52,7 @@ from torch import Tensor
 from engines.cli import CONTEXT, _guarded, _setup_logging
 from engines.selection import SelectionCheck
 from exporter.wrappers import EMBED, PREFILL, STEP, VISION
+from ficoco.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -838,25 +838,12 @@ class CheckReport:
         return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(report: CheckReport, report_dir: Path) -> tuple[Path, Path]:
     """check.json and check.md in `report_dir`, each written to a temp file and renamed into place."""
     d = Path(report_dir)
     j, m = d / REPORT_JSON, d / REPORT_MD
-    _atomic_write(j, json.dumps(_json_safe(report.to_dict()), indent=2) + "\n")
-    _atomic_write(m, report.to_markdown())
+    write_atomic(j, json.dumps(_json_safe(report.to_dict()), indent=2) + "\n")
+    write_atomic(m, report.to_markdown())
     return j, m
 
 

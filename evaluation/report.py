@@ -5,27 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from evaluation.grid import EvalResult
 from ficoco import vqa
+from ficoco.atomic import write_atomic
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _pct(x: float | None) -> str:
@@ -125,8 +113,8 @@ def write(results: Sequence[EvalResult], meta: dict[str, Any], out_dir: Path) ->
     out_dir = Path(out_dir)
     data = {"meta": meta, "results": [r.to_dict() for r in results]}
     paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md", "png": out_dir / "eval.png"}
-    _atomic_write(paths["json"], (json.dumps(data, indent=1) + "\n").encode())
-    _atomic_write(paths["md"], to_markdown(results, meta).encode())
+    write_atomic(paths["json"], (json.dumps(data, indent=1) + "\n").encode())
+    write_atomic(paths["md"], to_markdown(results, meta).encode())
     if not plot(results, paths["png"]):
         paths.pop("png")
     return paths

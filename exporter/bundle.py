@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ficoco.atomic import write_atomic
+
 log = logging.getLogger(__name__)
 
 #: 2: the manifest carries its own digest ("integrity"); bundles of version 1 are refused (re-export).
@@ -57,9 +59,8 @@ def hash_files(root: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, str
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """`data` as indented JSON, written atomically (`ficoco.atomic`)."""
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 INTEGRITY = "integrity"

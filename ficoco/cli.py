@@ -6,9 +6,7 @@ configs shipped in ficoco/configs/). Errors the user can fix exit with status 2 
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -28,23 +26,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def write_json_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write `text` and a newline to `path` atomically (`ficoco.atomic`)."""
+    from ficoco.atomic import write_atomic
+
+    write_atomic(path, text + "\n")
 
 
 @click.command(

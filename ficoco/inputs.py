@@ -8,7 +8,6 @@ expanded form transformers' own `LlavaForConditionalGeneration` wants, for refer
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 from typing import Any
 
