@@ -941,7 +941,7 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
         ax_a.legend(fontsize=7)
     fig.suptitle(f"ficoco-bench {Path(report['bundle']).name} ({report['machine']['threads']} threads, onnxruntime CPU)", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, make_parents=True) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
@@ -952,7 +952,7 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, make_parents=True) as tmp:
         tmp.write_text(text)
 
 

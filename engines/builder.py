@@ -285,7 +285,7 @@ def _read_cache(path: Path | None) -> bytes:
 def _write_cache(path: Path, data: bytes) -> None:
     from ficoco.atomic import write_atomic
 
-    write_atomic(path, data)
+    write_atomic(path, data, make_parents=True)
 
 
 def _build_one(

@@ -842,8 +842,8 @@ def write_report(report: CheckReport, report_dir: Path) -> tuple[Path, Path]:
     """check.json and check.md in `report_dir`, each written to a temp file and renamed into place."""
     d = Path(report_dir)
     j, m = d / REPORT_JSON, d / REPORT_MD
-    write_atomic(j, json.dumps(_json_safe(report.to_dict()), indent=2) + "\n")
-    write_atomic(m, report.to_markdown())
+    write_atomic(j, json.dumps(_json_safe(report.to_dict()), indent=2) + "\n", make_parents=True)
+    write_atomic(m, report.to_markdown(), make_parents=True)
     return j, m
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from evaluation.grid import EvalResult
 from ficoco import vqa
-from ficoco.atomic import write_atomic
+from ficoco.atomic import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +100,9 @@ def plot(results: Sequence[EvalResult], path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, make_parents=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -113,8 +110,8 @@ def write(results: Sequence[EvalResult], meta: dict[str, Any], out_dir: Path) ->
     out_dir = Path(out_dir)
     data = {"meta": meta, "results": [r.to_dict() for r in results]}
     paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md", "png": out_dir / "eval.png"}
-    write_atomic(paths["json"], (json.dumps(data, indent=1) + "\n").encode())
-    write_atomic(paths["md"], to_markdown(results, meta).encode())
+    write_atomic(paths["json"], (json.dumps(data, indent=1) + "\n").encode(), make_parents=True)
+    write_atomic(paths["md"], to_markdown(results, meta).encode(), make_parents=True)
     if not plot(results, paths["png"]):
         paths.pop("png")
     return paths

@@ -15,12 +15,13 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], make_parents: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write to; on success it is synced and renamed onto `path`
-    (mode 0644), on any error removed. Creates the parent directory."""
+    (mode 0644), on any error removed. A missing parent directory is an error unless `make_parents`."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(name)
@@ -34,9 +35,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
+def write_atomic(path: str | os.PathLike[str], data: str | bytes, make_parents: bool = False) -> None:
     """Write `data` (text as UTF-8, or bytes) to `path` atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, make_parents) as tmp:
         if isinstance(data, str):
             tmp.write_text(data, encoding="utf-8")
         else:
