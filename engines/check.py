@@ -31,12 +31,10 @@ part of the bundle's hashes).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -858,14 +856,15 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
+#: The packages a check report records: the export stack and the backends.
+CHECK_PACKAGES = ("ficoco-export", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "polygraphy", "tensorrt")
+
+
 def tool_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("ficoco-export", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "polygraphy", "tensorrt"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
+    """The versions of CHECK_PACKAGES that are installed (`exporter.pipeline.tool_versions`)."""
+    from exporter.pipeline import tool_versions as versions
+
+    return {k: v for k, v in versions(CHECK_PACKAGES).items() if v != "not installed"}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -95,9 +95,14 @@ def check_context(config: Any, opts: ExportOptions) -> None:
         )
 
 
-def tool_versions() -> dict[str, str]:
+#: The packages whose versions a manifest records (the export stack).
+EXPORT_PACKAGES = ("ficoco-export", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")
+
+
+def tool_versions(packages: tuple[str, ...] = EXPORT_PACKAGES) -> dict[str, str]:
+    """Python's and each installed package's version ("not installed" for a missing one)."""
     out = {"python": platform.python_version()}
-    for pkg in ("ficoco-export", "torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
+    for pkg in packages:
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:

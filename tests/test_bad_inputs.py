@@ -328,3 +328,38 @@ def test_a_colon_in_a_question_is_fine() -> None:
     from ficoco.models import load_model
 
     assert "ratio 3:4?" in format_prompt(load_model("shapes").chat_template, "is the ratio 3:4?")
+
+
+# ------------------------------------------------------------------------------------------------------
+# a clean install: `pip install .` without the dev extra runs the main job
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fresh_venv_without_dev_extra_exports_and_runs(tmp_path: Path) -> None:
+    """`make test-all` only: a new venv, torch pinned as the Makefile does, then the checkout with no extra."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    py = venv / "bin" / "python"
+
+    def sh(*args: str | Path, cwd: Path | None = None) -> str:
+        res = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=1800)
+        assert res.returncode == 0, f"{args}: {res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+        return res.stdout + res.stderr
+
+    sh(sys.executable, "-m", "venv", venv)
+    sh(py, "-m", "pip", "install", "-q", "torch==2.13.0")
+    sh(py, "-m", "pip", "install", "-q", f"{root}", "torch==2.13.0")
+    bundle = tmp_path / "tiny-vl25"
+    out = sh(venv / "bin" / "ficoco-export", "--model", "tiny", "--variant", "VL", "--ratio", "0.25", "--l-end", "11",
+             "--max-text-len", "128", "--max-new-tokens", "16", "-o", bundle, cwd=tmp_path)
+    assert "bundle written" in out and "greedy tokens identical" in out
+    photo = tmp_path / "photo.png"
+    sh(py, "-c", f"from ficoco.images import test_image; test_image('astronaut').save({str(photo)!r})", cwd=tmp_path)
+    answer = sh(venv / "bin" / "ficoco-run", bundle, "--image", photo, "--prompt", "What is in the picture?",
+                "--max-new-tokens", "4", cwd=tmp_path)
+    assert answer.strip()
+    assert "0.1.0" in sh(venv / "bin" / "ficoco-run", "--version")
