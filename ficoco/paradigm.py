@@ -133,8 +133,9 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 
 
 def adaptive_k(n: int, epsilon: float) -> int:
-    """K = ceil((1 - eps)(n - 1)), exact (eps read as the decimal it is written as)."""
-    return math.ceil((1 - Fraction(str(epsilon))) * (n - 1))
+    """K = ceil((1 − ε)(n − 1)), the targets per source; exact: ε is read as the decimal it prints as
+    (0.998 -> 499/500). 577 -> 2, 502 -> 2, 501 -> 1 (the paper's K for LLaVA-1.5's spans). Never negative."""
+    return max(0, math.ceil((1 - Fraction(str(epsilon))) * (n - 1)))
 
 
 def quantile_from_top(top_desc: Tensor, n: int, epsilon: float) -> Tensor:

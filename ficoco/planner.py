@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from ficoco.flops import flops_report
 from ficoco.geometry import LlavaGeometry
+from ficoco.paradigm import adaptive_k
 from ficoco.params import (
     METHOD_STAGES,
     PRESETS,
@@ -65,15 +65,6 @@ def even_split(total: int, blocks: int) -> list[int]:
     return [base + 1 if i < rem else base for i in range(blocks)]
 
 
-def ficoco_k(n: int, epsilon: float) -> int:
-    """K = ceil((1 − ε)(n − 1)), exact: ε is read as the decimal it prints as (0.998 -> 499/500).
-
-    577 -> 2, 502 -> 2, 501 -> 1 (FICOCO_SPEC.md §7.1).
-    """
-    eps = Fraction(str(epsilon))
-    return max(0, math.ceil((1 - eps) * (n - 1)))
-
-
 def _tokens(n: int) -> str:
     return f"{n} token{'s' if n != 1 else ''}"
 
@@ -95,7 +86,7 @@ class _StageRequest:
 
 def _step_k(method: str, n: int, epsilon: float) -> int:
     if method == "ficoco":
-        return ficoco_k(n, epsilon)
+        return adaptive_k(n, epsilon)
     if method in ("tome", "evit", "pool"):
         return 1
     return 0  # fastv, random: pure pruning

@@ -10,7 +10,8 @@ import pytest
 from transformers import LlavaConfig
 
 from ficoco.geometry import LlavaGeometry
-from ficoco.planner import PlanError, even_split, ficoco_k, format_table, plan
+from ficoco.paradigm import adaptive_k
+from ficoco.planner import PlanError, even_split, format_table, plan
 from ficoco.schedule import Schedule
 
 
@@ -27,8 +28,8 @@ def test_even_split() -> None:
 
 
 @pytest.mark.parametrize("n, k", [(577, 2), (550, 2), (502, 2), (501, 1), (497, 1), (2, 1), (1, 0)])
-def test_ficoco_k_exact(n: int, k: int) -> None:
-    assert ficoco_k(n, 0.998) == k
+def test_adaptive_k_exact(n: int, k: int) -> None:
+    assert adaptive_k(n, 0.998) == k
 
 
 # ------------------------------------------------------------------------------- ratio 0.25 schedules
