@@ -59,7 +59,8 @@ def _lint_only(bundle: Path, target: str, console: Console) -> None:
 @click.option("--method", type=click.Choice(["ficoco", "tome", "evit", "random", "pool", "fastv"]), default="ficoco", show_default=True, help="Reduction method (tome/evit and the baselines random/pool: vision only, variant V; fastv: decoder only).")
 @click.option("--ratio", type=float, help="Fraction of the 576 visual tokens KEPT at the end of reduction, in (0, 1]; 0.25 -> 144 tokens.")
 @click.option("--keep-tokens", type=int, help="Visual tokens kept at the end of reduction (instead of --ratio).")
-@click.option("--target-tflops", type=float, help="Pick the largest budget whose decoder prefill costs at most this many TFLOPs (at --text-tokens 60).")
+@click.option("--target-tflops", type=float, help="Pick the largest budget whose decoder prefill costs at most this many TFLOPs (at --text-tokens).")
+@click.option("--text-tokens", type=click.IntRange(min=0), default=60, show_default=True, help="Prompt length in text tokens at which the recorded TFLOPs (and a --target-tflops budget) are computed.")
 @click.option("--preset", type=click.Choice(["paper", "official"]), default="paper", show_default=True, help="FiCoCo equations of the paper (v4) or the official code's design choices.")
 @click.option("--positions", type=click.Choice(["compact", "original"]), default="compact", show_default=True, help="Decoder RoPE positions after FiCoCo-L: renumbered per layer, or original positions kept.")
 @click.option("--v-start", type=int, help="First CLIP block (0-based) with a reduction step [default: 12].")
@@ -82,7 +83,7 @@ def _lint_only(bundle: Path, target: str, console: Console) -> None:
 @click.option("--optimize/--no-optimize", default=False, show_default=True, help="Run the onnxscript optimizer (constant folding, dead-code removal) on each graph. Off by default: it takes minutes on a 32-layer prefill graph and TensorRT folds constants at build time anyway.")
 @click.option("--graph-only", is_flag=True, help="Export graphs of the real geometry without weights (meta device): lint and FLOPs without the checkpoint.")
 @click.option("--lint-only", "lint_bundle", type=click.Path(path_type=Path), help="Only lint the graphs of an existing BUNDLE and exit.")
-@click.option("--trt-target", type=click.Choice(["trt10", "trt11"]), default="trt10", show_default=True, help="TensorRT version the lint checks against.")
+@click.option("--trt-target", type=click.Choice(["trt10", "trt11"]), default="trt10", show_default=True, help="TensorRT version the lint checks against (at export and with --lint-only).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
 def main(**kw: object) -> None:
     """Export a LLaVA model with visual-token reduction baked into ONNX graphs (vision encoder, token
@@ -134,6 +135,7 @@ def _export(kw: dict[str, object], console: Console) -> None:
         preset=str(kw["preset"]),
         positions=str(kw["positions"]),
         layers={k: kw[k] for k in ("v_start", "v_end", "l_start", "l_end", "vl_split")},  # type: ignore[misc]
+        text_tokens=int(kw["text_tokens"]),  # type: ignore[arg-type]
     )
     opts = ExportOptions(
         opset=int(kw["opset"]),  # type: ignore[arg-type]
@@ -175,13 +177,15 @@ def _export(kw: dict[str, object], console: Console) -> None:
                 else:
                     bar.update(tasks[stage], completed=1)
 
-            path = export_bundle(model, request, out, opts, validation, force=bool(kw["force"]), lint=not kw["no_lint"], progress=progress)
+            path = export_bundle(model, request, out, opts, validation, force=bool(kw["force"]), lint=not kw["no_lint"],
+                                 lint_target=str(kw["trt_target"]), progress=progress)
     else:
 
         def progress(stage: str, event: str) -> None:
             console.print(f"[{time.perf_counter() - t0:7.1f}s] {labels.get(stage, stage)}: {event}", highlight=False)
 
-        path = export_bundle(model, request, out, opts, validation, force=bool(kw["force"]), lint=not kw["no_lint"], progress=progress)
+        path = export_bundle(model, request, out, opts, validation, force=bool(kw["force"]), lint=not kw["no_lint"],
+                                 lint_target=str(kw["trt_target"]), progress=progress)
     manifest = load_manifest(path, verify=False)
     vt = manifest["visual_tokens"]
     fl = manifest["flops_tflops"]

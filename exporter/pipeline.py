@@ -8,7 +8,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class PlanRequest:
     preset: str = "paper"
     positions: str = "compact"
     layers: dict[str, int | None] = field(default_factory=dict)  # v_start, v_end, l_start, l_end, vl_split
+    text_tokens: int = 60  # prompt length the FLOPs (and a target_tflops budget) are computed at
 
     def make(self, geometry: LlavaGeometry) -> Schedule:
         return plan(
@@ -56,6 +57,7 @@ class PlanRequest:
             target_tflops=self.target_tflops,
             preset=self.preset,
             positions=self.positions,
+            text_tokens=self.text_tokens,
             **{k: v for k, v in self.layers.items() if v is not None},
         )
 
@@ -144,6 +146,7 @@ def export_bundle(
     *,
     force: bool = False,
     lint: bool = True,
+    lint_target: str = "trt10",
     progress: Progress | None = None,
 ) -> Path:
     """Export `model` reduced per `request` into the bundle directory `out`; returns its path.
@@ -191,8 +194,8 @@ def export_bundle(
             from exporter.lint import format_findings, has_errors, lint_files
 
             runtime = {stage: [i["name"] for i in g["inputs"]] for stage, g in graphs.items()}
-            findings = lint_files(sorted(onnx_dir.glob("*.onnx")), runtime_inputs=runtime)
-            lint_report = {"ran": True, "target": "trt10", "findings": [f.__dict__ for f in findings]}
+            findings = lint_files(sorted(onnx_dir.glob("*.onnx")), target=lint_target, runtime_inputs=runtime)
+            lint_report = {"ran": True, "target": lint_target, "findings": [f.__dict__ for f in findings]}
             if has_errors(findings):
                 raise LintFailed("TensorRT lint failed:\n" + format_findings(findings))
             notify("lint", "done")
@@ -218,6 +221,7 @@ def export_bundle(
             "method": schedule.method,
             "preset": schedule.preset,
             "positions": schedule.positions,
+            "plan_request": asdict(request),  # what was asked for; `schedule` is what the planner made of it
             "schedule": schedule.to_dict(),
             "flops_tflops": schedule.flops,
             "visual_tokens": {"to_decoder": schedule.visual_tokens_to_decoder, "final": schedule.visual_tokens_final},
