@@ -191,9 +191,12 @@ def sibling_request(manifest: dict[str, Any], variant: str, ratio: float, overri
     """
     from exporter.pipeline import PlanRequest
 
+    asked = manifest.get("plan_request") or {}  # recorded since manifest schema 2
+    text_tokens = int(asked.get("text_tokens", 60))
     if ratio >= 1.0:
         return PlanRequest(variant="none", method=manifest.get("method", "ficoco"), ratio=None,
-                           preset=manifest.get("preset", "paper"), positions=manifest.get("positions", "compact"))
+                           preset=manifest.get("preset", "paper"), positions=manifest.get("positions", "compact"),
+                           text_tokens=text_tokens)
     ranges = {**layer_ranges(manifest.get("schedule") or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
     keep = {"V": ("v_start", "v_end"), "L": ("l_start", "l_end"), "VL": ("v_start", "v_end", "l_start", "l_end")}[variant]
     return PlanRequest(
@@ -203,6 +206,7 @@ def sibling_request(manifest: dict[str, Any], variant: str, ratio: float, overri
         preset=manifest.get("preset", "paper"),
         positions=manifest.get("positions", "compact"),
         layers={k: ranges[k] for k in keep if k in ranges},
+        text_tokens=text_tokens,
     )
 
 
