@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -25,7 +26,7 @@ def _fail(console: Console, message: str, code: int) -> None:
 
 
 def _default_output(model: str, variant: str, method: str, ratio: float | None, keep: int | None, tflops: float | None) -> Path:
-    budget = f"r{ratio:g}" if ratio is not None else f"k{keep}" if keep is not None else f"t{tflops:g}" if tflops is not None else "full"
+    budget = f"r{ratio:g}" if ratio is not None else f"k{keep}" if keep is not None else f"t{tflops:g}" if tflops is not None else "planned"
     return Path("out") / f"{Path(model).name}-{variant}-{method}-{budget}"
 
 
@@ -60,6 +61,7 @@ def _lint_only(bundle: Path, target: str, console: Console) -> None:
 @click.option("--ratio", type=float, help="Fraction of the 576 visual tokens KEPT at the end of reduction, in (0, 1]; 0.25 -> 144 tokens.")
 @click.option("--keep-tokens", type=int, help="Visual tokens kept at the end of reduction (instead of --ratio).")
 @click.option("--target-tflops", type=float, help="Pick the largest budget whose decoder prefill costs at most this many TFLOPs (at --text-tokens).")
+@click.option("--schedule", "schedule_file", type=click.Path(path_type=Path), help="Use a schedule written by `ficoco-plan -o FILE` instead of planning here (then no budget or layer option may be given).")
 @click.option("--text-tokens", type=click.IntRange(min=0), default=60, show_default=True, help="Prompt length in text tokens at which the recorded TFLOPs (and a --target-tflops budget) are computed.")
 @click.option("--preset", type=click.Choice(["paper", "official"]), default="paper", show_default=True, help="FiCoCo equations of the paper (v4) or the official code's design choices.")
 @click.option("--positions", type=click.Choice(["compact", "original"]), default="compact", show_default=True, help="Decoder RoPE positions after FiCoCo-L: renumbered per layer, or original positions kept.")
@@ -122,10 +124,31 @@ def _exit_code(e: Exception) -> int:
     return 1
 
 
+def _read_schedule(path: Path) -> dict[str, Any]:
+    """The JSON object of a `ficoco-plan -o` file; ValueError (exit 2) naming the file otherwise."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--schedule {path}: cannot read it as JSON ({err}); write it with `ficoco-plan -o {path}`") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"--schedule {path}: holds a JSON {type(data).__name__}, not a schedule; write it with ficoco-plan -o")
+    return data
+
+
 def _export(kw: dict[str, object], console: Console) -> None:
     from exporter.pipeline import PlanRequest, ValidationOptions, export_bundle
 
     variant = {"none": "none", "v": "V", "l": "L", "vl": "VL"}[str(kw["variant"]).lower()]
+    schedule = None
+    if kw["schedule_file"] is not None:
+        planning = [f"--{k.replace('_', '-')}" for k in ("ratio", "keep_tokens", "target_tflops", "v_start", "v_end",
+                                                         "l_start", "l_end", "vl_split") if kw[k] is not None]
+        if planning:
+            raise ValueError(f"--schedule is a complete plan; drop {', '.join(planning)}")
+        schedule = _read_schedule(Path(str(kw["schedule_file"])))
+        variant = str(schedule.get("variant", variant))
     request = PlanRequest(
         variant=variant,
         method=str(kw["method"]),
@@ -136,7 +159,13 @@ def _export(kw: dict[str, object], console: Console) -> None:
         positions=str(kw["positions"]),
         layers={k: kw[k] for k in ("v_start", "v_end", "l_start", "l_end", "vl_split")},  # type: ignore[misc]
         text_tokens=int(kw["text_tokens"]),  # type: ignore[arg-type]
+        schedule=schedule,
     )
+    if schedule is not None:
+        request = PlanRequest(variant=variant, method=str(schedule.get("method", request.method)),
+                              preset=str(schedule.get("preset", request.preset)),
+                              positions=str(schedule.get("positions", request.positions)),
+                              text_tokens=request.text_tokens, schedule=schedule)
     opts = ExportOptions(
         opset=int(kw["opset"]),  # type: ignore[arg-type]
         precision=str(kw["precision"]),  # type: ignore[arg-type]

@@ -46,8 +46,15 @@ class PlanRequest:
     positions: str = "compact"
     layers: dict[str, int | None] = field(default_factory=dict)  # v_start, v_end, l_start, l_end, vl_split
     text_tokens: int = 60  # prompt length the FLOPs (and a target_tflops budget) are computed at
+    #: a schedule planned before (what `ficoco-plan -o` writes, as a dict): used as it is instead of planning
+    schedule: dict[str, Any] | None = None
 
     def make(self, geometry: LlavaGeometry) -> Schedule:
+        if self.schedule is not None:
+            try:
+                return Schedule.from_dict(self.schedule)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"the schedule file is not a schedule written by ficoco-plan -o ({err}); re-plan it") from err
         return plan(
             geometry,
             self.variant,

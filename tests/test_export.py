@@ -291,3 +291,28 @@ def test_interrupted_export_leaves_no_bundle(tmp_path: Path, sig: signal.Signals
 def test_manifest_is_json_with_tool_versions(vl_bundle: Path) -> None:
     m = json.loads((vl_bundle / "manifest.json").read_text())
     assert m["schema_version"] == 1 and "onnxruntime" in m["tool_versions"] and m["precision"] == "fp32"
+
+
+def test_export_uses_a_schedule_written_by_ficoco_plan(tmp_path: Path) -> None:
+    """`ficoco-plan -o FILE` then `ficoco-export --schedule FILE`: the bundle carries exactly that schedule."""
+    from click.testing import CliRunner
+
+    from exporter.cli import main as export_main
+    from ficoco.cli import plan_main
+
+    sched = tmp_path / "plan.json"
+    res = CliRunner().invoke(plan_main, ["--model", "shapes", "--variant", "VL", "--ratio", "0.25", "--l-end", "3", "-o", str(sched)])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "b"
+    res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(sched), "--graph-only", "--no-lint", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(out, verify=False)
+    assert m["schedule"] == json.loads(sched.read_text()) and m["plan_request"]["schedule"] == m["schedule"]
+    # a complete plan takes no budget; a plan for another model does not fit
+    res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(sched), "--ratio", "0.5", "-o", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "drop --ratio" in res.output
+    other = tmp_path / "tiny.json"
+    assert CliRunner().invoke(plan_main, ["--model", "tiny", "--variant", "VL", "--ratio", "0.25", "-o", str(other)]).exit_code == 0
+    res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(other), "--graph-only", "-o", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "decoder stage has" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "plan.json", "tiny.json"]
