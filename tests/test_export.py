@@ -290,29 +290,52 @@ def test_interrupted_export_leaves_no_bundle(tmp_path: Path, sig: signal.Signals
 
 def test_manifest_is_json_with_tool_versions(vl_bundle: Path) -> None:
     m = json.loads((vl_bundle / "manifest.json").read_text())
-    assert m["schema_version"] == 1 and "onnxruntime" in m["tool_versions"] and m["precision"] == "fp32"
+    assert m["schema_version"] == 2 and "onnxruntime" in m["tool_versions"] and m["precision"] == "fp32"
+    assert len(m["integrity"]["sha256"]) == 64 and m["plan_request"]["variant"] == m["variant"]
 
 
-def test_export_uses_a_schedule_written_by_ficoco_plan(tmp_path: Path) -> None:
-    """`ficoco-plan -o FILE` then `ficoco-export --schedule FILE`: the bundle carries exactly that schedule."""
+def _plan_file(tmp_path: Path, model: str, name: str) -> Path:
+    from click.testing import CliRunner
+
+    from ficoco.cli import plan_main
+
+    path = tmp_path / name
+    res = CliRunner().invoke(plan_main, ["--model", model, "--variant", "VL", "--ratio", "0.25", "--l-end", "3", "-o", str(path)])
+    assert res.exit_code == 0, res.output
+    return path
+
+
+def test_a_schedule_from_ficoco_plan_is_used_as_it_is(tmp_path: Path) -> None:
+    """`ficoco-plan -o FILE` then `ficoco-export --schedule FILE`: that schedule, refused when it cannot apply."""
     from click.testing import CliRunner
 
     from exporter.cli import main as export_main
-    from ficoco.cli import plan_main
+    from exporter.pipeline import PlanRequest
+    from ficoco.geometry import LlavaGeometry
+    from ficoco.models import load_config
 
-    sched = tmp_path / "plan.json"
-    res = CliRunner().invoke(plan_main, ["--model", "shapes", "--variant", "VL", "--ratio", "0.25", "--l-end", "3", "-o", str(sched)])
-    assert res.exit_code == 0, res.output
+    sched = _plan_file(tmp_path, "shapes", "plan.json")
+    data = json.loads(sched.read_text())
+    made = PlanRequest(schedule=data).make(LlavaGeometry.from_config(load_config("shapes")))
+    assert json.loads(json.dumps(made.to_dict())) == data
+    # a complete plan takes no budget; a plan for another model does not fit
+    res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(sched), "--ratio", "0.5", "-o", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "drop --ratio" in res.output
+    other = _plan_file(tmp_path, "tiny", "tiny.json")
+    res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(other), "--graph-only", "-o", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "decoder stage has" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "tiny.json"]
+
+
+@pytest.mark.slow
+def test_export_uses_a_schedule_written_by_ficoco_plan(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from exporter.cli import main as export_main
+
+    sched = _plan_file(tmp_path, "shapes", "plan.json")
     out = tmp_path / "b"
     res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(sched), "--graph-only", "--no-lint", "-o", str(out)])
     assert res.exit_code == 0, res.output
     m = load_manifest(out, verify=False)
     assert m["schedule"] == json.loads(sched.read_text()) and m["plan_request"]["schedule"] == m["schedule"]
-    # a complete plan takes no budget; a plan for another model does not fit
-    res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(sched), "--ratio", "0.5", "-o", str(tmp_path / "c")])
-    assert res.exit_code == 2 and "drop --ratio" in res.output
-    other = tmp_path / "tiny.json"
-    assert CliRunner().invoke(plan_main, ["--model", "tiny", "--variant", "VL", "--ratio", "0.25", "-o", str(other)]).exit_code == 0
-    res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(other), "--graph-only", "-o", str(tmp_path / "d")])
-    assert res.exit_code == 2 and "decoder stage has" in res.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "plan.json", "tiny.json"]
