@@ -294,13 +294,13 @@ def test_manifest_is_json_with_tool_versions(vl_bundle: Path) -> None:
     assert len(m["integrity"]["sha256"]) == 64 and m["plan_request"]["variant"] == m["variant"]
 
 
-def _plan_file(tmp_path: Path, model: str, name: str) -> Path:
+def _plan_file(tmp_path: Path, model: str, name: str, *extra: str) -> Path:
     from click.testing import CliRunner
 
     from ficoco.cli import plan_main
 
     path = tmp_path / name
-    res = CliRunner().invoke(plan_main, ["--model", model, "--variant", "VL", "--ratio", "0.25", "--l-end", "3", "-o", str(path)])
+    res = CliRunner().invoke(plan_main, ["--model", model, "--variant", "VL", "--ratio", "0.25", *extra, "-o", str(path)])
     assert res.exit_code == 0, res.output
     return path
 
@@ -314,7 +314,7 @@ def test_a_schedule_from_ficoco_plan_is_used_as_it_is(tmp_path: Path) -> None:
     from ficoco.geometry import LlavaGeometry
     from ficoco.models import load_config
 
-    sched = _plan_file(tmp_path, "shapes", "plan.json")
+    sched = _plan_file(tmp_path, "shapes", "plan.json", "--l-end", "3")
     data = json.loads(sched.read_text())
     made = PlanRequest(schedule=data).make(LlavaGeometry.from_config(load_config("shapes")))
     assert json.loads(json.dumps(made.to_dict())) == data
@@ -333,7 +333,7 @@ def test_export_uses_a_schedule_written_by_ficoco_plan(tmp_path: Path) -> None:
 
     from exporter.cli import main as export_main
 
-    sched = _plan_file(tmp_path, "shapes", "plan.json")
+    sched = _plan_file(tmp_path, "shapes", "plan.json", "--l-end", "3")
     out = tmp_path / "b"
     res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(sched), "--graph-only", "--no-lint", "-o", str(out)])
     assert res.exit_code == 0, res.output
