@@ -69,20 +69,23 @@ eval: $(STAMP)
 	$(BIN)/ficoco-eval $(EVAL_ARGS) -o reports
 
 # The shapes model's bundles judged on the task: fp32 (FiCoCo-VL 0.25, ONNX Runtime) on the whole test splits,
-# then its fp16 export and its INT8-vision / INT4-weight-decoder copy (calibrated on easy-vqa *train* images)
-# on the first EVAL_QUANT_IMAGES images of each split; ficoco-check on each (16 easy-vqa train images, one
+# then its fp16 export and its INT8-vision + INT4-weight-decoder copy, and each quantization alone (calibrated
+# on easy-vqa *train* images), on the first EVAL_QUANT_IMAGES images of each split; ficoco-check on each (16 easy-vqa train images, one
 # question each) for the stage errors and the selection flips per reduction step. Bundles and the calibration set are reused when present. -> reports/bundles/
 SHAPES_BUNDLE := out/shapes-vl25
-EVAL_QUANT_IMAGES ?= 100
+EVAL_QUANT_IMAGES ?= 60
 eval-bundles: $(STAMP)
 	@set -e; b=$(SHAPES_BUNDLE); \
 	test -f $$b/manifest.json || $(BIN)/ficoco-export --model shapes --variant VL --ratio 0.25 -o $$b; \
 	test -f $$b-fp16/manifest.json || $(BIN)/ficoco-export --model shapes --variant VL --ratio 0.25 --precision fp16 --no-validate -o $$b-fp16; \
 	test -d out/calib-easy-vqa || $(BIN)/python -m evaluation.calib out/calib-easy-vqa --images 16; \
-	test -f $$b-w4a8/manifest.json || $(BIN)/ficoco-quantize $$b -o $$b-w4a8 --vision int8 --decoder int4-weight \
-	  --calib-images out/calib-easy-vqa/images --calib-prompts out/calib-easy-vqa/prompts.txt --calib-size 16; \
+	calib="--calib-images out/calib-easy-vqa/images --calib-prompts out/calib-easy-vqa/prompts.txt --calib-size 16"; \
+	test -f $$b-w4a8/manifest.json || $(BIN)/ficoco-quantize $$b -o $$b-w4a8 --vision int8 --decoder int4-weight $$calib; \
+	test -f $$b-int8v/manifest.json || $(BIN)/ficoco-quantize $$b -o $$b-int8v --vision int8 --decoder none $$calib; \
+	test -f $$b-int4d/manifest.json || $(BIN)/ficoco-quantize $$b -o $$b-int4d --vision none --decoder int4-weight $$calib; \
 	$(BIN)/ficoco-eval --bundle $$b -o reports/bundles/fp32-full; \
 	$(BIN)/ficoco-eval --bundle $$b --bundle $$b-fp16 --bundle $$b-w4a8 --limit $(EVAL_QUANT_IMAGES) -o reports/bundles; \
+	$(BIN)/ficoco-eval --bundle $$b --bundle $$b-int8v --bundle $$b-int4d --limit $(EVAL_QUANT_IMAGES) -o reports/bundles/separate; \
 	printf 'what shape is in the image?\n' > out/calib-easy-vqa/one-question.txt; \
 	fail=0; for k in "" -fp16 -w4a8; do \
 	  $(BIN)/ficoco-check $$b$$k --images out/calib-easy-vqa/images --prompts out/calib-easy-vqa/one-question.txt \
