@@ -57,6 +57,24 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
+#: The way to onnxruntime-gpu: the two wheels install the same `onnxruntime` module and overwrite each other.
+GPU_SWAP = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+
+
+def installed_ort_distributions() -> list[str]:
+    """Which of the ONNX Runtime wheels are installed (both at once is a broken install)."""
+    import importlib.metadata
+
+    out = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.version(dist)
+            out.append(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
 def resolve_providers(choice: str = "auto", cache_dir: Path | None = None) -> list[str | tuple[str, dict[str, Any]]]:
     """Execution providers for `choice` (auto | cpu | cuda | tensorrt), most preferred first, CPU last.
 
@@ -65,6 +83,9 @@ def resolve_providers(choice: str = "auto", cache_dir: Path | None = None) -> li
     in `ort.get_available_providers()`.
     """
     available = ort.get_available_providers()
+    if len(installed_ort_distributions()) > 1:
+        log.warning("onnxruntime and onnxruntime-gpu are both installed and overwrite each other's files; "
+                    "keep one: %s", GPU_SWAP)
     if choice == "auto":
         choice = "cuda" if "CUDAExecutionProvider" in available else "cpu"
     if choice not in PROVIDER_ALIASES:
@@ -73,7 +94,8 @@ def resolve_providers(choice: str = "auto", cache_dir: Path | None = None) -> li
     if name not in available:
         raise BackendUnavailable(
             f"onnxruntime {ort.__version__} has no {name} (available: {', '.join(available)}); "
-            "install onnxruntime-gpu (pip install 'ficoco-export[gpu]') for the CUDA and TensorRT providers"
+            "for the CUDA and TensorRT providers replace onnxruntime by onnxruntime-gpu: "
+            + GPU_SWAP
         )
     providers: list[str | tuple[str, dict[str, Any]]] = []
     if name == "TensorrtExecutionProvider":

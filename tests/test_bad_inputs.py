@@ -363,3 +363,16 @@ def test_fresh_venv_without_dev_extra_exports_and_runs(tmp_path: Path) -> None:
                 "--max-new-tokens", "4", cwd=tmp_path)
     assert answer.strip()
     assert "0.1.0" in sh(venv / "bin" / "ficoco-run", "--version")
+
+
+def test_both_onnxruntime_wheels_installed_is_warned_about(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import engines.ort_backend as ob
+
+    monkeypatch.setattr(ob, "installed_ort_distributions", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    with caplog.at_level("WARNING", logger="engines.ort_backend"):
+        assert ob.resolve_providers("cpu") == ["CPUExecutionProvider"]
+    assert "both installed" in caplog.text and "pip install onnxruntime-gpu" in caplog.text
+    monkeypatch.setattr(ob, "installed_ort_distributions", lambda: ["onnxruntime"])
+    caplog.clear()
+    ob.resolve_providers("cpu")
+    assert "both installed" not in caplog.text
