@@ -19,7 +19,6 @@ graphs, which is what its engines were built from.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +29,6 @@ import torch
 from torch import Tensor
 
 from exporter.probe import SelectionProbe, set_differences
-
-log = logging.getLogger(__name__)
 
 _ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -68,7 +65,7 @@ def _flips(ref: np.ndarray, got: np.ndarray) -> list[tuple[int, np.ndarray, np.n
     return [(c, np.setdiff1d(r, g), np.setdiff1d(g, r)) for c, r, g in zip(counts, ref, got, strict=True)]
 
 
-def _patches(pixel_values: Tensor, grid_side: int) -> Tensor:
+def patch_pixels(pixel_values: Tensor, grid_side: int) -> Tensor:
     """[B, 3, H, W] -> [B, grid_side**2, 3 * p * p]: the pixels of every patch, row-major like CLIP's."""
     b, c, h, _ = pixel_values.shape
     p = h // grid_side
@@ -165,7 +162,7 @@ class SelectionChecker:
             vis = reduced.encode_image(pixel_values)
             pre = reduced.prefill(text_embeds, vis.visual, image_offset)
         g = reduced.geometry.vision
-        patches = _patches(pixel_values.float(), g.grid_side)
+        patches = patch_pixels(pixel_values.float(), g.grid_side)
         b = int(pixel_values.shape[0])
         first = -1 if g.has_cls else 0
         pos0 = np.broadcast_to(np.arange(first, g.num_patches, dtype=np.int64), (b, g.num_patches - first)).copy()

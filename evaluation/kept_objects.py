@@ -11,7 +11,6 @@ patch it kept).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import click
@@ -34,7 +33,9 @@ class KeptObjects:
 
 def object_mask(pixel_values: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
     """[N] bool: patches whose pixels differ anywhere from the top-left pixel (the flat background)."""
-    p = pixel_values[0].reshape(3, grid, patch, grid, patch).permute(1, 3, 0, 2, 4).reshape(grid * grid, -1)
+    from engines.selection import patch_pixels
+
+    p = patch_pixels(pixel_values, grid)[0]
     bg = pixel_values[0, :, 0, 0].repeat_interleave(patch * patch)
     return (p - bg).abs().amax(dim=1) > 1e-3
 
@@ -82,4 +83,4 @@ def main(images: int, ratio: float, model: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -19,7 +19,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ficoco.methods import MethodParams, VisionTokens, decoder_compress, decoder_plan, vision_step
+from ficoco.methods import (
+    VISION_METHODS,
+    MethodParams,
+    VisionTokens,
+    decoder_compress,
+    decoder_plan,
+    vision_step,
+)
 from ficoco.methods.ficoco_v import local_penalty
 from ficoco.paradigm import MergePlan, adaptive_k, select_targets
 from ficoco.schedule import ReductionStep
@@ -116,14 +123,7 @@ def _check_no_kept_mixing(mix: torch.Tensor, plan: MergePlan, b: int) -> torch.T
 # Vision steps
 # ----------------------------------------------------------------------------------------------------
 
-VISION = [
-    ("ficoco", "paper"),
-    ("ficoco", "official"),
-    ("tome", "paper"),
-    ("evit", "paper"),
-    ("random", "paper"),
-    ("pool", "paper"),
-]
+VISION = [("ficoco", "paper"), ("ficoco", "official"), *((m, "paper") for m in VISION_METHODS if m != "ficoco")]
 
 
 @st.composite

@@ -13,7 +13,14 @@ import math
 import pytest
 import torch
 
-from ficoco.methods import MethodParams, VisionTokens, decoder_compress, decoder_plan, vision_step
+from ficoco.methods import (
+    VISION_METHODS,
+    MethodParams,
+    VisionTokens,
+    decoder_compress,
+    decoder_plan,
+    vision_step,
+)
 from ficoco.paradigm import MergePlan, adaptive_k, quantile_from_top
 from ficoco.params import PRESETS
 from ficoco.reference import (
@@ -221,14 +228,7 @@ def step_for(n: int, r: int) -> ReductionStep:
 
 # ToMe, EViT, FastV and the random / pool baselines read no FiCoCo hyperparameter, so only FiCoCo runs
 # under both presets (test_presets_only_change_ficoco checks that premise).
-VISION = [
-    ("ficoco", "paper"),
-    ("ficoco", "official"),
-    ("tome", "paper"),
-    ("evit", "paper"),
-    ("random", "paper"),
-    ("pool", "paper"),
-]
+VISION = [("ficoco", "paper"), ("ficoco", "official"), *((m, "paper") for m in VISION_METHODS if m != "ficoco")]
 # The baselines' scores depend only on the patch positions and never tie (a hash; distinct lattice keys),
 # so the tests built around score ties do not apply to them.
 ATTENTION_VISION = [m for m in VISION if m[0] not in ("random", "pool")]

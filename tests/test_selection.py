@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.selection import _patches, compare_steps
+from engines.selection import compare_steps, patch_pixels
 
 
 def _plan(kept: list[int]) -> SimpleNamespace:
@@ -18,7 +18,7 @@ def _plan(kept: list[int]) -> SimpleNamespace:
 def test_flips_count_what_only_one_side_kept_and_ties_need_identical_pixels() -> None:
     # 4 patches of a 2x2 grid, 1x1 pixels each: patches 0 and 2 are white, 1 and 3 differ
     px = torch.tensor([[[[1.0, 0.2], [1.0, 0.7]]] * 3])  # [1, 3, 2, 2]
-    patches = _patches(px, 2)
+    patches = patch_pixels(px, 2)
     assert patches.shape == (1, 4, 3) and torch.equal(patches[0, 0], patches[0, 2])
     pos = np.array([[-1, 0, 1, 2, 3]])  # [CLS] + 4 patches
     plans = {3: _plan([0, 1, 2, 4]), 5: _plan([0, 1, 2])}
