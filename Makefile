@@ -93,7 +93,7 @@ eval-bundles: $(STAMP)
 	done; exit $$fail
 
 lint: $(STAMP)
-	$(BIN)/ruff check ficoco exporter engines calibration evaluation training tests
+	$(BIN)/ruff check ficoco bundle commands exporter engines calibration evaluation training tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

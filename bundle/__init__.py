@@ -1,0 +1,1 @@
+"""The bundle contract between `ficoco/` and its consumers: layout, names, manifest, sessions, checking core."""

@@ -1,0 +1,1 @@
+"""The command-line layer: one module per console command over the libraries; the libraries carry no click."""
