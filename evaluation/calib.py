@@ -5,7 +5,7 @@ a model trained on easy-vqa those inputs should look like the task (64x64 tiles 
 2x2 mosaics, short questions), not like the bundled photos. The test images stay unseen, so the
 accuracy measured afterwards on the test splits is not fitted to.
 
-    python -m evaluation.calib out/calib-easy-vqa --images 16
+    python -m commands.calib_set out/calib-easy-vqa --images 16
     ficoco-quantize out/shapes-vl25 -o out/shapes-vl25-w4a8 \
         --calib-images out/calib-easy-vqa/images --calib-prompts out/calib-easy-vqa/prompts.txt
 """
@@ -15,11 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-
-import click
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +52,3 @@ def write_calibration_set(out: Path, n_images: int = 16) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-@click.command()
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--images", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Calibration images: half easy-vqa train tiles, half train mosaics.")
-def main(out: Path, images: int) -> None:
-    """Write an easy-vqa (train part) calibration set to OUT/images and OUT/prompts.txt."""
-    from ficoco.vqa import DatasetError
-
-    try:
-        path = write_calibration_set(out, images)
-    except (FileExistsError, DatasetError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    click.echo(f"wrote {path}/images ({images} images) and {path}/prompts.txt")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,14 +6,13 @@ differ from the image's background (the top-left pixel's colour), and a method k
 index is among the positions of the tokens that leave the vision stage (a merged token is named by the
 patch it kept).
 
-    python -m evaluation.kept_objects --images 8 --ratio 0.25
+    python -m commands.kept_objects --images 8 --ratio 0.25
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import click
 import torch
 
 #: (label, method, preset) of the vision-side methods compared
@@ -64,23 +63,12 @@ def measure(n_images: int = 8, ratio: float = 0.25, model: str = "shapes") -> li
     return out
 
 
-@click.command()
-@click.option("--images", type=click.IntRange(min=1), default=8, show_default=True, help="easy-vqa test images.")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), default=0.25, show_default=True,
-              help="Kept fraction of the 576 visual tokens (variant V).")
-@click.option("--model", default="shapes", show_default=True, help="Model (built-in, alias or llava-hf directory).")
-def main(images: int, ratio: float, model: str) -> None:
-    """Object patches kept by each vision-side method on easy-vqa test images."""
-    rows = measure(images, ratio, model)
-    click.echo(f"object patches kept / object patches, per image (first {images} easy-vqa test images, V {ratio:g}, {model})")
-    click.echo("| method | kept tokens | object patches kept | of all object patches |")
-    click.echo("|---|---:|---|---:|")
+def markdown_table(rows: list[KeptObjects]) -> list[str]:
+    """The table `python -m commands.kept_objects` prints: per method, kept object patches per image."""
+    lines = ["| method | kept tokens | object patches kept | of all object patches |", "|---|---:|---|---:|"]
     for label, _, _ in VISION_METHODS:
         rs = [r for r in rows if r.label == label]
         share = sum(r.kept_object for r in rs) / max(1, sum(r.object_patches for r in rs))
         per = ", ".join(f"{r.kept_object}/{r.object_patches}" for r in rs)
-        click.echo(f"| {label} | {rs[0].kept} | {per} | {100 * share:.0f} % |")
-
-
-if __name__ == "__main__":
-    main()
+        lines.append(f"| {label} | {rs[0].kept} | {per} | {100 * share:.0f} % |")
+    return lines

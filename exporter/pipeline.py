@@ -20,9 +20,11 @@ from exporter.validate import validate_bundle_graphs
 from exporter.wrappers import STAGES
 from ficoco.geometry import LlavaGeometry
 from ficoco.models import LoadedModel, load_config, load_model
-from ficoco.planner import plan
+from ficoco.planner import ScheduleRequest
 from ficoco.reduced_llava import ReducedLlava
 from ficoco.schedule import Schedule
+
+PlanRequest = ScheduleRequest  # TEMPORARY alias while the restructuring lands
 
 log = logging.getLogger(__name__)
 
@@ -31,42 +33,6 @@ class LintFailed(RuntimeError):
 
 
 Progress = Callable[[str, str], None]  # (stage, event) with event in {"start", "done"}
-
-
-@dataclass(frozen=True)
-class PlanRequest:
-    """What to reduce and by how much; passed through to `ficoco.planner.plan`."""
-
-    variant: str = "VL"
-    method: str = "ficoco"
-    ratio: float | None = None
-    keep_tokens: int | None = None
-    target_tflops: float | None = None
-    preset: str = "paper"
-    positions: str = "compact"
-    layers: dict[str, int | None] = field(default_factory=dict)  # v_start, v_end, l_start, l_end, vl_split
-    text_tokens: int = 60  # prompt length the FLOPs (and a target_tflops budget) are computed at
-    #: a schedule planned before (what `ficoco-plan -o` writes, as a dict): used as it is instead of planning
-    schedule: dict[str, Any] | None = None
-
-    def make(self, geometry: LlavaGeometry) -> Schedule:
-        if self.schedule is not None:
-            try:
-                return Schedule.from_dict(self.schedule)
-            except (KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"the schedule file is not a schedule written by ficoco-plan -o ({err}); re-plan it") from err
-        return plan(
-            geometry,
-            self.variant,
-            self.method,
-            ratio=self.ratio,
-            keep_tokens=self.keep_tokens,
-            target_tflops=self.target_tflops,
-            preset=self.preset,
-            positions=self.positions,
-            text_tokens=self.text_tokens,
-            **{k: v for k, v in self.layers.items() if v is not None},
-        )
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 from ficoco.flops import flops_report
 from ficoco.geometry import LlavaGeometry
@@ -29,9 +29,6 @@ from ficoco.params import (
     ficoco_params,
 )
 from ficoco.schedule import ReductionStep, Schedule, StageSchedule
-
-if TYPE_CHECKING:
-    from rich.table import Table
 
 log = logging.getLogger(__name__)
 
@@ -481,51 +478,42 @@ def _plan_for_target(res: _Resolved, target: float | None) -> Schedule:
     )
 
 
-# -------------------------------------------------------------------------------------------- table
-def format_table(schedule: Schedule, geometry: LlavaGeometry) -> Table:
-    """A rich Table of the per-block steps (tokens in, removed, targets K, tokens out) with the TFLOPs."""
-    from rich.table import Table
+# ------------------------------------------------------------------------------------------ request
+@dataclass(frozen=True)
+class ScheduleRequest:
+    """What to reduce and by how much: the arguments of `plan`, as data (recorded in the manifest).
 
-    s = schedule
-    title = (
-        f"{s.variant} / {s.method}, preset {s.preset}, positions {s.positions}\n"
-        f"visual tokens {s.visual_tokens_in} -> {s.visual_tokens_to_decoder} -> {s.visual_tokens_final}"
-    )
-    table = Table(title=title, title_justify="left")
-    for col, justify in (
-        ("stage", "left"),
-        ("block", "right"),
-        ("method", "left"),
-        ("tokens in", "right"),
-        ("removed", "right"),
-        ("K", "right"),
-        ("tokens out", "right"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for stage in (s.vision, s.decoder):
-        if not stage.steps:
-            table.add_row(stage.stage, "-", "none", str(stage.span_in), "0", "-", str(stage.span_out), end_section=True)
-            continue
-        for i, step in enumerate(stage.steps):
-            table.add_row(
-                stage.stage if i == 0 else "",
-                str(step.layer),
-                stage.method if i == 0 else "",
-                str(step.n),
-                str(step.r),
-                str(step.k),
-                str(step.n_out),
-                end_section=i == len(stage.steps) - 1,
-            )
-    f = s.flops
-    if f:
-        table.caption = "\n".join(
-            (
-                f"prefill {f['prefill']:.4g} TFLOPs (decoder, M = {s.text_tokens} text tokens)",
-                f"vision  {f['vision']:.4g} TFLOPs (CLIP blocks 0..{geometry.vision.select_block} + projector)",
-                f"total   {f['total']:.4g} TFLOPs; decode {f['decode_per_token'] * 1e3:.4g} GFLOPs/token",
-                "vision spans count [CLS]; a step runs after its block's attention",
-            )
+    `schedule`, when given, is a schedule planned before (what `ficoco-plan -o` writes, as a dict); `make`
+    then returns it as it is instead of planning.
+    """
+
+    variant: str = "VL"
+    method: str = "ficoco"
+    ratio: float | None = None
+    keep_tokens: int | None = None
+    target_tflops: float | None = None
+    preset: str = "paper"
+    positions: str = "compact"
+    layers: dict[str, int | None] = field(default_factory=dict)  # v_start, v_end, l_start, l_end, vl_split
+    text_tokens: int = 60  # prompt length the FLOPs (and a target_tflops budget) are computed at
+    schedule: dict[str, Any] | None = None
+
+    def make(self, geometry: LlavaGeometry) -> Schedule:
+        """The schedule: `plan(geometry, ...)`, or the given `schedule` read back."""
+        if self.schedule is not None:
+            try:
+                return Schedule.from_dict(self.schedule)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"the schedule file is not a schedule written by ficoco-plan -o ({err}); re-plan it") from err
+        return plan(
+            geometry,
+            self.variant,
+            self.method,
+            ratio=self.ratio,
+            keep_tokens=self.keep_tokens,
+            target_tflops=self.target_tflops,
+            preset=self.preset,
+            positions=self.positions,
+            text_tokens=self.text_tokens,
+            **{k: v for k, v in self.layers.items() if v is not None},
         )
-        table.caption_justify = "left"
-    return table

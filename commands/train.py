@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from engines.cli import CONTEXT, _guarded, _setup_logging
+from commands.common import CONTEXT, run_command
 from training.train import TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -34,8 +34,7 @@ DEFAULTS = TrainConfig()
 @click.option("-v", "--verbose", is_flag=True, help="Log every 10 steps and tracebacks.")
 def main(**kw: Any) -> None:
     """Train the `shapes` model (LLaVA-1.5 vision geometry, tiny widths) on easy-vqa's train images."""
-    _setup_logging(kw["verbose"])
-    _guarded(kw["verbose"], lambda: _train(kw))
+    run_command(bool(kw["verbose"]), lambda: _train(kw))
 
 
 def _train(kw: dict[str, Any]) -> None:

@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import logging
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from engines.cli import CONTEXT, _guarded, _setup_logging
+from commands.common import CONTEXT, run_command
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +27,6 @@ def _ints(text: str) -> list[int]:
     if not vals or any(not 1 <= v <= 576 for v in vals):
         raise click.BadParameter(f"budgets are visual tokens kept, each in [1, 576]; got {text!r}")
     return vals
-
-
-def _machine() -> str:
-    import os
-
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = float("nan")
-    return f"{platform.machine()}, {os.cpu_count()} cores, load {load:.2f}"
 
 
 @click.command(context_settings=CONTEXT)
@@ -60,8 +49,7 @@ def _machine() -> str:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks.")
 def main(**kw: Any) -> None:
     """Answer accuracy of reduction methods (PyTorch) and bundles (runtime) on the easy-vqa test splits."""
-    _setup_logging(kw["verbose"])
-    _guarded(kw["verbose"], lambda: _eval(kw))
+    run_command(bool(kw["verbose"]), lambda: _eval(kw))
 
 
 def _eval(kw: dict[str, Any]) -> None:
@@ -71,6 +59,7 @@ def _eval(kw: dict[str, Any]) -> None:
 
     from evaluation import grid as G
     from evaluation import report
+    from evaluation.bundles import evaluate_bundle, machine_line
     from ficoco import vqa
     from ficoco.models import load_model
 
@@ -108,7 +97,7 @@ def _eval(kw: dict[str, Any]) -> None:
             results += G.evaluate_model(loaded, configs, splits, on_progress=progress)
         references: dict[str, list] = {}  # one PyTorch run per (source model, schedule), shared by bundles
         for b in kw["bundles"]:
-            results_b, agree = _eval_bundle(b, kw["backend"], splits, progress, references)
+            results_b, agree = evaluate_bundle(b, kw["backend"], splits, progress, references)
             results += results_b
             agreement += agree
     import shlex as _sh
@@ -118,51 +107,13 @@ def _eval(kw: dict[str, Any]) -> None:
         "command": "ficoco-eval " + " ".join(_sh.quote(a) for a in sys.argv[1:]),
         "questions": {s.name: len(s.questions) for s in splits},
         "images": {s.name: len(s.image_keys()) for s in splits},
-        "machine": _machine(),
+        "machine": machine_line(),
         "torch_threads": torch.get_num_threads(),
         "agreement": agreement,
     }
     paths = report.write(results, meta, kw["out_dir"])
     click.echo(report.to_markdown(results, meta))
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
-
-
-def _bundle_label(path: Path, manifest: dict[str, Any], backend: str) -> str:
-    req = (manifest.get("quantization") or {}).get("request") or {}
-    kind = f"vision {req.get('vision')}, decoder {req.get('decoder')}" if req else manifest.get("precision", "fp32")
-    return f"bundle {path.name} ({backend}, {kind})"
-
-
-def _eval_bundle(path: Path, backend: str, splits: list, progress, references: dict[str, list]) -> tuple[list, list[dict[str, Any]]]:
-    """The bundle through the runtime and the reduced PyTorch model with the bundle's schedule, same questions.
-
-    `references` caches the PyTorch results by (source model, schedule): bundles exported with one schedule
-    (fp32, fp16, quantized copies) are compared with one reference run, whose rows appear once."""
-    import json
-
-    from engines.check import reference_for_bundle
-    from engines.runtime import Pipeline
-    from evaluation import grid as G
-    from ficoco import vqa
-    from ficoco.answering import Prompting
-
-    pipe = Pipeline.from_bundle(path, backend=backend)
-    loaded, reduced = reference_for_bundle(pipe.manifest)
-    sched = reduced.schedule
-    label = _bundle_label(path, pipe.manifest, pipe.backend)
-    got = G.evaluate_stages(label, pipe.stages, Prompting.of_frontend(pipe), splits, sched, {"bundle": str(path)}, progress)
-    key = json.dumps([loaded.name, pipe.manifest["schedule"]], sort_keys=True)
-    fresh = key not in references
-    if fresh:
-        references[key] = G.evaluate_stages(f"PyTorch, schedule of {path.name}", reduced.stages(), Prompting.of_model(loaded),
-                                            splits, sched, {"reference_of": str(path)}, progress)
-    ref = references[key]
-    agree = []
-    for g, r, s in zip(got, ref, splits, strict=True):
-        same = sum(vqa.normalize_answer(a) == vqa.normalize_answer(b) for a, b in zip(g.predictions, r.predictions, strict=True))
-        agree.append({"bundle": str(path), "split": s.name, "n": len(s.questions), "same": same,
-                      "bundle_accuracy": g.score["accuracy"], "reference_accuracy": r.score["accuracy"]})
-    return got + (ref if fresh else []), agree
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from engines.cli import CONTEXT, _guarded, _setup_logging
+from commands.common import CONTEXT, run_command
 
 HELP_EPILOG = "Example: ficoco-quantize out/llava7b-vl25 -o out/llava7b-vl25-w4a8 --vision int8 --decoder int4-weight"
 
@@ -45,9 +45,7 @@ def main(bundle: Path, **kw: Any) -> None:
     greedy agreement, and how many selected visual tokens differ per reduction step).
     Build engines from it with `ficoco-build` (strongly typed; TensorRT 10).
     """
-    verbose = bool(kw["verbose"])
-    _setup_logging(verbose)
-    _guarded(verbose, lambda: _run(bundle, kw))
+    run_command(bool(kw["verbose"]), lambda: _run(bundle, kw))
 
 
 def _run(bundle: Path, kw: dict[str, Any]) -> None:
