@@ -4,10 +4,11 @@
     answer = pipe.generate("cat.jpg", "What is in the picture?", on_text=lambda row, s: print(s, end=""))
 
 Flow: the bundle's preprocessor_config.json turns each image into pixel_values; the manifest's chat
-template and the bundle's tokenizer turn the question into text ids plus the image offset; then
-`ficoco.generation.generate_tokens` (the loop every backend shares with the PyTorch reference) runs
-vision -> embed -> prefill (which splices the visual tokens in at the offset) -> decode steps with
-per-layer KV growth, greedy or seeded temperature/top-p sampling, and stop tokens.
+template and the bundle's tokenizer turn the question into text ids plus the image offset; the vision
+stage runs (in chunks of its batch limit), then `ficoco.generation.decode_tokens` (the loop every backend
+shares with the PyTorch reference) runs embed -> prefill (which splices the visual tokens in at the
+offset) -> decode steps with per-layer KV growth, greedy or seeded temperature/top-p sampling, and stop
+tokens.
 
 Limits come from the bundle: prompts longer than `shape_ranges.text_len`, more new tokens than
 `shape_ranges.max_new_tokens`, are refused with an `InputError` that says so. Batches larger than the
@@ -35,7 +36,7 @@ from torch import Tensor
 from engines.session import BackendUnavailable, SessionStages
 from exporter import bundle as B
 from exporter.wrappers import PREFILL, STEP, VISION
-from ficoco.generation import generate_tokens
+from ficoco.generation import decode_tokens
 from ficoco.inputs import PromptError, encode_prompt, format_prompt
 from ficoco.preprocess import ImageError, ImageLike, preprocess_image
 from ficoco.sampling import SamplingConfig
@@ -94,11 +95,10 @@ class Timings:
 
 
 class _TimedStages:
-    """Wraps a stage model: precomputed visual tokens for the decoder chunk, per-call times when asked."""
+    """The decoder-side stages of a session, timed per call when `timings` is given."""
 
-    def __init__(self, stages: SessionStages, visual: Tensor, timings: Timings | None) -> None:
+    def __init__(self, stages: SessionStages, timings: Timings | None) -> None:
         self.stages = stages
-        self.visual = visual
         self.timings = timings
 
     def _timed(self, key: str, fn: Callable[[], Any]) -> Any:
@@ -113,9 +113,6 @@ class _TimedStages:
         else:
             setattr(self.timings, key, getattr(self.timings, key) + ms)
         return out
-
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        return self.visual  # the vision stage already ran, in chunks of its own batch limit
 
     def embed(self, input_ids: Tensor) -> Tensor:
         if input_ids.shape[1] == 1:  # a decode token (prompts have >= 2): part of the decode time
@@ -419,7 +416,7 @@ class Pipeline(Frontend):
         """Token ids [B, n] (n <= max_new_tokens; rows that stopped early repeat their stop token), from
         preprocessed pixel_values [B, 3, H, W] and text ids [B, T] without the image placeholder.
 
-        Runs the vision stage in chunks of its batch limit, then `generate_tokens` per decoder chunk.
+        Runs the vision stage in chunks of its batch limit, then `decode_tokens` per decoder chunk.
         Sampling uses one seeded generator per decoder chunk, so a seed reproduces a run exactly.
         """
         b = int(input_ids.shape[0])
@@ -450,11 +447,10 @@ class Pipeline(Frontend):
                 for s, t in zip(chunk, col.tolist(), strict=True):
                     s.push(int(t))
 
-            timed = _TimedStages(self.stages, visual[rows], timings)
-            with torch.inference_mode():
-                ids = generate_tokens(
-                    timed,  # type: ignore[arg-type]
-                    pixel_values[rows],
+            with torch.inference_mode():  # the vision stage already ran, in chunks of its own batch limit
+                ids = decode_tokens(
+                    _TimedStages(self.stages, timings),
+                    visual[rows],
                     input_ids[rows],
                     offsets[rows],
                     max_new_tokens,

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from ficoco.generation import StagedModel, generate_tokens
+from ficoco.generation import StagedModel, decode_tokens
 from ficoco.inputs import encode_prompt, format_prompt
 from ficoco.preprocess import preprocess_image
 from ficoco.vqa import Question, Split
@@ -46,25 +45,6 @@ class Prompting:
         """From an `engines.runtime.Frontend` (the bundle's own tokenizer, template and preprocessing)."""
         return cls(front.tokenizer, front.chat_template, front.processor_config, front.image_token_id,
                    tuple(front.eos_token_ids))
-
-
-class _FixedVisual:
-    """A staged model whose vision stage is already done: `encode_image` returns the given visual tokens."""
-
-    def __init__(self, stages: StagedModel, visual: Tensor) -> None:
-        self.stages, self.visual = stages, visual
-
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        return self.visual
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.stages.embed(input_ids)
-
-    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
-        return self.stages.prefill(embeds, visual, image_offset)
-
-    def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        return self.stages.step(embeds, position, past)
 
 
 def answer_split(
@@ -110,9 +90,9 @@ def answer_image(
             chunk = members[c:c + max_batch]
             ids = torch.cat([prompts[j].text_ids for j in chunk], dim=0)
             b = len(chunk)
-            tokens = generate_tokens(
-                _FixedVisual(stages, visual.expand(b, -1, -1).contiguous()),
-                pixel_values.expand(b, -1, -1, -1).contiguous(),
+            tokens = decode_tokens(
+                stages,
+                visual.expand(b, -1, -1).contiguous(),
                 ids,
                 offset,
                 ANSWER_TOKENS,

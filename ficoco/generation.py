@@ -16,9 +16,8 @@ from torch import Tensor
 from ficoco.sampling import Sampler, SamplingConfig
 
 
-class StagedModel(Protocol):
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        """pixel_values [B, 3, H, W] -> visual tokens [B, n_V, D]."""
+class DecoderStages(Protocol):
+    """The three decoder-side stages: what `decode_tokens` drives."""
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """input_ids [B, T] -> embeddings [B, T, D]."""
@@ -28,6 +27,13 @@ class StagedModel(Protocol):
 
     def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """One token [B, 1, D] at `position` [B] -> logits [B, V] and the grown K/V list."""
+
+
+class StagedModel(DecoderStages, Protocol):
+    """All four stages: what `generate_tokens` drives."""
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values [B, 3, H, W] -> visual tokens [B, n_V, D]."""
 
 
 def generate_tokens(
@@ -40,18 +46,35 @@ def generate_tokens(
     eos_token_id: int | Sequence[int] | None = None,
     on_token: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
-    """Generate up to `max_new_tokens` ids [B, <= max_new_tokens] for prompts without the image placeholder.
+    """Run the vision stage on `pixel_values`, then `decode_tokens`: ids [B, <= max_new_tokens]."""
+    return decode_tokens(model, model.encode_image(pixel_values), input_ids, image_offset, max_new_tokens,
+                         sampling, eos_token_id, on_token)
 
-    The first decode token sits at position T + n_V (the unreduced prompt numbering); each backend's step
-    maps it to per-layer positions. Stops once every row has produced an EOS id (finished rows repeat EOS).
-    `on_token` receives each new column [B] as soon as it is chosen (for streaming).
+
+def decode_tokens(
+    model: DecoderStages,
+    visual: Tensor,
+    input_ids: Tensor,
+    image_offset: Tensor | int,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
+    prefilled: tuple[Tensor, list[Tensor]] | None = None,
+) -> Tensor:
+    """Generate up to `max_new_tokens` ids [B, <= max_new_tokens] from visual tokens [B, n_V, D] that the
+    vision stage already produced, for prompts without the image placeholder.
+
+    `prefilled` (the prefill's logits and K/V for exactly these inputs) skips the prefill call, for callers
+    that already ran it. The first decode token sits at position T + n_V (the unreduced prompt numbering);
+    each backend's step maps it to per-layer positions. Stops once every row has produced an EOS id
+    (finished rows repeat EOS). `on_token` receives each new column [B] as soon as it is chosen (streaming).
     """
     b = input_ids.shape[0]
     offset = torch.as_tensor(image_offset, dtype=torch.long).reshape(-1).expand(b).contiguous()
     sampler = Sampler(sampling)
     eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    visual = model.encode_image(pixel_values)
-    logits, past = model.prefill(model.embed(input_ids), visual, offset)
+    logits, past = prefilled if prefilled is not None else model.prefill(model.embed(input_ids), visual, offset)
     device = logits.device  # keep the loop's small tensors where the backend keeps its logits (GPU: no host copy)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     position = torch.full((b,), input_ids.shape[1] + visual.shape[1], dtype=torch.long)
