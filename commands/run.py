@@ -62,32 +62,25 @@ def _run(bundle: Path, kw: dict[str, Any]) -> None:
 
     sampling = _sampling(kw)
     images = [load_image(p) for p in kw["images"]]  # a bad file fails before the bundle is loaded
-    # the request is checked against the bundle's limits before any engine or session is loaded
+    # the request is tokenized and checked against the bundle once, before any engine or session is loaded
     front = Frontend.from_bundle(bundle, verify=not kw["no_verify"])
-    ids, _ = front.tokenize([kw["prompt"]])
-    limit = front.max_new_tokens_limit if kw["max_new_tokens"] is None else int(kw["max_new_tokens"])
-    front.check_request(int(ids.shape[1]), limit)
-    if kw["stop_ids"]:
-        front.check_stop_ids(kw["stop_ids"])
+    stops: list[int] | None = [] if kw["ignore_eos"] else (list(kw["stop_ids"]) or None)
+    text = front.prepare_text([kw["prompt"]] * len(images), kw["max_new_tokens"], stops)
     pipe = Pipeline.from_bundle(
         front, backend=kw["backend"], verify=not kw["no_verify"], device=int(kw["device"]),
         ort_provider=kw["ort_provider"], threads=kw["threads"],
     )
     logging.getLogger(__name__).info("pipeline: %s", describe(pipe))
-    stops: list[int] | None = [] if kw["ignore_eos"] else (list(kw["stop_ids"]) or None)
     timings: dict[str, Any] | None = {} if kw["timings"] else None
     out = sys.stdout
     single = len(images) == 1
 
-    def stream(row: int, text: str) -> None:
+    def stream(row: int, piece: str) -> None:
         if single:
-            out.write(text)
+            out.write(piece)
             out.flush()
 
-    answers = pipe.generate_batch(
-        images, kw["prompt"], max_new_tokens=kw["max_new_tokens"], sampling=sampling,
-        stop_token_ids=stops, on_text=stream, timings=timings,
-    )
+    answers = pipe.generate_batch(images, text, sampling=sampling, on_text=stream, timings=timings)
     if single:
         out.write("\n")
     else:

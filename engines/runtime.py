@@ -48,7 +48,7 @@ _ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "trt": "tensorrt"}
 
 TextCallback = Callable[[int, str], None]  # (row in the batch, newly decoded text)
 
-__all__ = ["Answer", "BACKENDS", "ImageError", "InputError", "Pipeline", "PromptError", "Timings"]
+__all__ = ["Answer", "BACKENDS", "ImageError", "InputError", "Pipeline", "PromptError", "TextRequest", "Timings"]
 
 
 class InputError(ValueError):
@@ -62,6 +62,17 @@ class Answer:
     text: str
     token_ids: list[int]
     stopped: bool  # True when a stop token ended it, False when max_new_tokens did
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """The text side of a request, tokenized and checked against the bundle once (`Frontend.prepare_text`)."""
+
+    input_ids: Tensor  # [B, T] without the image placeholder
+    image_offsets: Tensor  # [B]
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+    tokenize_ms: float = 0.0
 
 
 @dataclass
@@ -237,6 +248,20 @@ class Frontend:
                 "give ids of the bundle's tokenizer (tokenizer/tokenizer.json)"
             )
 
+    def prepare_text(
+        self, questions: Sequence[str], max_new_tokens: int | None = None, stop_token_ids: Sequence[int] | None = None
+    ) -> TextRequest:
+        """Tokenize the questions and check them, the number of new tokens (default: the bundle's limit) and
+        the stop ids (default: the bundle's EOS ids; [] for none) against the bundle, once."""
+        t0 = time.perf_counter()
+        input_ids, offsets = self.tokenize(questions)
+        ms = (time.perf_counter() - t0) * 1e3
+        n_new = self.max_new_tokens_limit if max_new_tokens is None else int(max_new_tokens)
+        self.check_request(int(input_ids.shape[1]), n_new)
+        stops = tuple(int(t) for t in (self.eos_token_ids if stop_token_ids is None else stop_token_ids))
+        self.check_stop_ids(stops)
+        return TextRequest(input_ids, offsets, n_new, stops, ms)
+
     # -- inputs ----------------------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[ImageLike]) -> Tensor:
         """pixel_values [B, 3, H, W] (float32) per the bundle's preprocessor_config.json; ImageError on a bad file."""
@@ -357,7 +382,7 @@ class Pipeline(Frontend):
     def generate_batch(
         self,
         images: Sequence[ImageLike],
-        questions: str | Sequence[str],
+        questions: str | Sequence[str] | TextRequest,
         *,
         max_new_tokens: int | None = None,
         sampling: SamplingConfig | None = None,
@@ -365,31 +390,31 @@ class Pipeline(Frontend):
         on_text: TextCallback | None = None,
         timings: dict[str, Any] | None = None,
     ) -> list[Answer]:
-        """Answer one question per image (a single question is asked of every image).
+        """Answer one question per image (a single question is asked of every image), or a `TextRequest`
+        that `prepare_text` made (then `max_new_tokens` and `stop_token_ids` are the request's).
 
         `stop_token_ids` default to the bundle's EOS id; pass [] to generate exactly `max_new_tokens`.
         `max_new_tokens` defaults to the bundle's limit. `timings`, when given, is filled with `Timings`
         fields (per-stage milliseconds, TTFT, decode tokens/s).
         """
         t_start = time.perf_counter()
-        qs = [questions] * len(images) if isinstance(questions, str) else list(questions)
-        if len(qs) != len(images):
-            raise InputError(f"{len(images)} images but {len(qs)} questions; give one question, or one per image")
+        if isinstance(questions, TextRequest):
+            text = questions
+        else:
+            qs = [questions] * len(images) if isinstance(questions, str) else list(questions)
+            if len(qs) != len(images):
+                raise InputError(f"{len(images)} images but {len(qs)} questions; give one question, or one per image")
+            text = self.prepare_text(qs, max_new_tokens, stop_token_ids)
+        if int(text.input_ids.shape[0]) != len(images):
+            raise InputError(f"{len(images)} images for {int(text.input_ids.shape[0])} prompts")
         tm = Timings(backend=self.backend, batch=len(images)) if timings is not None else None
         t0 = time.perf_counter()
         pixel_values = self.preprocess(images)
-        t1 = time.perf_counter()
-        input_ids, offsets = self.tokenize(qs)
-        t2 = time.perf_counter()
-        n_new = self.max_new_tokens_limit if max_new_tokens is None else int(max_new_tokens)
-        self.check_request(int(input_ids.shape[1]), n_new)
-        stops = list(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        self.check_stop_ids(stops)
         if tm is not None:
-            tm.preprocess_ms, tm.tokenize_ms, tm.text_len = (t1 - t0) * 1e3, (t2 - t1) * 1e3, int(input_ids.shape[1])
-        tokens = self.generate_ids(
-            pixel_values, input_ids, offsets, n_new, sampling=sampling, stop_token_ids=stops, on_text=on_text, timings=tm
-        )
+            tm.preprocess_ms, tm.tokenize_ms = (time.perf_counter() - t0) * 1e3, text.tokenize_ms
+            tm.text_len = int(text.input_ids.shape[1])
+        stops = list(text.stop_token_ids)
+        tokens = self._generate(pixel_values, text, sampling=sampling, on_text=on_text, timings=tm)
         answers = [self._answer(row.tolist(), set(stops)) for row in tokens]
         if tm is not None and timings is not None:
             tm.total_ms = (time.perf_counter() - t_start) * 1e3
@@ -424,7 +449,16 @@ class Pipeline(Frontend):
             raise InputError(f"{pixel_values.shape[0]} images for {b} prompts")
         self.check_request(int(input_ids.shape[1]), max_new_tokens)
         offsets = torch.as_tensor(image_offset, dtype=torch.long).reshape(-1).expand(b).contiguous()
-        stops = list(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        stops = tuple(int(t) for t in (self.eos_token_ids if stop_token_ids is None else stop_token_ids))
+        text = TextRequest(input_ids, offsets, int(max_new_tokens), stops)
+        return self._generate(pixel_values, text, sampling=sampling, on_text=on_text, timings=timings)
+
+    def _generate(self, pixel_values: Tensor, text: TextRequest, *, sampling: SamplingConfig | None,
+                  on_text: TextCallback | None, timings: Timings | None) -> Tensor:
+        """`generate_ids` on a checked request."""
+        input_ids, offsets, max_new_tokens = text.input_ids, text.image_offsets, text.max_new_tokens
+        b = int(input_ids.shape[0])
+        stops = list(text.stop_token_ids)
         streams = [_TextStream(self.tokenizer, set(stops), r, on_text) for r in range(b)]
         # vision, in chunks of the vision stage's limit
         tv = time.perf_counter()
