@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m engines.demo
+	$(BIN)/python -m commands.demo
 
 # pytest exits 5 when it collects no test; that is not a failure of the code under test.
 test: $(STAMP)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from exporter.wrappers import PREFILL, STEP, VISION
+from bundle.names import PREFILL, STEP, VISION
 from ficoco.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def collect(
     progress: Progress | None = None,
 ) -> CalibrationSet:
     """Run the fp32 bundle in ONNX Runtime (CPU) on `size` pairs and record each graph's inputs."""
-    from engines.ort_backend import ort_stages
+    from bundle.ort import ort_stages
     from engines.runtime import Frontend, InputError
 
     front = Frontend.from_bundle(bundle, verify=False)

@@ -2,16 +2,17 @@
 
 Per quantized graph: file size; stage latency (vision, prefill: median of `repeats` runs, batch 1); max
 absolute error and cosine similarity of the stage outputs (each stage fed the *same* fp32 inputs, so the
-error is that graph's own); greedy token agreement over `new_tokens` tokens (end to end, quantized
-vision -> quantized decoder); and the selection check of `calibration.selection`, per reduction step:
-vision on the same pixels, prefill on the same inputs ("isolated") and end to end.
+error is that graph's own; `bundle.compare.error_stats`); greedy token agreement over `new_tokens`
+tokens (end to end, quantized vision -> quantized decoder; `bundle.compare.token_agreement`); and the
+selection check of `calibration.selection`, per reduction step: vision on the same pixels, prefill on
+the same inputs ("isolated") and end to end.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bundle.compare import ErrorStats, error_stats, token_agreement
+from bundle.names import EMBED, PREFILL, STAGES, STEP, VISION
+from bundle.ort import OrtSession, session_options
+from bundle.session import SessionStages
 from calibration import selection as S
-from exporter.wrappers import EMBED, PREFILL, STAGES, STEP, VISION, past_names
 from ficoco.generation import generate_tokens
 
 
@@ -37,59 +41,40 @@ class EvalOptions:
         return asdict(self)
 
 
-class ProbeStages:
-    """The four graphs of one bundle behind `ficoco.generation.StagedModel`, recording selection indices."""
+class ProbeStages(SessionStages):
+    """The four graphs of one bundle in ONNX Runtime (CPU), the vision and prefill graphs with their kept
+    sets exposed (`calibration.selection.SelectionProbe`): after each call, `vision_selection` /
+    `prefill_selection` hold the kept indices [B, n_kept] of every reduction step."""
 
     def __init__(self, onnx_dir: Path, *, optimize: bool = True, threads: int | None = None,
                  like: ProbeStages | None = None) -> None:
         """`like`: probe the same selection steps as that (fp32) model, found by node name."""
-        import onnxruntime as ort
-
         self.vision = S.SelectionProbe(onnx_dir / f"{VISION}.onnx", optimize=optimize, threads=threads,
                                        steps=None if like is None else like.vision.steps)
         self.prefill_probe = S.SelectionProbe(onnx_dir / f"{PREFILL}.onnx", optimize=optimize, threads=threads,
                                               steps=None if like is None else like.prefill_probe.steps)
-        so = S.probe_session_options(optimize, threads)
-        self.embed_session = ort.InferenceSession(str(onnx_dir / f"{EMBED}.onnx"), so, providers=["CPUExecutionProvider"])
-        self.step_session = ort.InferenceSession(str(onnx_dir / f"{STEP}.onnx"), so, providers=["CPUExecutionProvider"])
-        n = sum(1 for i in self.step_session.get_inputs() if i.name.endswith(".key"))
-        self.past = past_names(n)
+        so = session_options(threads, optimize=optimize)
+        super().__init__({
+            VISION: self.vision.session,
+            EMBED: OrtSession(onnx_dir / f"{EMBED}.onnx", options=so),
+            PREFILL: self.prefill_probe.session,
+            STEP: OrtSession(onnx_dir / f"{STEP}.onnx", options=so),
+        })
         self.vision_selection: list[np.ndarray] = []
         self.prefill_selection: list[np.ndarray] = []
 
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        out, self.vision_selection = self.vision.run({"pixel_values": pixel_values.numpy().astype(np.float32)})
-        return torch.from_numpy(out["visual_tokens"])
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return torch.from_numpy(self.embed_session.run(None, {"input_ids": input_ids.numpy().astype(np.int64)})[0])
-
-    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
-        out, self.prefill_selection = self.prefill_probe.run(
-            {"inputs_embeds": embeds.numpy(), "visual_tokens": visual.numpy(), "image_offset": image_offset.numpy().astype(np.int64)}
-        )
-        presents = [torch.from_numpy(v) for k, v in out.items() if k.startswith("present.")]
-        return torch.from_numpy(out["logits"]), presents
-
-    def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        feeds = {"inputs_embeds": embeds.numpy(), "position": position.numpy().astype(np.int64)}
-        feeds.update({n: p.numpy() for n, p in zip(self.past, past, strict=True)})
-        out = self.step_session.run(None, feeds)
-        return torch.from_numpy(out[0]), [torch.from_numpy(x) for x in out[1:]]
+    def run_stage(self, stage: str, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().run_stage(stage, feeds)
+        if stage == VISION:
+            self.vision_selection = [out[s.output].numpy() for s in self.vision.steps]
+        elif stage == PREFILL:
+            self.prefill_selection = [out[s.output].numpy() for s in self.prefill_probe.steps]
+        return out
 
 
-def error_stats(got: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> dict[str, float]:
-    g = np.asarray(got, dtype=np.float64).ravel()
-    r = np.asarray(ref, dtype=np.float64).ravel()
-    denom = float(np.linalg.norm(g) * np.linalg.norm(r))
-    return {"max_abs_err": float(np.max(np.abs(g - r))) if g.size else 0.0,
-            "mean_abs_err": float(np.mean(np.abs(g - r))) if g.size else 0.0,
-            "cosine": float(np.dot(g, r) / denom) if denom > 0 else 1.0}
-
-
-def _worst(items: list[dict[str, float]]) -> dict[str, float]:
-    return {"max_abs_err": max(i["max_abs_err"] for i in items), "mean_abs_err": float(np.mean([i["mean_abs_err"] for i in items])),
-            "cosine_min": min(i["cosine"] for i in items)}
+def _worst(items: list[ErrorStats]) -> dict[str, float]:
+    return {"max_abs_err": max(i.max_abs_err for i in items), "mean_abs_err": float(np.mean([i.mean_abs_err for i in items])),
+            "cosine_min": min(i.cosine for i in items)}
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -126,7 +111,9 @@ def evaluate(fp32_bundle: Path, quant_bundle: Path, opts: EvalOptions, *, optimi
     vis_err, pre_err, pre_e2e_err = [], [], []
     sel_v: tuple[list, list] = ([], [])
     sel_p: tuple[list, list, list] = ([], [], [])
-    agree, first_div, same_all = [], [], True
+    agree: list[float] = []
+    first_div: list[int | None] = []
+    same_all = True
     with torch.inference_mode():
         embeds = ref.embed(ids)
         for _, image in photos:
@@ -145,12 +132,10 @@ def evaluate(fp32_bundle: Path, quant_bundle: Path, opts: EvalOptions, *, optimi
             sel_p[2].append(q.prefill_selection)
             pre_e2e_err.append(error_stats(lqe, lr))
             tr = generate_tokens(ref, px, ids, offset, n_new)[0].tolist()
-            tq = generate_tokens(q, px, ids, offset, n_new)[0].tolist()
-            n = min(len(tr), len(tq))
-            agree.append(sum(a == b for a, b in zip(tr, tq, strict=False)) / max(1, n))
-            div = next((i for i in range(n) if tr[i] != tq[i]), None)
-            first_div.append(div)
-            same_all = same_all and div is None and len(tr) == len(tq)
+            tokens = token_agreement(generate_tokens(q, px, ids, offset, n_new)[0].tolist(), tr)
+            agree.append(tokens.match_rate)
+            first_div.append(tokens.first_divergence)
+            same_all = same_all and tokens.identical
         px0 = front.preprocess([photos[0][1]])
         vis0 = ref.encode_image(px0)
         latency = {

@@ -21,12 +21,12 @@ from typing import Any
 
 import onnx
 
+from bundle.names import PREFILL, STAGES, STEP, VISION
 from calibration import data as D
 from calibration import graphs as G
 from calibration import quantize as Q
 from calibration.evaluate import EvalOptions, evaluate
 from exporter import bundle as B
-from exporter.wrappers import PREFILL, STAGES, STEP, VISION
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import onnx
 
+from bundle.names import PREFILL, STEP, VISION
 from calibration import graphs as G
 from calibration.data import CalibrationSet, FeedReader
-from exporter.wrappers import PREFILL, STEP, VISION
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,11 @@ import numpy as np
 from exporter.probe import (
     SelectionProbe,
     SelectionStep,
-    probe_session_options,
     selection_steps,
     set_differences,
 )
 
-__all__ = ["SelectionProbe", "SelectionStep", "compare", "probe_session_options", "selection_steps",
-           "set_differences", "summary"]
+__all__ = ["SelectionProbe", "SelectionStep", "compare", "selection_steps", "set_differences", "summary"]
 
 
 def compare(

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bundle.names import STAGES
 from engines.trt_backend import (
     ENGINE_MANIFEST,
     ENGINES_DIR,
@@ -39,7 +40,6 @@ from engines.trt_backend import (
     local_target,
 )
 from exporter import bundle as B
-from exporter.wrappers import STAGES
 
 log = logging.getLogger(__name__)
 

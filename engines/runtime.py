@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engines.session import BackendUnavailable, SessionStages
+from bundle.names import PREFILL, STEP, VISION
+from bundle.session import BackendUnavailable, SessionStages
 from exporter import bundle as B
-from exporter.wrappers import PREFILL, STEP, VISION
 from ficoco.generation import decode_tokens
 from ficoco.inputs import PromptError, encode_prompt, format_prompt
 from ficoco.preprocess import ImageError, ImageLike, preprocess_image
@@ -336,7 +336,7 @@ class Pipeline(Frontend):
                     raise
                 log.info("backend auto: using ONNX Runtime, not TensorRT: %s", err)
         if stages is None:
-            from engines.ort_backend import ort_stages
+            from bundle.ort import ort_stages
 
             stages = ort_stages(
                 front.bundle / B.ONNX_DIR, provider=ort_provider, threads=threads, cache_dir=front.bundle / "engines" / "ort-trt-cache",

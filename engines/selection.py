@@ -145,7 +145,7 @@ class SelectionChecker:
     """Probes over a bundle's vision and prefill graphs, reused for every sample."""
 
     def __init__(self, onnx_dir: str | Path, threads: int | None = None) -> None:
-        from exporter.wrappers import PREFILL, VISION
+        from bundle.names import PREFILL, VISION
 
         d = Path(onnx_dir)
         self.vision = SelectionProbe(d / f"{VISION}.onnx", threads=threads)

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engines.session import BackendUnavailable, Session, SessionError, SessionStages, TensorSpec
+from bundle.names import PREFILL, STAGES, STEP
+from bundle.session import BackendUnavailable, Session, SessionError, SessionStages, TensorSpec
 from exporter.bundle import BundleError, sha256_file
-from exporter.wrappers import PREFILL, STAGES, STEP
 
 log = logging.getLogger(__name__)
 

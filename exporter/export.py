@@ -20,16 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from exporter.wrappers import (
-    EMBED,
-    PREFILL,
-    STEP,
-    VISION,
-    DecoderPrefill,
-    DecoderStep,
-    EmbedTokens,
-    VisionEncoder,
-)
+from bundle.names import EMBED, PREFILL, STEP, VISION
+from exporter.wrappers import DecoderPrefill, DecoderStep, EmbedTokens, VisionEncoder
 from ficoco.reduced_llava import ReducedLlava
 
 log = logging.getLogger(__name__)

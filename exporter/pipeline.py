@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from bundle.names import STAGES
 from exporter import bundle as B
 from exporter.export import ExportOptions, check_graph, example_inputs, export_stage, graph_io, trt_profiles
 from exporter.validate import validate_bundle_graphs
-from exporter.wrappers import STAGES
 from ficoco.geometry import LlavaGeometry
 from ficoco.models import LoadedModel, load_config, load_model
 from ficoco.planner import ScheduleRequest

@@ -9,8 +9,9 @@ the index-producing TopKs among the reduction nodes (`exporter.regions`), in gra
 copy to a temporary directory. ONNX Runtime refuses external data outside a model's own directory
 (symbolic links included), so the weights are memory-mapped from the bundle's own files and handed over
 with `SessionOptions.add_external_initializers`: nothing in the bundle changes, no weight is copied, and
-the graph may be of any size. Used by the quantizer's report (`calibration.selection`) and by
-`ficoco-check`'s selection flips (`engines.selection`).
+the graph may be of any size. The copy opens as a `bundle.ort.OrtSession` (`SelectionProbe.session`), so
+it also runs as a stage of `bundle.session.SessionStages`. Used by the quantizer's report
+(`calibration.evaluate`, `calibration.selection`) and by `ficoco-check`'s selection flips (`engines.selection`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from bundle.ort import OrtSession, session_options
 from exporter.regions import has_namespaces, node_namespace, reduction_node_names
 
 
@@ -48,18 +50,6 @@ def selection_steps(model: onnx.ModelProto) -> list[SelectionStep]:
     return steps
 
 
-def probe_session_options(optimize: bool = True, threads: int | None = None) -> Any:
-    """The exporter's ONNX Runtime session options, optionally with every graph optimization off."""
-    from exporter.validate import session_options
-
-    so = session_options(threads)
-    if not optimize:
-        import onnxruntime as ort
-
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return so
-
-
 def external_initializers(model: onnx.ModelProto, base: Path) -> tuple[list[str], list[Any]]:
     """(names, OrtValues) of the initializers stored in external-data files under `base`, memory-mapped."""
     import onnxruntime as ort
@@ -80,15 +70,14 @@ def external_initializers(model: onnx.ModelProto, base: Path) -> tuple[list[str]
 class SelectionProbe:
     """An ONNX Runtime CPU session of a graph with its selection indices as extra outputs.
 
-    `usable` is False when the graph lost its node metadata (rewritten by an external tool), so its
+    `session` is the `OrtSession` (torch tensors by name, the kept sets among the outputs); `run` takes
+    and returns numpy arrays. `usable` is False when the graph lost its node metadata (rewritten by an external tool), so its
     reduction nodes cannot be found; `steps` is then empty unless given.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, optimize: bool = True, threads: int | None = None,
                  steps: Sequence[SelectionStep] | None = None) -> None:
         """`steps`: the steps to expose (e.g. those of the fp32 graph, when a rewrite dropped the metadata)."""
-        import onnxruntime as ort
-
         path = Path(path)
         model = onnx.load(str(path), load_external_data=False)
         self.usable = steps is not None or has_namespaces(model)
@@ -98,20 +87,20 @@ class SelectionProbe:
             if s.output not in existing:
                 model.graph.output.append(helper.make_tensor_value_info(s.output, TensorProto.INT64, None))
         self.input_names = [i.name for i in model.graph.input]
-        so = probe_session_options(optimize, threads)
+        so = session_options(threads, optimize=optimize)
         names, self._weights = external_initializers(model, path.parent)  # the weights must outlive the session
         if names:
             so.add_external_initializers(names, self._weights)
         with tempfile.TemporaryDirectory(prefix="ficoco-probe-") as tmp:
             copy = Path(tmp) / path.name
             onnx.save_model(model, str(copy))
-            self.session = ort.InferenceSession(str(copy), so, providers=["CPUExecutionProvider"])
-        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
+            self.session = OrtSession(copy, options=so)
+        self.input_types = {i.name: i.type for i in self.session.session.get_inputs()}
+        self.output_names = list(self.session.output_names)
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """(the graph's own outputs by name, the kept indices [B, n_kept] of each step)."""
-        out = self.session.run(None, {k: feeds[k] for k in self.input_names})
+        out = self.session.session.run(None, {k: feeds[k] for k in self.input_names})
         by_name = dict(zip(self.output_names, out, strict=True))
         return by_name, [by_name[s.output] for s in self.steps]
 

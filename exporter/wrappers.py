@@ -4,28 +4,15 @@ transformers' full LLaVA does not export (its placeholder check and mask utiliti
 so each stage wraps the matching method of `ficoco.reduced_llava.ReducedLlava`. The wrappers only
 rename and flatten; every computation, the reduction included, is the reduced model's own code.
 
-Graph I/O names follow the ONNX-community convention (`past_key_values.{i}.key`, `present.{i}.value`).
+The graph and I/O names (`past_key_values.{i}.key`, `present.{i}.value`, ...) are `bundle.names`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from bundle.names import past_names, present_names
 from ficoco.reduced_llava import ReducedLlava
-
-VISION = "vision_encoder"
-EMBED = "embed_tokens"
-PREFILL = "decoder_prefill"
-STEP = "decoder_step"
-STAGES = (VISION, EMBED, PREFILL, STEP)
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
 class VisionEncoder(nn.Module):

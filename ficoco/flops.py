@@ -1,4 +1,4 @@
-"""Theoretical FLOPs of a (reduced) LLaVA forward pass, LLM-Viewer style (FICOCO_SPEC.md A9, §6.2).
+"""Theoretical FLOPs of a (reduced) LLaVA forward pass, LLM-Viewer style (docs/method-spec.md A9, §6.2).
 
 Counting rules (2 FLOPs per multiply-accumulate; norms, activations, RoPE, softmax and the reduction
 steps' own arithmetic are not counted, as in LLM-Viewer and the FiCoCo paper):

@@ -128,7 +128,7 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Correlate: the token-adaptive K (FICOCO_SPEC A3)
+# Correlate: the token-adaptive K (docs/method-spec.md A3)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -202,7 +202,7 @@ def select_targets(
     over: str = "kept",
     column_ok: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Correlate with a token-adaptive K (FICOCO_SPEC A3 / Eq. 2's J_i and alpha_ij).
+    """Correlate with a token-adaptive K (docs/method-spec.md A3 / Eq. 2's J_i and alpha_ij).
 
     corr:  [B, r, n] correlation C_ij of each source row i to every current span column j (may hold
            -inf, e.g. C_ii = -inf in FiCoCo-L).

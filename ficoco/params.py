@@ -1,4 +1,4 @@
-"""Hyperparameters of the reduction methods and the two FiCoCo presets (FICOCO_SPEC.md A1).
+"""Hyperparameters of the reduction methods and the two FiCoCo presets (docs/method-spec.md A1).
 
 `paper` follows the v4 equations; `official` switches the choices where the official code differs from
 the paper by design. Bugs of the official code (global buffers, score-sorted token order, the fixed

@@ -1,6 +1,6 @@
 """Turn (variant, method, budget, model geometry) into a static per-block reduction `Schedule`.
 
-FICOCO_SPEC.md A6/A7. The budget is the number of visual tokens that remain at the end of reduction,
+docs/method-spec.md A6/A7. The budget is the number of visual tokens that remain at the end of reduction,
 given as a ratio of the model's visual tokens (576 for LLaVA-1.5), as a token count, or as a prefill
 TFLOPs target. Removal is spread evenly over a stage's reduction blocks (earlier blocks take the
 remainder); VL splits the budget geometrically: the vision stage keeps n_mid = round(sqrt(576 · n_final)).
@@ -386,7 +386,7 @@ def plan(
             n_final = round(ratio · 576), halves up.
         keep_tokens: the same budget in tokens, in [1, 576].
         target_tflops: choose the largest n_final whose decoder prefill TFLOPs (M = text_tokens) fit.
-        preset: "paper" or "official" (FICOCO_SPEC.md A1): sets ε and FiCoCo's default start blocks.
+        preset: "paper" or "official" (docs/method-spec.md A1): sets ε and FiCoCo's default start blocks.
         positions: "compact" or "original" decode RoPE positions (A8); stored in the schedule.
         v_start, v_end: first/last 0-based CLIP block with a step (default 12 .. select_block).
         l_start, l_end: first/last decoder block with a step (default preset l_start .. num_layers − 2;

@@ -3,7 +3,7 @@
 Why our own loops: transformers computes RoPE, the causal mask and the cache length once for all layers,
 which per-layer token counts break. This file re-runs the same submodules (no weight copies) block by
 block, calls the reduction steps of `ficoco.methods` where the schedule says, keeps one KV cache per
-decoder layer (layer l holds its own length L_l), and decodes with the positions of FICOCO_SPEC A8.
+decoder layer (layer l holds its own length L_l), and decodes with the positions of docs/method-spec.md A8.
 
 It is written the way the exported graphs need it: every shape follows from the schedule, the image
 offset is a tensor, and there is no `.item()` or data-dependent branch. The exporter wraps

@@ -1,6 +1,6 @@
 """Attention statistics for the reduction steps, computed in fp32 from the layer's own Q and K.
 
-The layers keep fused SDPA attention; a step recomputes only the rows/blocks it needs (FICOCO_SPEC A2).
+The layers keep fused SDPA attention; a step recomputes only the rows/blocks it needs (docs/method-spec.md A2).
 All inputs are per-head tensors [B, H, n, d] with the key/value heads already repeated to H (GQA).
 Statistics are per sample, never averaged over the batch.
 """

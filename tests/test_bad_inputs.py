@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from engines.cli import run_main
+from commands.run import main as run_main
 from ficoco.preprocess import MAX_ASPECT, MAX_PIXELS, ImageError, load_image, preprocess_image
 
 PROMPT = "What is in the picture?"
@@ -125,7 +125,7 @@ def test_pipeline_refuses_a_question_that_is_not_a_string(tiny_bundle: Path) -> 
 def test_ficoco_export_checks_options_before_any_work(tmp_path: Path, extra: list[str], words: str) -> None:
     import time
 
-    from exporter.cli import main as export_main
+    from commands.export import main as export_main
 
     out = tmp_path / "bundle"
     t0 = time.perf_counter()
@@ -191,9 +191,9 @@ MANIFEST_CASES = [
 
 @pytest.mark.parametrize(("name", "damage", "words"), MANIFEST_CASES, ids=[c[0] for c in MANIFEST_CASES])
 def test_damaged_manifest_is_refused_by_every_command(tiny_bundle: Path, tmp_path: Path, photo: str, name: str, damage, words: str) -> None:
-    from calibration.cli import main as quantize_main
-    from engines.check import main as check_main
-    from exporter.cli import main as export_main
+    from commands.export import main as export_main
+    from commands.quantize import main as quantize_main
+    from engines.check.cli import main as check_main
 
     b = _bundle_copy(tiny_bundle, tmp_path / "b")
     damage(b)
@@ -208,7 +208,7 @@ def test_damaged_manifest_is_refused_by_every_command(tiny_bundle: Path, tmp_pat
 
 
 def test_truncated_onnx_under_lint_only(tiny_bundle: Path, tmp_path: Path) -> None:
-    from exporter.cli import main as export_main
+    from commands.export import main as export_main
 
     b = _bundle_copy(tiny_bundle, tmp_path / "b")
     g = b / "onnx" / "embed_tokens.onnx"
@@ -230,8 +230,8 @@ def _model_copy(tmp_path: Path) -> Path:
 
 
 def test_corrupt_config_json_names_the_file(tmp_path: Path) -> None:
-    from exporter.cli import main as export_main
-    from ficoco.cli import plan_main
+    from commands.export import main as export_main
+    from commands.plan import main as plan_main
 
     d = _model_copy(tmp_path)
     (d / "config.json").write_text('{"model_type": "llava", ')
@@ -243,7 +243,7 @@ def test_corrupt_config_json_names_the_file(tmp_path: Path) -> None:
 
 
 def test_truncated_safetensors_names_the_file(tmp_path: Path) -> None:
-    from exporter.cli import main as export_main
+    from commands.export import main as export_main
 
     d = _model_copy(tmp_path)
     w = d / "model.safetensors"
@@ -367,10 +367,10 @@ def test_fresh_venv_without_dev_extra_exports_and_runs(tmp_path: Path) -> None:
 
 
 def test_both_onnxruntime_wheels_installed_is_warned_about(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import engines.ort_backend as ob
+    import bundle.ort as ob
 
     monkeypatch.setattr(ob, "installed_ort_distributions", lambda: ["onnxruntime", "onnxruntime-gpu"])
-    with caplog.at_level("WARNING", logger="engines.ort_backend"):
+    with caplog.at_level("WARNING", logger="bundle.ort"):
         assert ob.resolve_providers("cpu") == ["CPUExecutionProvider"]
     assert "both installed" in caplog.text and "pip install onnxruntime-gpu" in caplog.text
     monkeypatch.setattr(ob, "installed_ort_distributions", lambda: ["onnxruntime"])

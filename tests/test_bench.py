@@ -5,7 +5,6 @@ unreduced sibling bundle)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from engines.bench import (
     graph_node_of,
     layer_ranges,
     load_trace,
-    main,
     node_times,
     parse_ratios,
     parse_variants,
@@ -32,6 +30,8 @@ from engines.bench import (
     token_agreement,
     write_reports,
 )
+from engines.bench.cli import main
+from engines.bench.common import PROFILED_STAGES, TIMED_FIELDS
 from ficoco.flops import flops_report
 from ficoco.geometry import LlavaGeometry
 from ficoco.models import BENCH_DECODER_LAYERS, load_config
@@ -57,10 +57,16 @@ def test_bench_model_is_vit_l_336_with_7b_width_decoder() -> None:
         model = LlavaForConditionalGeneration(cfg)
     proj = model.model.multi_modal_projector
     assert (proj.linear_1.in_features, proj.linear_1.out_features, proj.linear_2.out_features) == (1024, 4096, 4096)
-    n_params = sum(p.numel() for p in model.parameters())
-    per_block = 4 * 4096 * 4096 + 3 * 4096 * 11008
-    assert n_params > BENCH_DECODER_LAYERS * per_block + 300e6  # the decoder blocks + ViT-L
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(model.model.vision_tower) == 303_507_456  # CLIP ViT-L/14-336's vision tower, all 24 blocks
+    assert count(proj) == (1024 * 4096 + 4096) + (4096 * 4096 + 4096)
+    block = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # q/k/v/o, gate/up/down (no biases), two RMSNorms
     assert t.vocab_size < 2000  # the tiny tokenizer: the 7B embedding / lm_head are not modelled
+    assert count(model.model.language_model) == BENCH_DECODER_LAYERS * block + 4096 + t.vocab_size * 4096  # + norm, embedding
+    assert count(model) == count(model.model) + t.vocab_size * 4096  # + an untied lm_head
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -168,10 +174,17 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     f_ref = flops_report(g, plan(g, "none").vision, plan(g, "none").decoder, text_tokens=13)["total"]
     s = plan(g, "VL", "ficoco", ratio=0.25, l_end=11)
     f_red = flops_report(g, s.vision, s.decoder, text_tokens=13)["total"]
-    assert red["flops_ratio"] == pytest.approx(f_red / f_ref)
+    assert red["flops_ratio"] == pytest.approx(f_red / f_ref) and red["flops_speedup"] == pytest.approx(f_ref / f_red)
+    assert ref["flops_ratio"] == 1.0 and ref["ttft_speedup"] == 1.0 and ref["meets_target"] is None
+    assert red["timings"]["ttft_ms"] == {"n": 2, "median": 110.0, "min": 100.0, "max": 120.0, "q1": 105.0, "q3": 115.0}
+    assert red["ttft_speedup"] == pytest.approx(ref["timings"]["ttft_ms"]["median"] / red["timings"]["ttft_ms"]["median"])
     assert red["ttft_speedup"] == pytest.approx(210.0 / 110.0)
+    for stage, share in (("vision", 0.3), ("prefill", 0.6)):  # the stages' medians scale with TTFT's
+        assert red["timings"][f"{stage}_ms"]["median"] == pytest.approx(share * 110.0)
+        assert red["stage_speedups"][stage]["measured"] == pytest.approx(210.0 / 110.0)
     assert red["efficiency"] == pytest.approx((210.0 / 110.0) / (f_ref / f_red))
     assert red["meets_target"] == (red["efficiency"] >= 0.9)
+    assert report["target"]["efficiency"] == red["efficiency"] and report["target"]["met"] == red["meets_target"]
     assert red["agreement"]["agreement"] == 0.75 and ref["agreement"]["agreement"] == 1.0
     assert red["reduction_share"] == pytest.approx(3.0 / 20.0)
     assert red["visual_tokens"] == {"to_decoder": 288, "final": 144}
@@ -205,18 +218,39 @@ def test_cli_refuses_more_tokens_than_the_bundle(tiny_bundle: Path, tmp_path: Pa
 # ------------------------------------------------------------------------------------------------ real runs
 def test_worker_times_and_profiles_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
     spec = {"label": "VL 0.25", "kind": "bundle", "bundle": str(tiny_bundle), "model": "tiny", "image": "astronaut",
-            "prompt": "What is in the picture?", "warmup": 0, "repeats": 1, "max_new_tokens": 3, "threads": 1,
+            "prompt": "What is in the picture?", "warmup": 1, "repeats": 2, "max_new_tokens": 3, "threads": 1,
             "profile": True, "trace_dir": str(tmp_path / "traces")}
     res = run_worker(spec, tmp_path / "scratch")
-    run = res["runs"][0]
-    assert run["vision_ms"] > 0 and run["prefill_ms"] > 0 and run["ttft_ms"] >= run["vision_ms"] + run["prefill_ms"]
-    assert run["decode_tokens_per_s"] > 0 and len(res["tokens"]) == 3
-    assert res["peak_rss_bytes"] >= res["base_rss_bytes"] > 0
+    assert res == json.loads((tmp_path / "scratch" / "result.json").read_text())
+    assert len(res["runs"]) == 2 and len(res["tokens"]) == 3 and res["threads"] == 1  # the warm-up run is dropped
+    eps = 1e-9  # relations between nested perf_counter intervals hold exactly, up to float rounding
+    for run in res["runs"]:
+        assert set(run) == set(TIMED_FIELDS)
+        assert min(run["vision_ms"], run["embed_ms"], run["prefill_ms"], run["step_ms_mean"]) > 0  # each one was timed
+        # TTFT runs from the vision stage's start to the first token: vision, embed and prefill lie inside it
+        assert run["ttft_ms"] >= (run["vision_ms"] + run["embed_ms"] + run["prefill_ms"]) * (1 - eps)
+        # 3 new tokens: 2 decode steps, both between the first token and the last, the window tokens/s is taken over
+        assert 2 * run["step_ms_mean"] <= 2 * 1e3 / run["decode_tokens_per_s"] * (1 + eps)
+    assert res["peak_rss_bytes"] >= res["base_rss_bytes"] > 0  # VmHWM never falls below an earlier VmRSS
+    assert set(res["profile"]) == set(PROFILED_STAGES)
+    for stage, p in res["profile"].items():
+        assert p["share"] == pytest.approx(p["reduction_ms"] / p["total_node_ms"])
+        assert p["reduction_ms"] + p["unattributed_ms"] <= p["total_node_ms"] * (1 + eps)  # disjoint parts of the total
+        assert p["reduction_nodes_profiled"] <= p["nodes_profiled"]
+        assert sum(p["top_ops_ms"].values()) <= p["total_node_ms"] * (1 + eps)
+        if len(p["top_ops_ms"]) < 8:  # every op type listed: they add up to the total
+            assert sum(p["top_ops_ms"].values()) == pytest.approx(p["total_node_ms"])
+        # the trace holds the warm-up pass and the measured one; the figures are the measured pass's alone
+        events = load_trace(p["trace"])
+        assert sum(1 for e in events if e.get("cat") == "Session" and e.get("name") == "model_run") == 2
+        last = node_times(events, last_runs=1)
+        assert len(last) == p["nodes_profiled"] and len(node_times(events, last_runs=2)) == 2 * len(last), stage
+        assert sum(d for _, _, d in last) / 1e3 == pytest.approx(p["total_node_ms"])
     for stage in ("vision_encoder", "decoder_prefill"):
         p = res["profile"][stage]
-        assert p["reduction_nodes_in_graph"] > 0 and p["reduction_nodes_profiled"] > 0
-        assert 0.0 < p["share"] < 1.0 and p["reduction_ms"] <= p["total_node_ms"]
-    assert res["profile"]["embed_tokens"]["share"] == 0.0
+        assert p["reduction_nodes_in_graph"] > 0 and p["reduction_nodes_profiled"] > 0 and p["reduction_ms"] > 0
+    embed = res["profile"]["embed_tokens"]
+    assert embed["reduction_nodes_in_graph"] == 0 and embed["reduction_ms"] == 0.0 and embed["share"] == 0.0
 
 
 @pytest.mark.slow
@@ -237,10 +271,21 @@ def test_cli_end_to_end_on_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> Non
     n = report["text_tokens"]
     want = flops_report(g, s.vision, s.decoder, n)["total"] / flops_report(g, plan(g, "none").vision, plan(g, "none").decoder, n)["total"]
     assert red["flops_ratio"] == pytest.approx(want)
+    ttft = {}
     for e in (ref, red, pt):
-        assert e["timings"]["ttft_ms"]["median"] > 0 and e["peak_rss_bytes"] > 0
-    assert 0.0 < red["reduction_share"] < 1.0 and ref["reduction_share"] == 0.0
+        t = e["timings"]["ttft_ms"]
+        assert len(e["runs"]) == 1 and len(e["tokens"]) == 4
+        assert t["n"] == 1 and t["min"] == t["median"] == t["max"] == e["runs"][0]["ttft_ms"]  # one timed run
+        assert e["peak_rss_bytes"] >= e["base_rss_bytes"] > 0
+        ttft[e["label"]] = t["median"]
+    assert red["ttft_speedup"] == pytest.approx(ttft[ref["label"]] / ttft[red["label"]])  # the ratio of the reported times
+    assert red["ttft_speedup_vs_pytorch"] == pytest.approx(ttft[pt["label"]] / ttft[red["label"]])
+    assert red["efficiency"] == pytest.approx(red["ttft_speedup"] / red["flops_speedup"])
+    assert red["flops_speedup"] == pytest.approx(1 / red["flops_ratio"])
+    red_prof = [p for p in red["profile"].values() if "total_node_ms" in p]
+    assert red["reduction_share"] == pytest.approx(sum(p["reduction_ms"] for p in red_prof) / sum(p["total_node_ms"] for p in red_prof))
+    assert red["reduction_share"] > 0.0 and ref["reduction_share"] == 0.0
     assert pt["tokens"] == ref["tokens"]  # transformers and the unreduced bundle decode the same greedy tokens
-    assert 0.0 <= red["agreement"]["agreement"] <= 1.0 and not math.isnan(red["ttft_speedup"])
+    assert red["agreement"] == token_agreement(red["tokens"], ref["tokens"]) and red["agreement"]["compared"] == 4
     again = CliRunner().invoke(main, [*args, "--no-pytorch", "--no-profile"])  # the sibling is reused, not re-exported
     assert again.exit_code == 0 and "cached" in again.output

@@ -18,10 +18,10 @@ from engines.check import (
     CheckOptions,
     CheckReport,
     first_token_kl,
-    main,
     resolve_thresholds,
     token_agreement,
 )
+from engines.check.cli import main
 from exporter.bundle import MANIFEST, hash_files, write_manifest
 
 QUICK = ["--num-samples", "1", "--max-new-tokens", "4"]

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from evaluation.cli import main as eval_main
+from commands.eval import main as eval_main
 from evaluation.grid import GRID_METHODS, grid
 
 
@@ -66,7 +66,7 @@ def test_check_answer_gate_options_are_validated() -> None:
 
 
 def test_train_cli_bad_input_exit_2(tmp_path) -> None:
-    from training.cli import main as train_main
+    from commands.train import main as train_main
 
     r = CliRunner().invoke(train_main, ["--steps", "0", "-o", str(tmp_path / "m")])
     assert r.exit_code == 2 and not (tmp_path / "m").exists()
@@ -89,7 +89,7 @@ def test_eval_bundles_share_one_reference_run(tiny_bundle, tmp_path) -> None:
 
 
 def test_calibration_set_is_drawn_from_train_images(tmp_path) -> None:
-    from evaluation.calib import main as calib_main
+    from commands.calib_set import main as calib_main
 
     out = tmp_path / "calib"
     res = CliRunner().invoke(calib_main, [str(out), "--images", "3"])

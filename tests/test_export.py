@@ -17,19 +17,19 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from bundle.compare import ALLCLOSE, OutputGates, compare_output
+from bundle.names import PREFILL, STAGES, STEP, VISION
 from exporter.bundle import BundleError, load_manifest
 from exporter.export import ExportOptions, example_inputs, export_stage
 from exporter.lint import has_errors, lint_files
 from exporter.pipeline import PlanRequest, export_bundle
-from exporter.validate import compare
-from exporter.wrappers import PREFILL, STAGES, STEP, VISION
 from ficoco.models import LoadedModel
 from ficoco.planner import plan
 from ficoco.reduced_llava import ReducedLlava
 from ficoco.schedule import Schedule
 
 FAST = ExportOptions(max_batch_size=2, max_text_len=128, max_new_tokens=32, optimize=False)
-CLI = [sys.executable, "-m", "exporter.cli_entry"]
+CLI = [sys.executable, "-m", "commands.export"]
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +141,8 @@ def _compare_stage(model: ReducedLlava, stage: str, tmp_path: Path) -> bool:
         ref = [out.logits, *[x for kv in out.cache for x in kv]]
     got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
     assert len(got) == len(ref)
-    results = [compare(f"{stage}:{i}", torch.from_numpy(g), r, atol=1e-3, rtol=1e-3) for i, (g, r) in enumerate(zip(got, ref, strict=True))]
+    gates = OutputGates(atol=1e-3, rtol=1e-3, check_error_stat=ALLCLOSE)
+    results = [compare_output(f"{stage}:{i}", g, r, gates) for i, (g, r) in enumerate(zip(got, ref, strict=True))]
     return all(c.passed for c in results)
 
 
@@ -299,7 +300,7 @@ def test_manifest_is_json_with_tool_versions(vl_bundle: Path) -> None:
 def _plan_file(tmp_path: Path, model: str, name: str, *extra: str) -> Path:
     from click.testing import CliRunner
 
-    from ficoco.cli import plan_main
+    from commands.plan import main as plan_main
 
     path = tmp_path / name
     res = CliRunner().invoke(plan_main, ["--model", model, "--variant", "VL", "--ratio", "0.25", *extra, "-o", str(path)])
@@ -311,7 +312,7 @@ def test_a_schedule_from_ficoco_plan_is_used_as_it_is(tmp_path: Path) -> None:
     """`ficoco-plan -o FILE` then `ficoco-export --schedule FILE`: that schedule, refused when it cannot apply."""
     from click.testing import CliRunner
 
-    from exporter.cli import main as export_main
+    from commands.export import main as export_main
     from exporter.pipeline import PlanRequest
     from ficoco.geometry import LlavaGeometry
     from ficoco.models import load_config
@@ -333,7 +334,7 @@ def test_a_schedule_from_ficoco_plan_is_used_as_it_is(tmp_path: Path) -> None:
 def test_export_uses_a_schedule_written_by_ficoco_plan(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from exporter.cli import main as export_main
+    from commands.export import main as export_main
 
     sched = _plan_file(tmp_path, "shapes", "plan.json", "--l-end", "3")
     out = tmp_path / "b"

@@ -1,4 +1,4 @@
-"""The theoretical FLOPs model (FICOCO_SPEC.md A9, §6.2)."""
+"""The theoretical FLOPs model (docs/method-spec.md A9, §6.2)."""
 
 from __future__ import annotations
 

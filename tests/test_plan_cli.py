@@ -1,48 +1,23 @@
-"""`ficoco-plan` (ficoco.cli.plan_main).
+"""`ficoco-plan` (commands.plan.main).
 
-The tests marked "real models" use ficoco.models.load_config and the configs shipped in ficoco/configs;
-the others swap in a stub `ficoco.models` so they test only the CLI's own behaviour.
+The model configs come from ficoco.models.load_config (the configs shipped in ficoco/configs): no weights.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from transformers import LlavaConfig
 
-from ficoco.cli import plan_main
+from commands.plan import main as plan_main
 from ficoco.schedule import Schedule
 
 
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
-
-
-@pytest.fixture
-def stub_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stand-in ficoco.models: 'llava-1.5-7b' -> LlavaConfig() defaults, anything else not found."""
-    mod = types.ModuleType("ficoco.models")
-
-    class ModelNotFoundError(LookupError):
-        pass
-
-    def load_config(name: str) -> LlavaConfig:
-        if name != "llava-1.5-7b":
-            raise ModelNotFoundError(f"unknown model {name!r}; known: llava-1.5-7b")
-        return LlavaConfig()
-
-    mod.ModelNotFoundError = ModelNotFoundError  # type: ignore[attr-defined]
-    mod.load_config = load_config  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "ficoco.models", mod)
-    import ficoco
-
-    monkeypatch.setattr(ficoco, "models", mod, raising=False)
 
 
 def _one_red_line(result) -> None:  # type: ignore[no-untyped-def]
@@ -63,8 +38,8 @@ def test_help(runner: CliRunner) -> None:
     assert "KEPT" in result.output and "TFLOPs" in result.output and "llava-1.5-7b" in result.output
 
 
-# ---------------------------------------------------------------------------------------- stubbed models
-def test_json_stub(runner: CliRunner, stub_models: None) -> None:
+# ------------------------------------------------------------------------------- the llava-1.5-7b config
+def test_json(runner: CliRunner) -> None:
     result = runner.invoke(plan_main, ["--variant", "VL", "--ratio", "0.25", "--format", "json"])
     assert result.exit_code == 0, result.output
     s = Schedule.from_dict(json.loads(result.stdout))
@@ -72,20 +47,20 @@ def test_json_stub(runner: CliRunner, stub_models: None) -> None:
 
 
 @pytest.mark.parametrize("method", ["random", "pool"])
-def test_baseline_methods_stub(runner: CliRunner, stub_models: None, method: str) -> None:
+def test_baseline_methods(runner: CliRunner, method: str) -> None:
     result = runner.invoke(plan_main, ["--variant", "V", "--method", method, "--keep-tokens", "64", "--format", "json"])
     assert result.exit_code == 0, result.output
     s = Schedule.from_dict(json.loads(result.stdout))
     assert s.vision.method == method and s.visual_tokens_final == 64 and s.vision.steps[0].layer == 12
 
 
-def test_table_stub(runner: CliRunner, stub_models: None) -> None:
+def test_table(runner: CliRunner) -> None:
     result = runner.invoke(plan_main, ["--variant", "v", "--keep-tokens", "192"])
     assert result.exit_code == 0, result.output
     assert "192" in result.stdout and "prefill" in result.stdout and "3.297" in result.stdout
 
 
-def test_output_file_atomic(runner: CliRunner, stub_models: None, tmp_path: Path) -> None:
+def test_output_file_atomic(runner: CliRunner, tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
     result = runner.invoke(plan_main, ["--variant", "L", "--method", "fastv", "--keep-tokens", "288", "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -109,11 +84,11 @@ def test_output_file_atomic(runner: CliRunner, stub_models: None, tmp_path: Path
         ["--model", "no-such-model", "--variant", "V", "--ratio", "0.25"],
     ],
 )
-def test_errors_are_one_red_line(runner: CliRunner, stub_models: None, args: list[str]) -> None:
+def test_errors_are_one_red_line(runner: CliRunner, args: list[str]) -> None:
     _one_red_line(runner.invoke(plan_main, args))
 
 
-def test_unwritable_output(runner: CliRunner, stub_models: None, tmp_path: Path) -> None:
+def test_unwritable_output(runner: CliRunner, tmp_path: Path) -> None:
     bad = tmp_path / "missing-dir" / "plan.json"
     _one_red_line(runner.invoke(plan_main, ["--variant", "V", "--ratio", "0.5", "-o", str(bad)]))
 

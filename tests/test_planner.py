@@ -1,4 +1,4 @@
-"""The schedule planner (FICOCO_SPEC.md A6/A7)."""
+"""The schedule planner (docs/method-spec.md A6/A7)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import math
 import pytest
 from transformers import LlavaConfig
 
+from commands.plan import format_table
 from ficoco.geometry import LlavaGeometry
 from ficoco.paradigm import adaptive_k
-from ficoco.planner import PlanError, even_split, format_table, plan
+from ficoco.planner import PlanError, even_split, plan
 from ficoco.schedule import Schedule
 
 
@@ -155,7 +156,7 @@ def test_paper_budgets_v(geo: LlavaGeometry) -> None:
         ("VL", "ficoco", 3.3),
         ("VL", "ficoco", 2.4),
         ("L", "fastv", 2.4),
-        # FiCoCo-L keeps all 576 tokens up to block 4, so it cannot go below ~4.9 T (FICOCO_SPEC.md §6.2)
+        # FiCoCo-L keeps all 576 tokens up to block 4, so it cannot go below ~4.9 T (docs/method-spec.md §6.2)
         ("L", "ficoco", 6.0),
         ("L", "ficoco", 5.0),
     ],

@@ -1,8 +1,8 @@
-"""Static (exportable) reduction == reference mode (FICOCO_SPEC A11).
+"""Static (exportable) reduction == reference mode (docs/method-spec.md A11).
 
 For every method and both presets, on random inputs (and inputs full of exact ties, fp16 inputs, r = 0
 and r at its maximum), the static implementation (`ficoco.methods`) and the data-dependent reference
-(`ficoco.reference`) must choose the same sources, keep the same tokens in the same order, send every
+(`tests/reference.py`) must choose the same sources, keep the same tokens in the same order, send every
 source to the same targets with the same weights, and produce the same tokens.
 """
 
@@ -12,6 +12,16 @@ import math
 
 import pytest
 import torch
+from reference import (
+    EVIT_FUSED,
+    RefPlan,
+    reference_decoder_apply,
+    reference_decoder_plan,
+    reference_decoder_step,
+    reference_vision_apply,
+    reference_vision_plan,
+    reference_vision_step,
+)
 
 from ficoco.methods import (
     VISION_METHODS,
@@ -23,16 +33,6 @@ from ficoco.methods import (
 )
 from ficoco.paradigm import MergePlan, adaptive_k, quantile_from_top
 from ficoco.params import PRESETS
-from ficoco.reference import (
-    EVIT_FUSED,
-    RefPlan,
-    reference_decoder_apply,
-    reference_decoder_plan,
-    reference_decoder_step,
-    reference_vision_apply,
-    reference_vision_plan,
-    reference_vision_step,
-)
 from ficoco.schedule import ReductionStep
 
 EPS = 0.998
@@ -487,7 +487,7 @@ def test_reference_ficoco_v_hand_example() -> None:
 
 
 def test_reference_local_penalty_literal() -> None:
-    from ficoco.reference import _local_penalty_literal
+    from reference import _local_penalty_literal
 
     # 4x4 grid, patches 0..15 present except 5; window (0, 0) holds patches 0, 1, 4 (5 missing).
     pos = [-1] + [p for p in range(16) if p != 5]
@@ -505,7 +505,7 @@ def test_reference_local_penalty_literal() -> None:
 
 def test_reference_eq2_by_hand() -> None:
     """Two sources flowing into one kept token: (X_j + a X_1 + b X_2) / (1 + a + b)."""
-    from ficoco.reference import _merge_normalized
+    from reference import _merge_normalized
 
     x = torch.tensor([[1.0], [10.0], [100.0], [1000.0]])
     targets = {1: {0: 0.25, 3: 0.75}, 2: {0: 1.0}}

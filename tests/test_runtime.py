@@ -15,8 +15,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from bundle.ort import ort_stages
 from engines.cli import run_main
-from engines.ort_backend import ort_stages
 from engines.runtime import InputError, Pipeline
 from engines.trt_backend import (
     ENGINE_MANIFEST,

@@ -17,6 +17,9 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 from test_runtime import QUESTION, linked_copy
 
+from bundle.names import EMBED, PREFILL, STAGES, STEP, VISION
+from commands.build import main as build_main
+from commands.run import main as run_main
 from engines.builder import (
     BuildConfigError,
     BuildOptions,
@@ -25,9 +28,7 @@ from engines.builder import (
     qdq_types,
     resolve_profiles,
 )
-from engines.cli import build_main, run_main
 from exporter.bundle import load_manifest
-from exporter.wrappers import EMBED, PREFILL, STAGES, STEP, VISION
 from ficoco.images import test_image
 
 NO_TRT = "TensorRT/CUDA absent: the TensorRT path was not verified here"

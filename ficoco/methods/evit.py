@@ -1,4 +1,4 @@
-"""EViT in the paradigm (FICOCO_SPEC A10, §5): inattentive tokens fuse into one new token.
+"""EViT in the paradigm (docs/method-spec.md A10, §5): inattentive tokens fuse into one new token.
 
 * filter: a^CLS_i = head-mean softmax attention of [CLS] to token i; the r + 1 patches with the lowest
   a^CLS form S (so the span shrinks by r net), [CLS] is never a source.

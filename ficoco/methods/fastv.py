@@ -1,4 +1,4 @@
-"""FastV in the paradigm (FICOCO_SPEC A10, §5): prune visual tokens once, by the last token's attention.
+"""FastV in the paradigm (docs/method-spec.md A10, §5): prune visual tokens once, by the last token's attention.
 
 * filter: a_i = head-mean softmax attention of the last prompt token to visual token i (the last query
   is causal-valid for every key); s_i = -a_i, S = TopK(s, r).

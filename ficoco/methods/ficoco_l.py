@@ -1,4 +1,4 @@
-"""FiCoCo-L: filter, correlate, compress inside the Llama decoder (FICOCO_SPEC A1-A4, A6, §3, §9).
+"""FiCoCo-L: filter, correlate, compress inside the Llama decoder (docs/method-spec.md A1-A4, A6, §3, §9).
 
 The visual span is [a, a + n) of the sequence (a = image offset, a runtime tensor); X is the text after
 the image, [a + n, L), with M = L - a - n tokens. From the block's RoPE'd Q and K (head-mean scaled

@@ -1,4 +1,4 @@
-"""FiCoCo-V: filter, correlate, compress inside the CLIP vision encoder (FICOCO_SPEC A1-A5, §2, §9).
+"""FiCoCo-V: filter, correlate, compress inside the CLIP vision encoder (docs/method-spec.md A1-A5, §2, §9).
 
 At a reducing block with span [CLS, patches] of n tokens and l = head-mean scaled logits of the block
 (l_ij = (1/H) sum_h q_hi k_hj / sqrt(d_h)):

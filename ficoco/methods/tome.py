@@ -1,4 +1,4 @@
-"""ToMe in the paradigm (FICOCO_SPEC A10, §5): bipartite soft matching inside the vision encoder.
+"""ToMe in the paradigm (docs/method-spec.md A10, §5): bipartite soft matching inside the vision encoder.
 
 * filter: alternate the span into A (even indices, [CLS] at 0 included) and B (odd indices); with the
   head-mean keys k_bar normalised, s_i = max_{j in B} cos(k_bar_i, k_bar_j) for i in A ([CLS] gets

@@ -1,5 +1,9 @@
 """ONNX Runtime backend: one `InferenceSession` per graph behind the `Session` interface.
 
+The one way the project opens a bundle graph in ONNX Runtime (`OrtSession`, with `session_options`) and
+runs the four stages (`ort_stages`): the runtime's backend, the export validation, the quantizer's
+calibration and report, and the selection probes all go through it.
+
 On CPU the feeds go in as numpy arrays that share memory with the torch tensors and the outputs come back
 the same way (no copies). With the CUDA (or TensorRT) execution provider and a CUDA build of PyTorch, the
 session binds torch CUDA tensors by address through an `IOBinding` and hands the outputs, left on the
@@ -19,9 +23,8 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from engines.session import BackendUnavailable, Session, SessionError, SessionStages, TensorSpec
-from exporter.validate import session_options
-from exporter.wrappers import STAGES
+from bundle.names import STAGES
+from bundle.session import BackendUnavailable, Session, SessionError, SessionStages, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,18 @@ _ORT_DTYPES: dict[str, torch.dtype] = {
     "tensor(uint8)": torch.uint8,
     "tensor(bool)": torch.bool,
 }
+
+
+def session_options(threads: int | None = None, *, optimize: bool = True) -> ort.SessionOptions:
+    """Quiet ONNX Runtime session options; `threads` intra-op threads (None: all cores); `optimize=False`
+    turns every graph optimization off (for graphs ONNX Runtime's CPU optimizer cannot rewrite)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return so
 
 
 def _torch_dtype(ort_type: str) -> torch.dtype:
@@ -115,7 +130,7 @@ def resolve_providers(choice: str = "auto", cache_dir: Path | None = None) -> li
 
 class OrtSession(Session):
     """One ONNX graph in ONNX Runtime. Tensors live on `device` (cuda:N when a CUDA provider runs it and
-    PyTorch has CUDA, else cpu)."""
+    PyTorch has CUDA, else cpu). `options` replaces `session_options(threads)` (then `threads` is unused)."""
 
     def __init__(
         self,
@@ -124,12 +139,13 @@ class OrtSession(Session):
         threads: int | None = None,
         io_binding: bool | None = None,
         device_id: int = 0,
+        options: ort.SessionOptions | None = None,
     ) -> None:
         path = Path(path)
         self.name = path.stem
         try:
             self.session = ort.InferenceSession(
-                str(path), session_options(threads), providers=list(providers or ["CPUExecutionProvider"])
+                str(path), options or session_options(threads), providers=list(providers or ["CPUExecutionProvider"])
             )
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise SessionError(f"ONNX Runtime cannot load {path}: {err}") from err

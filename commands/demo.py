@@ -19,7 +19,7 @@ from exporter.export import ExportOptions
 from exporter.pipeline import PlanRequest, export_bundle
 from ficoco import vqa
 from ficoco.models import load_model
-from ficoco.planner import format_table
+from commands.plan import format_table
 
 #: (split, image key, question index within that image's questions) asked by the demo: two about a mosaic
 #: (where the model is weak: position and count are near the text-only baseline, README "Accuracy"), then

@@ -1,4 +1,4 @@
-"""Reference mode (FICOCO_SPEC A11): the reduction equations written the data-dependent way, for tests.
+"""Reference mode (docs/method-spec.md A11): the reduction equations written the data-dependent way, for tests.
 
 Everything here is deliberately the *opposite* of the static implementation in `ficoco.paradigm` and
 `ficoco.methods`: per-sample Python loops, explicit sets J_i (targets of source i) and I_j (sources of
@@ -92,7 +92,7 @@ def _complement(sources: list[int], n: int) -> list[int]:
 def _correlate(
     row: list[float], candidates: list[int], k: int, epsilon: float, strict: bool, drop: set[int]
 ) -> dict[int, float]:
-    """J_i and alpha_ij for one source (FICOCO_SPEC A3).
+    """J_i and alpha_ij for one source (docs/method-spec.md A3).
 
     tau_i is the eps-quantile of the source's whole row; the top-k `candidates` by C_ij are the
     potential targets; a target is valid iff C_ij >= tau_i (> for strict) and finite; alpha is the

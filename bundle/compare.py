@@ -1,0 +1,284 @@
+"""The one checking core: a bundle's outputs against a reference, output by output and token by token.
+
+The export validation (`exporter.validate`), `ficoco-check` (`engines.check`) and the quantizer's report
+(`calibration.evaluate`) all judge with these functions.
+
+Error statistics (`error_stats`), in float64 over the flattened outputs: the max / mean / median
+absolute error |got - ref|, the largest relative error |got - ref| / |ref| (a zero in `ref` counts as
+float64's eps there), and the cosine similarity (1 when both outputs are zero, 0 when one is, NaN for
+non-finite values; clamped to [-1, 1]).
+
+Tolerance rules (`OutputGates.check_error_stat`; NaN never passes):
+
+- "elemwise": every element within atol OR within rtol (|d| <= atol or |d| / |ref| <= rtol);
+- "mean" / "median" / "max": that statistic of |d| within atol, or the same statistic of |d| / |ref|
+  within rtol (with "elemwise", these are Polygraphy's `--check-error-stat` semantics, `ERROR_STATS`);
+- "allclose": every element |d| <= atol + rtol * |ref| (numpy.allclose's rule; the export validation's).
+
+An output passes (`compare_output`) when it is finite, within tolerance (unless the gates judge by cosine
+only) and, when `min_cosine` is set, at least that similar. `compare_stages` runs a backend's four
+stages on the reference's own inputs of each stage, so every stage's error is its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bundle.names import EMBED, PREFILL, STEP, VISION
+
+log = logging.getLogger(__name__)
+
+#: The error statistics of Polygraphy's `--check-error-stat` (ficoco-check's option).
+ERROR_STATS = ("elemwise", "mean", "median", "max")
+#: numpy.allclose's rule, |d| <= atol + rtol * |ref| elementwise: the export validation's.
+ALLCLOSE = "allclose"
+TOLERANCE_RULES = (*ERROR_STATS, ALLCLOSE)
+
+_EPS = float(np.finfo(np.float64).eps)  # stands in for |ref| where ref is 0 in the relative error
+
+ArrayLike = Tensor | np.ndarray
+
+
+def _f64(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _diffs(g: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(|g - r|, |g - r| / |r|) elementwise, a zero in r counting as eps."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        absdiff = np.abs(g - r)
+        ref_abs = np.abs(r)
+        return absdiff, absdiff / np.where(ref_abs == 0, _EPS, ref_abs)
+
+
+def _cosine(g: np.ndarray, r: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(g)), float(np.linalg.norm(r))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    cos = float(np.dot(g, r) / (na * nb))
+    return cos if math.isnan(cos) else max(-1.0, min(1.0, cos))
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    """How far one output is from its reference (see the module docstring)."""
+
+    max_abs_err: float
+    mean_abs_err: float
+    median_abs_err: float
+    max_rel_err: float
+    cosine: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _stats(g: np.ndarray, r: np.ndarray, absdiff: np.ndarray, reldiff: np.ndarray) -> ErrorStats:
+    if not g.size:
+        return ErrorStats(0.0, 0.0, 0.0, 0.0, 1.0)
+    return ErrorStats(
+        max_abs_err=float(np.max(absdiff)),
+        mean_abs_err=float(np.mean(absdiff)),
+        median_abs_err=float(np.median(absdiff)),
+        max_rel_err=float(np.max(reldiff)),
+        cosine=_cosine(g, r),
+    )
+
+
+def _flat_pair(got: ArrayLike, ref: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    g, r = _f64(got), _f64(ref)
+    if g.shape != r.shape:
+        raise ValueError(f"cannot compare an output of shape {list(g.shape)} with a reference of shape {list(r.shape)}")
+    return g.ravel(), r.ravel()
+
+
+def error_stats(got: ArrayLike, ref: ArrayLike) -> ErrorStats:
+    """The error statistics of `got` against `ref` (same shape; torch tensors or numpy arrays)."""
+    g, r = _flat_pair(got, ref)
+    return _stats(g, r, *_diffs(g, r))
+
+
+@dataclass(frozen=True)
+class OutputGates:
+    """When one output passes: within `atol` / `rtol` by the rule `check_error_stat` (one of
+    TOLERANCE_RULES; checked when `gate_tolerance`), finite, and cosine >= `min_cosine` (when set)."""
+
+    atol: float
+    rtol: float
+    check_error_stat: str = "elemwise"
+    gate_tolerance: bool = True
+    min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.check_error_stat not in TOLERANCE_RULES:
+            raise ValueError(f"unknown tolerance rule {self.check_error_stat!r}; choose one of {', '.join(TOLERANCE_RULES)}")
+
+
+def _stat_fails(value: float, tol: float) -> bool:
+    return math.isnan(value) or value > tol
+
+
+def _within(absdiff: np.ndarray, reldiff: np.ndarray, r: np.ndarray, gates: OutputGates) -> bool:
+    rule, atol, rtol = gates.check_error_stat, gates.atol, gates.rtol
+    if not absdiff.size:
+        return True
+    with np.errstate(invalid="ignore"):
+        if rule == ALLCLOSE:
+            return bool(np.all(absdiff <= atol + rtol * np.abs(r)))
+        if rule == "elemwise":
+            mismatch = ((absdiff > atol) | np.isnan(absdiff)) & ((reldiff > rtol) | np.isnan(reldiff))
+            return not bool(np.any(mismatch))
+    stat = {"mean": np.mean, "median": np.median, "max": np.max}[rule]
+    return not (_stat_fails(float(stat(absdiff)), atol) and _stat_fails(float(stat(reldiff)), rtol))
+
+
+@dataclass
+class OutputComparison:
+    """One output against its reference: the error statistics and the verdict of the gates."""
+
+    name: str  # "<graph>:<output>"
+    shape: list[int]
+    max_abs_err: float
+    mean_abs_err: float
+    median_abs_err: float
+    max_rel_err: float
+    cosine: float  # NaN when the output is not finite
+    within_tolerance: bool  # finite and within atol / rtol by the gates' rule
+    passed: bool  # every gate
+
+    @property
+    def graph(self) -> str:
+        return self.name.split(":")[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_output(name: str, got: ArrayLike, ref: ArrayLike, gates: OutputGates) -> OutputComparison:
+    """Judge one output; a shape mismatch fails with NaN statistics."""
+    g, r = _f64(got), _f64(ref)
+    if g.shape != r.shape:
+        nan = float("nan")
+        log.debug("%s: shape %s, the reference's is %s", name, list(g.shape), list(r.shape))
+        return OutputComparison(name, list(g.shape), nan, nan, nan, nan, nan, False, False)
+    shape = list(g.shape)
+    g, r = g.ravel(), r.ravel()
+    absdiff, reldiff = _diffs(g, r)
+    s = _stats(g, r, absdiff, reldiff)
+    finite = bool(np.isfinite(g).all())
+    within = finite and _within(absdiff, reldiff, r, gates)
+    cosine = s.cosine if finite else float("nan")
+    passed = (within or not gates.gate_tolerance) and finite
+    if gates.min_cosine is not None:
+        passed = passed and cosine >= gates.min_cosine  # NaN fails
+    log.debug("%s: max |err| %.4g, mean %.4g, median %.4g, max rel %.4g, cosine %.8f, within %s, passed %s",
+              name, s.max_abs_err, s.mean_abs_err, s.median_abs_err, s.max_rel_err, cosine, within, passed)
+    return OutputComparison(name, shape, s.max_abs_err, s.mean_abs_err, s.median_abs_err, s.max_rel_err, cosine,
+                            within, passed)
+
+
+def compare_outputs(got: Mapping[str, ArrayLike], ref: Mapping[str, ArrayLike], gates: OutputGates) -> list[OutputComparison]:
+    """`compare_output` for every output of `got` against the `ref` output of the same name."""
+    return [compare_output(name, g, ref[name], gates) for name, g in got.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stage by stage
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _kv(prefix: str, flat: Sequence[Tensor]) -> dict[str, Tensor]:
+    return {f"{prefix}:present.{i // 2}.{'key' if i % 2 == 0 else 'value'}": t for i, t in enumerate(flat)}
+
+
+@dataclass
+class StageComparison:
+    """Every stage output judged, and the reference's intermediate results (for callers that go on decoding)."""
+
+    comparisons: list[OutputComparison]
+    ref_visual: Tensor
+    ref_logits: Tensor  # [B, V] prefill logits, float32
+    ref_past: list[Tensor]
+
+
+def compare_stages(
+    backend: Any, reference: Any, pixel_values: Tensor, input_ids: Tensor, image_offset: Tensor, gates: OutputGates,
+) -> StageComparison:
+    """Every graph of `backend` on the reference's inputs of that graph, against `reference` (both
+    `ficoco.generation.StagedModel`s, e.g. `bundle.ort.ort_stages(...)` and `ReducedLlava.stages()`).
+
+    vision_encoder on the pixels; embed_tokens on the ids; decoder_prefill on the reference's embeddings
+    and visual tokens (logits and every present K/V); one decoder_step on the embedding of the
+    reference's greedy token and the reference's K/V. Outputs are named "<graph>:<output>".
+    """
+    got: dict[str, Tensor] = {}
+    ref: dict[str, Tensor] = {}
+    with torch.inference_mode():
+        ref_visual = reference.encode_image(pixel_values)
+        ref[f"{VISION}:visual_tokens"], got[f"{VISION}:visual_tokens"] = ref_visual, backend.encode_image(pixel_values)
+        ref_embeds = reference.embed(input_ids)
+        ref[f"{EMBED}:inputs_embeds"], got[f"{EMBED}:inputs_embeds"] = ref_embeds, backend.embed(input_ids)
+        ref_logits, ref_past = reference.prefill(ref_embeds, ref_visual, image_offset)
+        got_logits, got_past = backend.prefill(ref_embeds, ref_visual, image_offset)
+        ref[f"{PREFILL}:logits"], got[f"{PREFILL}:logits"] = ref_logits, got_logits
+        ref.update(_kv(PREFILL, ref_past))
+        got.update(_kv(PREFILL, got_past))
+        nxt = torch.argmax(ref_logits, dim=-1, keepdim=True)
+        b = int(input_ids.shape[0])
+        position = torch.full((b,), int(input_ids.shape[1]) + int(ref_visual.shape[1]), dtype=torch.long)
+        tok = reference.embed(nxt)
+        ref_step, ref_step_past = reference.step(tok, position, ref_past)
+        got_step, got_step_past = backend.step(tok, position, ref_past)
+        ref[f"{STEP}:logits"], got[f"{STEP}:logits"] = ref_step, got_step
+        ref.update(_kv(STEP, ref_step_past))
+        got.update(_kv(STEP, got_step_past))
+    return StageComparison(compare_outputs(got, ref, gates), ref_visual, ref_logits.float(), ref_past)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokens
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenAgreement:
+    """Two greedy token sequences of one sample: exact-match rate over positions and the first divergence."""
+
+    match_rate: float
+    first_divergence: int | None  # index of the first differing token; None when identical
+    tokens: list[int]  # the candidate's (backend / reduced / quantized)
+    reference_tokens: list[int]  # the reference's (reduced PyTorch / unreduced transformers / fp32 bundle)
+
+    @property
+    def identical(self) -> bool:
+        return self.first_divergence is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def token_agreement(tokens: Sequence[int], reference: Sequence[int]) -> TokenAgreement:
+    """The share of positions where both sequences hold the same token, over the longer sequence.
+
+    A position beyond the shorter sequence counts as a mismatch (and a first divergence), so a candidate
+    that stops early or runs on never agrees fully. This is the one definition: the quantizer's report
+    used to divide by the shorter length instead, which gave the same numbers only because its
+    sequences (like every caller's: fixed length, no stop token) are always equally long.
+    """
+    a, b = list(map(int, tokens)), list(map(int, reference))
+    n = max(len(a), len(b))
+    same = [i < len(a) and i < len(b) and a[i] == b[i] for i in range(n)]
+    first = next((i for i, s in enumerate(same) if not s), None)
+    return TokenAgreement(sum(same) / n if n else 1.0, first, a, b)

@@ -1,0 +1,192 @@
+"""Measuring inside a worker: run statistics, the process's memory and the machine's load, and ONNX Runtime
+profiling (the profiled pass over vision, embed and prefill, its trace parsed and attributed to the
+graphs' reduction nodes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engines.bench.common import PROFILED_STAGES
+
+# ---------------------------------------------------------------------------------------------------------
+# statistics of the timed runs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def summarize(values: Sequence[float]) -> dict[str, float | int]:
+    """median, min, max, the quartiles and n of a list of measurements (linear-interpolated quantiles)."""
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        return {"n": 0}
+
+    def q(p: float) -> float:
+        pos = p * (len(xs) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return {"n": len(xs), "median": q(0.5), "min": xs[0], "max": xs[-1], "q1": q(0.25), "q3": q(0.75)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memory and load of the worker process
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_now() -> int:
+    """Current resident set size in bytes (Linux /proc; elsewhere the peak so far)."""
+    now = _proc_status_bytes("VmRSS")
+    return now if now is not None else rss_peak()
+
+
+def rss_peak() -> int:
+    """This process's peak RSS in bytes: VmHWM on Linux (the high-water mark of this process image, reset by
+    exec), else ru_maxrss (which on Linux also carries the parent's peak across fork + exec)."""
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average (other processes competing for the cores show up here), None if unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ONNX Runtime profiles
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_trace(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The events of an ONNX Runtime profile file (a JSON list; tolerates a missing closing bracket)."""
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = json.loads(text.rstrip().rstrip(",") + "]")
+    return list(data if isinstance(data, list) else data.get("traceEvents", []))
+
+
+def node_times(events: Sequence[dict[str, Any]], last_runs: int = 1) -> list[tuple[str, str, float]]:
+    """(node name, op type, microseconds) of every node kernel in the last `last_runs` session runs.
+
+    ONNX Runtime writes one ``Session/model_run`` event per `run()` and, per node, ``<name>_kernel_time``
+    events (``cat == "Node"``, ``dur`` in µs, ``args.op_name``). Earlier runs (warm-up) are dropped by
+    keeping the nodes that start inside the last `last_runs` model_run windows.
+    """
+    runs = sorted(
+        ((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+    )
+    windows = runs[-last_runs:] if runs and last_runs > 0 else []
+    out: list[tuple[str, str, float]] = []
+    for e in events:
+        name = str(e.get("name", ""))
+        if e.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        ts = float(e.get("ts", 0))
+        if windows and not any(lo <= ts <= hi for lo, hi in windows):
+            continue
+        op = str((e.get("args") or {}).get("op_name", ""))
+        out.append((name[: -len("_kernel_time")], op, float(e.get("dur", 0))))
+    return out
+
+
+def graph_node_of(name: str, graph_nodes: set[str]) -> str | None:
+    """The graph node a profiled kernel comes from: itself, or for a node ONNX Runtime created by fusion
+    (``<original>/MatMulScaleFusion/``, ``<original>/GatherSliceToSplitFusion``) the original before the
+    first slash; None for nodes the runtime inserted (layout transposes such as ``Transpose_token_4``)."""
+    if name in graph_nodes:
+        return name
+    head = name.split("/", 1)[0]
+    return head if head in graph_nodes else None
+
+
+def reduction_share(
+    nodes: Sequence[tuple[str, str, float]], reduction: set[str], graph_nodes: set[str], top: int = 8
+) -> dict[str, Any]:
+    """Per-stage attribution: ms in reduction nodes, in all nodes, in nodes no graph node accounts for
+    (inserted by ONNX Runtime), and the top op types by time."""
+    nodes = [(graph_node_of(n, graph_nodes) or n, op, d) for n, op, d in nodes]
+    total = sum(d for _, _, d in nodes)
+    red = sum(d for n, _, d in nodes if n in reduction)
+    unknown = sum(d for n, _, d in nodes if n not in graph_nodes)
+    by_op: dict[str, float] = {}
+    for _, op, d in nodes:
+        by_op[op] = by_op.get(op, 0.0) + d
+    ops = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "reduction_ms": red / 1e3,
+        "total_node_ms": total / 1e3,
+        "share": (red / total) if total > 0 else 0.0,
+        "unattributed_ms": unknown / 1e3,
+        "nodes_profiled": len(nodes),
+        "reduction_nodes_in_graph": len(reduction),
+        "reduction_nodes_profiled": sum(1 for n, _, _ in nodes if n in reduction),
+        "top_ops_ms": {op: d / 1e3 for op, d in ops},
+    }
+
+
+def profile_bundle(onnx_dir: Path, px: Any, ids: Any, offsets: Any, threads: int, *, warm: bool, trace_dir: Path) -> dict[str, Any]:
+    """Profile vision, embed and prefill once more (a warm-up pass first if `warm`, then the measured pass);
+    the reduction share per stage, from the measured pass's node events."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from exporter.regions import has_namespaces, reduction_node_names
+    from exporter.validate import session_options
+
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    sessions: dict[str, Any] = {}
+    graphs: dict[str, tuple[set[str], set[str], bool]] = {}
+    for stage in PROFILED_STAGES:
+        path = onnx_dir / f"{stage}.onnx"
+        proto = onnx.load(str(path), load_external_data=False)
+        graphs[stage] = (reduction_node_names(proto), {n.name for n in proto.graph.node}, has_namespaces(proto))
+        del proto
+        so = session_options(threads)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(trace_dir / stage)
+        sessions[stage] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    def feed(stage: str, values: dict[str, Any]) -> dict[str, Any]:
+        types = {i.name: i.type for i in sessions[stage].get_inputs()}
+        np_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+        return {k: np.ascontiguousarray(np.asarray(v), dtype=np_types.get(types[k], None)) for k, v in values.items()}
+
+    px_np, ids_np, off_np = px.numpy(), ids.numpy(), offsets.numpy()
+    passes = 2 if warm else 1
+    for _ in range(passes):
+        visual = sessions["vision_encoder"].run(None, feed("vision_encoder", {"pixel_values": px_np}))[0]
+        embeds = sessions["embed_tokens"].run(None, feed("embed_tokens", {"input_ids": ids_np}))[0]
+        sessions["decoder_prefill"].run(None, feed("decoder_prefill", {"inputs_embeds": embeds, "visual_tokens": visual, "image_offset": off_np}))
+    out: dict[str, Any] = {}
+    for stage in PROFILED_STAGES:
+        trace = sessions[stage].end_profiling()
+        nodes = node_times(load_trace(trace), last_runs=1)
+        reduction, names, namespaced = graphs[stage]
+        out[stage] = {**reduction_share(nodes, reduction, names), "namespaces": namespaced, "trace": str(trace)}
+    sessions.clear()
+    return out
+

@@ -1,0 +1,127 @@
+"""`run_check`: the accuracy gate of a bundle against PyTorch, at four levels.
+
+For a handful of (image, prompt) pairs, the bundle's backend (`Pipeline.from_bundle`, ONNX Runtime or
+TensorRT) is compared with the reduced PyTorch model rebuilt from the manifest (`reference_for_bundle`):
+
+1. **stages** (`bundle.compare.compare_stages`): every graph on the PyTorch inputs of that graph, so each
+   stage's error is its own (vision_encoder visual tokens; embed_tokens; decoder_prefill logits and every
+   present K/V; one decoder_step's logits and presents). Each output is judged with `--atol/--rtol/
+   --check-error-stat` (Polygraphy's semantics) and its cosine similarity.
+2. **greedy tokens**: greedy generation through the runtime vs the reduced PyTorch model (the same loop,
+   `ficoco.generation`, no stop token): exact-match rate over positions, first divergence
+   (`bundle.compare.token_agreement`).
+3. **what the reduction costs** (informational unless `--max-kl` / `--min-reduction-agreement`): the
+   reduced PyTorch model vs the unreduced transformers model on the same inputs: KL(p_unreduced ||
+   p_reduced) of the first generated token, its top-1 agreement, and greedy token agreement
+   (`LlavaForConditionalGeneration.generate`).
+4. **answers** (the `shapes` model): accuracy of the bundle vs the reduced PyTorch model on easy-vqa test
+   questions (`--task-images`, `--max-accuracy-drop`).
+
+Beside the gates, for information: the **selection flips** of every reduction step, i.e. how many kept
+tokens of the bundle's ONNX graphs differ from the fp32 reference's (`engines.selection`), and how many
+of those are ties between patches of identical pixels.
+
+Default thresholds depend on the bundle (`DEFAULT_THRESHOLDS`: fp32, fp16, quantized); every one can be
+overridden. The report goes to BUNDLE/reports/check.json and check.md (atomic writes; reports/ is not
+part of the bundle's hashes).
+
+    report = run_check("out/tiny-vl25", CheckOptions(num_samples=2, max_new_tokens=8))
+    print(report.to_markdown()); assert report.passed
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from bundle.compare import compare_stages, token_agreement
+from engines.check.inputs import load_images, load_prompts, make_samples, reference_for_bundle
+from engines.check.levels import TASK_IMAGES, TASK_MODELS, check_task, reduction_cost, selection_checker
+from engines.check.options import (
+    DEFAULT_MAX_NEW_TOKENS,
+    CheckOptions,
+    ProgressCallback,
+    bundle_kind,
+    resolve_thresholds,
+)
+from engines.check.report import CheckReport, SampleResult, tool_versions
+
+
+def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = None, progress: ProgressCallback | None = None) -> CheckReport:
+    """Check a bundle's backend against PyTorch at the four levels; returns the judged report.
+
+    Raises BundleError (missing / modified / graph-only bundle), CheckInputError / ImageError /
+    InputError (bad images, prompts, options, reference model) before any sample runs.
+    """
+    from engines.runtime import Frontend, Pipeline
+    from ficoco.generation import decode_tokens
+
+    options = options or CheckOptions()
+    options.validate()
+    t_start = time.perf_counter()
+    front = Frontend.from_bundle(bundle, verify=options.verify)  # BundleError: missing, modified, graph-only
+    samples = make_samples(load_images(options.images), load_prompts(options.prompts), options.num_samples)
+    n_new = min(DEFAULT_MAX_NEW_TOKENS, front.max_new_tokens_limit) if options.max_new_tokens is None else int(options.max_new_tokens)
+    for s in samples:  # every prompt within the bundle's limits, before anything heavy is loaded
+        ids, _ = front.tokenize([s.prompt])
+        front.check_request(int(ids.shape[1]), n_new)
+    thresholds = resolve_thresholds(front.manifest, options)
+    loaded, reduced = reference_for_bundle(front.manifest, options.model)
+    pipe = Pipeline.from_bundle(
+        front, backend=options.backend, verify=options.verify, device=options.device,
+        ort_provider=options.ort_provider, threads=options.threads,
+    )
+    source = front.manifest.get("source_model") or {}
+    report = CheckReport(
+        bundle=str(Path(bundle)),
+        backend=pipe.backend,
+        device=str(pipe.stages.device),
+        bundle_kind=bundle_kind(front.manifest),
+        thresholds=thresholds,
+        max_new_tokens=n_new,
+        reference={
+            "model": loaded.name,
+            "revision": loaded.revision,
+            "bundle_source_model": source.get("name"),
+            "bundle_revision": source.get("revision"),
+            "revision_matches": source.get("revision") in (None, loaded.revision),
+            "dtype": "float32",
+        },
+        samples=[],
+        tool_versions=tool_versions(),
+    )
+    ref_stages = reduced.stages()
+    gates = thresholds.output_gates()
+    selection, report.selection_note = selection_checker(front.bundle, options.threads)
+    for i, s in enumerate(samples):
+        t0 = time.perf_counter()
+        px = pipe.preprocess([s.image])
+        ids, offsets = pipe.tokenize([s.prompt])
+        sc = compare_stages(pipe.stages, ref_stages, px, ids, offsets, gates)
+        got_tokens = pipe.generate_ids(px, ids, offsets, n_new, stop_token_ids=[])[0].tolist()
+        with torch.inference_mode():  # the reference's vision and prefill on these inputs already ran above
+            ref_tokens = decode_tokens(ref_stages, sc.ref_visual, ids, offsets, n_new,
+                                       prefilled=(sc.ref_logits, sc.ref_past))[0].tolist()
+        cost = reduction_cost(loaded, px, ids, int(offsets[0]), sc.ref_logits[0], ref_tokens, n_new)
+        flips = None
+        if selection is not None:
+            with torch.inference_mode():
+                flips = selection.check(reduced, px, reduced.embed_text(ids), offsets)
+            report.selection_note = report.selection_note or flips.note
+        report.samples.append(
+            SampleResult(s.image_name, s.prompt, sc.comparisons, token_agreement(got_tokens, ref_tokens), cost,
+                         time.perf_counter() - t0, flips)
+        )
+        if progress is not None:
+            progress(i + 1, len(samples), f"{s.image_name} / {s.prompt}")
+    task_images = options.task_images
+    if task_images is None:
+        task_images = TASK_IMAGES if loaded.name in TASK_MODELS else 0
+    if task_images:
+        report.task = check_task(pipe, ref_stages, loaded, task_images)
+    report.seconds = time.perf_counter() - t_start
+    report.judge()
+    return report
