@@ -145,7 +145,8 @@ class OrtSession(Session):
         self.name = path.stem
         try:
             self.session = ort.InferenceSession(
-                str(path), options or session_options(threads), providers=list(providers or ["CPUExecutionProvider"])
+                str(path), session_options(threads) if options is None else options,
+                providers=list(providers or ["CPUExecutionProvider"]),
             )
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise SessionError(f"ONNX Runtime cannot load {path}: {err}") from err

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from commands.plan import format_table
 from engines.check import CheckOptions, run_check
 from engines.runtime import Pipeline
 from exporter.bundle import load_manifest
@@ -19,7 +20,6 @@ from exporter.export import ExportOptions
 from exporter.pipeline import PlanRequest, export_bundle
 from ficoco import vqa
 from ficoco.models import load_model
-from commands.plan import format_table
 
 #: (split, image key, question index within that image's questions) asked by the demo: two about a mosaic
 #: (where the model is weak: position and count are near the text-only baseline, README "Accuracy"), then

@@ -30,7 +30,7 @@ from engines.bench import (
     token_agreement,
     write_reports,
 )
-from engines.bench.cli import main
+from commands.bench import main
 from engines.bench.common import PROFILED_STAGES, TIMED_FIELDS
 from ficoco.flops import flops_report
 from ficoco.geometry import LlavaGeometry

@@ -2,13 +2,10 @@
 
 The package's face. `sweep` plans the sweep and runs one worker process per configuration (the module
 docstring there describes a whole run), `worker` is that process, `profiling` its measuring, `report`
-the aggregation and the bench.json/.md/.png files, and `cli` the click command (`main`, loaded on first
-use here so that importing the library does not import click).
+the aggregation and the bench.json/.md/.png files; the click command is `commands.bench`.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from engines.bench.common import BenchFailed, BenchInputError, BenchOptions, ConfigSpec, layer_ranges
 from engines.bench.profiling import graph_node_of, load_trace, node_times, reduction_share, summarize
@@ -24,14 +21,7 @@ from engines.bench.sweep import (
 
 __all__ = [
     "BenchFailed", "BenchInputError", "BenchOptions", "ConfigSpec", "build_report", "graph_node_of", "layer_ranges",
-    "load_trace", "main", "node_times", "parse_ratios", "parse_variants", "plan_configs", "reduction_share",
+    "load_trace", "node_times", "parse_ratios", "parse_variants", "plan_configs", "reduction_share",
     "render_markdown", "run_bench", "run_worker", "sibling_request", "summarize", "token_agreement", "write_reports",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "main":
-        from engines.bench.cli import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

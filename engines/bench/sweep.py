@@ -32,7 +32,7 @@ excluded) at the prompt's real text length. The reports ``bench.json``, ``bench.
 go to ``BUNDLE/reports/`` (``--report-dir``), each written atomically.
 
 This module plans and runs the sweep; `engines.bench.worker` times one configuration,
-`engines.bench.profiling` holds the measuring, `engines.bench.report` the report and `engines.bench.cli`
+`engines.bench.profiling` holds the measuring, `engines.bench.report` the report and `commands.bench`
 the command.
 """
 

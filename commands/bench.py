@@ -1,5 +1,4 @@
-"""The `ficoco-bench` command: its flags, checked into `BenchOptions`, then `run_bench` with progress on
-stderr. The only module of the package that uses click."""
+"""`ficoco-bench`: its flags, checked into `engines.bench.BenchOptions`, then `run_bench` with progress on stderr."""
 
 from __future__ import annotations
 
@@ -9,10 +8,11 @@ from typing import Any
 
 import click
 
+from commands.common import CONTEXT, VERBOSE_HELP, run_command
+from commands.options import layer_options
 from engines.bench.common import DEFAULT_IMAGE, DEFAULT_PROMPT, DEFAULT_RATIOS, BenchInputError, BenchOptions
 from engines.bench.report import target_summary
 from engines.bench.sweep import parse_ratios, parse_variants, run_bench
-from engines.cli import CONTEXT, _guarded, _setup_logging
 
 
 @click.command(context_settings=CONTEXT)
@@ -34,14 +34,11 @@ from engines.cli import CONTEXT, _guarded, _setup_logging
               help="ONNX Runtime intra-op threads and torch.set_num_threads for every configuration [0: every available core].")
 @click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="Image file, or the name of a built-in test photo (astronaut, chelsea, coffee, ...).")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="The question asked about the image.")
-@click.option("--l-start", type=int, help="First decoder block with a step for the sweep [default: BUNDLE's schedule].")
-@click.option("--l-end", type=int, help="Last decoder block with a step for the sweep [default: BUNDLE's schedule].")
-@click.option("--v-start", type=int, help="First CLIP block with a step for the sweep [default: BUNDLE's schedule].")
-@click.option("--v-end", type=int, help="Last CLIP block with a step for the sweep [default: BUNDLE's schedule].")
+@layer_options(default="BUNDLE's schedule")
 @click.option("--no-pytorch", is_flag=True, help="Skip transformers' PyTorch generate reference.")
 @click.option("--no-profile", is_flag=True, help="Skip the ONNX Runtime profiled pass (no reduction share).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundles' files (large models).")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
 def main(bundle: Path, **kw: Any) -> None:
     """Benchmark BUNDLE on this machine: a ratio sweep of sibling bundles, --also bundles and transformers'
     PyTorch generate, timed in one run; writes bench.json, bench.md and bench.png to BUNDLE/reports/.
@@ -53,9 +50,7 @@ def main(bundle: Path, **kw: Any) -> None:
 
     Example: ficoco-bench out/bench-vl25 --ratios 1.0,0.5,0.25,0.11 --variants VL
     """
-    verbose = bool(kw["verbose"])
-    _setup_logging(verbose)
-    _guarded(verbose, lambda: _main(bundle, kw))
+    run_command(bool(kw["verbose"]), lambda: _main(bundle, kw))
 
 
 def options_from_cli(bundle: Path, kw: dict[str, Any]) -> BenchOptions:
@@ -89,3 +84,6 @@ def _main(bundle: Path, kw: dict[str, Any]) -> None:
     for kind, p in paths.items():
         click.secho(f"{kind}: {p}", fg="green", err=True)
 
+
+if __name__ == "__main__":
+    main()
