@@ -1,6 +1,6 @@
 """`quantize_bundle`: an fp32 bundle -> a new bundle whose graphs carry explicit Q/DQ nodes.
 
-The new bundle is built in `exporter.bundle.staging_dir` (nothing appears at the output path unless
+The new bundle is built in `bundle.layout.staging_dir` (nothing appears at the output path unless
 everything succeeded): the source's files are copied, each quantized graph replaces its original under
 the same name, every graph passes `onnx.checker` and the TensorRT lint (`exporter.lint`, Q/DQ rules
 included), and the manifest keeps every key of the source (so `ficoco-check` can rebuild the PyTorch
@@ -11,22 +11,22 @@ size, excluded node count, tool and version, ...), the new `opset`, `lint`, and 
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from bundle import layout as B
+from bundle.manifest import Manifest, load_manifest, write_manifest
 from bundle.names import PREFILL, STAGES, STEP, VISION
 from calibration import data as D
 from calibration import graphs as G
 from calibration import quantize as Q
 from calibration.evaluate import EvalOptions, evaluate
-from exporter import bundle as B
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +73,19 @@ class QuantizeRequest:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
-def check_source(bundle: Path) -> dict[str, Any]:
+def check_source(bundle: Path) -> Manifest:
     """The source manifest (files verified); QuantizeInputError for bundles this cannot quantize."""
-    manifest = B.load_manifest(bundle, verify=True)
-    if manifest.get("quantization"):
-        src = (manifest["quantization"].get("source_bundle") or {}).get("path", "the fp32 bundle it was made from")
+    manifest = load_manifest(bundle, verify=True)
+    if manifest.quantization:
+        src = (manifest.quantization.get("source_bundle") or {}).get("path", "the fp32 bundle it was made from")
         raise QuantizeInputError(
-            f"{bundle} is already quantized ({_modes(manifest['quantization'])}); quantize the fp32 bundle instead ({src})"
+            f"{bundle} is already quantized ({_modes(manifest.quantization)}); quantize the fp32 bundle instead ({src})"
         )
-    if manifest.get("graph_only"):
+    if manifest.graph_only:
         raise QuantizeInputError(f"{bundle} is a --graph-only bundle (no weights); export it with weights to quantize it")
-    if manifest.get("precision", "fp32") != "fp32":
+    if manifest.precision != "fp32":
         raise QuantizeInputError(
-            f"{bundle} is a {manifest.get('precision')} export; quantize an fp32 export (ficoco-export --precision fp32)"
+            f"{bundle} is a {manifest.precision} export; quantize an fp32 export (ficoco-export --precision fp32)"
         )
     return manifest
 
@@ -135,12 +135,7 @@ def quantize_bundle(bundle: str | os.PathLike[str], out: str | os.PathLike[str],
             records[graph] = rec
         notify(f"quantize {list(modes)[-1]}", len(modes), len(modes))
         lint_report = _lint(onnx_dir, manifest)
-        new = copy.deepcopy(manifest)
-        for graph, rec in records.items():
-            new["graphs"][graph]["opset"] = rec["opset"]
-        new["opset"] = max([int(manifest.get("opset") or 0)] + [r["opset"] for r in records.values()])
-        new["lint"] = lint_report
-        new["quantization"] = {
+        quantization = {
             "format": "explicit Q/DQ (QuantizeLinear/DequantizeLinear)",
             "graphs": records,
             "unquantized": [g for g in STAGES if g not in records],
@@ -151,24 +146,29 @@ def quantize_bundle(bundle: str | os.PathLike[str], out: str | os.PathLike[str],
             "request": request.to_dict(),
             "source_bundle": {"path": str(src), "manifest_sha256": B.sha256_file(src / B.MANIFEST)},
         }
-        new.setdefault("tool_versions", {})["quantizer"] = f"onnxruntime.quantization {Q.tool_version()}"
-        new["files"] = B.hash_files(stage)
-        B.write_manifest(stage, new)
+        new = manifest.updated(
+            graphs={g: replace(r, opset=records[g]["opset"]) if g in records else r for g, r in manifest.graphs.items()},
+            opset=max([int(manifest.opset or 0)] + [r["opset"] for r in records.values()]),
+            lint=lint_report,
+            quantization=quantization,
+            tool_versions={**manifest.tool_versions, "quantizer": f"onnxruntime.quantization {Q.tool_version()}"},
+        )
+        new = write_manifest(stage, new, files=B.hash_files(stage))
         report: dict[str, Any] = {"quantization": records, "lint": {"errors": 0, "findings": len(lint_report["findings"])}}
         if request.evaluation is not None:
             notify("evaluate", 0, 1)
             report["evaluation"] = evaluate(src, stage, request.evaluation,
-                                            optimize_quant=new["quantization"]["ort_cpu_runnable"])
+                                            optimize_quant=quantization["ort_cpu_runnable"])
             notify("evaluate", 1, 1)
-        (stage / "reports").mkdir(exist_ok=True)
+        (stage / B.REPORTS_DIR).mkdir(exist_ok=True)
         B.write_json(stage / REPORT, report)
     return Path(out).resolve(), report
 
 
-def _lint(onnx_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _lint(onnx_dir: Path, manifest: Manifest) -> dict[str, Any]:
     from exporter.lint import format_findings, has_errors, lint_files
 
-    runtime = {g: [i["name"] for i in manifest["graphs"][g]["inputs"]] for g in STAGES if g in manifest.get("graphs", {})}
+    runtime = {g: manifest.graphs[g].input_names for g in STAGES if g in manifest.graphs}
     findings = lint_files(sorted(onnx_dir.glob("*.onnx")), runtime_inputs=runtime)
     for f in findings:  # report paths relative to the bundle, not the staging directory
         object.__setattr__(f, "graph_file", f"{B.ONNX_DIR}/{Path(f.graph_file).name}")

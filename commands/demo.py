@@ -12,14 +12,15 @@ from pathlib import Path
 
 from rich.console import Console
 
+from bundle.manifest import load_manifest
 from commands.plan import format_table
 from engines.check import CheckOptions, run_check
 from engines.runtime import Pipeline
-from exporter.bundle import load_manifest
 from exporter.export import ExportOptions
-from exporter.pipeline import PlanRequest, export_bundle
+from exporter.pipeline import export_bundle
 from ficoco import vqa
 from ficoco.models import load_model
+from ficoco.planner import ScheduleRequest
 
 #: (split, image key, question index within that image's questions) asked by the demo: two about a mosaic
 #: (where the model is weak: position and count are near the text-only baseline, README "Accuracy"), then
@@ -30,7 +31,7 @@ DEMO_QUESTIONS = (("mosaic", "m0000", 0), ("mosaic", "m0000", 1), ("easy-vqa", "
 def main(out: str = "out/demo-shapes-VL-r0.25") -> None:
     console = Console()
     shapes = load_model("shapes")
-    request = PlanRequest(variant="VL", method="ficoco", ratio=0.25)
+    request = ScheduleRequest(variant="VL", method="ficoco", ratio=0.25)
     schedule = request.make(shapes.geometry)
     console.rule("1. plan: FiCoCo-VL keeping 25 % of the 576 visual tokens (model: shapes, trained on easy-vqa)")
     console.print(format_table(schedule, shapes.geometry))
@@ -38,7 +39,7 @@ def main(out: str = "out/demo-shapes-VL-r0.25") -> None:
     path = export_bundle(shapes, request, out, ExportOptions(max_batch_size=8), force=True,
                          progress=lambda stage, event: event == "done" and console.print(f"  {stage}: done"))
     manifest = load_manifest(path)
-    v = manifest["validation"]
+    v = manifest.validation
     for stage, r in v["stages"].items():
         console.print(f"  {stage:16s} max |ONNX Runtime - PyTorch| = {r['max_abs_err']:.2e}")
     console.print(f"  greedy tokens over {v['greedy']['steps']} steps identical: {v['greedy']['identical']}")

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bundle import layout as B
+from bundle.manifest import Manifest, load_manifest
 from bundle.names import STAGES
 from engines.trt_backend import (
     ENGINE_MANIFEST,
@@ -39,7 +41,6 @@ from engines.trt_backend import (
     import_tensorrt,
     local_target,
 )
-from exporter import bundle as B
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class BuildPlan:
     """Everything decided before TensorRT is imported."""
 
     bundle: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     onnx: dict[str, Path]  # graph -> ONNX file
     profiles: dict[str, Profile]  # graph -> input -> min/opt/max
     strongly_typed: bool
@@ -156,13 +157,13 @@ def qdq_types(onnx_path: Path) -> set[str]:
     return found
 
 
-def _graph_inputs(manifest: Mapping[str, Any], graph: str) -> dict[str, list[Any]]:
-    return {i["name"]: list(i["shape"]) for i in manifest["graphs"][graph]["inputs"]}
+def _graph_inputs(manifest: Manifest, graph: str) -> dict[str, list[Any]]:
+    return {i["name"]: list(i["shape"]) for i in manifest.graphs[graph].inputs}
 
 
-def resolve_profiles(manifest: Mapping[str, Any], options: BuildOptions) -> dict[str, Profile]:
+def resolve_profiles(manifest: Manifest, options: BuildOptions) -> dict[str, Profile]:
     """The manifest's `trt_profiles` for the graphs to build, with the overrides applied and checked."""
-    base = manifest.get("trt_profiles") or {}
+    base = manifest.trt_profiles or {}
     overrides = {"min": options.min_shapes, "opt": options.opt_shapes, "max": options.max_shapes}
     used: set[str] = set()
     profiles: dict[str, Profile] = {}
@@ -221,8 +222,8 @@ def plan_build(bundle: str | os.PathLike[str], options: BuildOptions) -> BuildPl
     them on fp32 exports).
     """
     root = Path(bundle)
-    manifest = B.load_manifest(root, verify=options.verify)
-    if manifest.get("graph_only"):
+    manifest = load_manifest(root, verify=options.verify)
+    if manifest.graph_only:
         raise BuildConfigError(f"{root} is a --graph-only bundle (no weights); export it with weights to build engines")
     bad = [p for p in options.precisions if p not in PRECISIONS]
     if bad:
@@ -234,7 +235,7 @@ def plan_build(bundle: str | os.PathLike[str], options: BuildOptions) -> BuildPl
         raise BuildConfigError(f"--builder-optimization-level must be 0..5 (got {lvl}); TensorRT's default is 3")
     onnx_files: dict[str, Path] = {}
     for g in STAGES:
-        rel = manifest["graphs"][g]["file"]
+        rel = manifest.graphs[g].file
         if not (root / rel).is_file():
             raise B.BundleError(f"bundle file {rel} is missing from {root}; re-export the bundle.")
         onnx_files[g] = root / rel
@@ -248,14 +249,14 @@ def plan_build(bundle: str | os.PathLike[str], options: BuildOptions) -> BuildPl
                 "nodes. Quantize the bundle with the calibration tools first (explicit quantization); ficoco-build never "
                 "uses TensorRT's implicit INT8 calibration (deprecated in TensorRT 10, removed in TensorRT 11)."
             )
-    onnx_precision = str(manifest.get("precision", "fp32"))
+    onnx_precision = manifest.precision
     float_flags = [p for p in options.precisions if p in ("fp16", "bf16")]
     if len(float_flags) > 1:
         raise BuildConfigError("choose one of --fp16 / --bf16")
     if options.strongly_typed is None:
         # A ficoco-quantize bundle (manifest "quantization") is built strongly typed: TensorRT's explicit
         # quantization section says to use Q/DQ graphs with strong typing and no precision flags.
-        strongly = onnx_precision in ("fp16", "bf16") or not float_flags or bool(manifest.get("quantization"))
+        strongly = onnx_precision in ("fp16", "bf16") or not float_flags or manifest.is_quantized
     else:
         strongly = options.strongly_typed
     flags: list[str] = []
@@ -362,7 +363,7 @@ def build_engines(plan: BuildPlan, progress: Progress | None = None, target: Gpu
     cache_bytes = _read_cache(cache_path)
     log.info("timing cache %s (%s)", cache_path, f"{len(cache_bytes)} bytes" if cache_bytes else "new")
     logger = trt.Logger(trt.Logger.WARNING)
-    files = plan.manifest.get("files", {})
+    files = plan.manifest.files
     engines: dict[str, dict[str, Any]] = {}
     (plan.bundle / ENGINES_DIR).mkdir(exist_ok=True)
     import torch
@@ -375,7 +376,7 @@ def build_engines(plan: BuildPlan, progress: Progress | None = None, target: Gpu
             _write_cache(cache_path, cache_bytes)  # after every graph: a later failure keeps what was measured
             plan_file = stage / f"{graph}.plan"
             plan_file.write_bytes(data)
-            rel = plan.manifest["graphs"][graph]["file"]
+            rel = plan.manifest.graphs[graph].file
             engines[graph] = {
                 "file": plan_file.name,
                 "sha256": B.sha256_file(plan_file),
@@ -396,7 +397,7 @@ def build_engines(plan: BuildPlan, progress: Progress | None = None, target: Gpu
                 "strongly_typed": plan.strongly_typed,
                 "flags": list(plan.flags),
                 "precisions": list(opts.precisions),
-                "onnx_precision": plan.manifest.get("precision"),
+                "onnx_precision": plan.manifest.precision,
                 "qdq": {g: sorted(v) for g, v in plan.qdq.items()},
                 "workspace_mib": opts.workspace_mib,
                 "builder_optimization_level": opts.builder_optimization_level,

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bundle import layout as B
+from bundle.manifest import Manifest, load_manifest
 from bundle.names import PREFILL, STEP, VISION
 from bundle.session import BackendUnavailable, SessionStages
-from exporter import bundle as B
 from ficoco.generation import decode_tokens
 from ficoco.inputs import PromptError, encode_prompt, format_prompt
 from ficoco.preprocess import ImageError, ImageLike, preprocess_image
@@ -186,17 +187,17 @@ class Frontend:
     new tokens within the exported limit) before engines or sessions are loaded.
     """
 
-    def __init__(self, bundle: Path, manifest: dict[str, Any], tokenizer: Any, processor_config: dict[str, Any]) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, tokenizer: Any, processor_config: dict[str, Any]) -> None:
         self.bundle = bundle
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.processor_config = processor_config
-        prompt = manifest.get("prompt") or {}
+        prompt = manifest.prompt
         self.chat_template: str = prompt["chat_template"]
         self.image_token_id = int(prompt["image_token_id"])
         eos = prompt.get("eos_token_id")
         self.eos_token_ids: tuple[int, ...] = () if eos is None else ((int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos))
-        ranges = manifest.get("shape_ranges") or {}
+        ranges = manifest.shape_ranges
         self.text_len_range: tuple[int, int] = tuple(ranges.get("text_len", (1, 1 << 30)))  # type: ignore[assignment]
         self.batch_range: tuple[int, int] = tuple(ranges.get("batch", (1, 1)))  # type: ignore[assignment]
         self.max_new_tokens_limit = int(ranges.get("max_new_tokens", 1 << 30))
@@ -205,8 +206,8 @@ class Frontend:
     def from_bundle(cls, path: str | os.PathLike[str], *, verify: bool = True) -> Frontend:
         """Read the manifest (with `verify`, check every file's sha256), tokenizer and preprocessor config."""
         root = Path(path)
-        manifest = B.load_manifest(root, verify=verify)
-        if manifest.get("graph_only") or not (manifest.get("prompt") or {}).get("chat_template"):
+        manifest = load_manifest(root, verify=verify)
+        if manifest.graph_only or not manifest.prompt.get("chat_template"):
             raise B.BundleError(
                 f"{root} is a --graph-only bundle (no weights, tokenizer or chat template); export it with weights to run it"
             )
@@ -339,7 +340,7 @@ class Pipeline(Frontend):
             from bundle.ort import ort_stages
 
             stages = ort_stages(
-                front.bundle / B.ONNX_DIR, provider=ort_provider, threads=threads, cache_dir=front.bundle / "engines" / "ort-trt-cache",
+                front.bundle / B.ONNX_DIR, provider=ort_provider, threads=threads, cache_dir=front.bundle / B.ENGINES_DIR / "ort-trt-cache",
             )
             backend = "onnxruntime"
         log.info("backend %s on %s", backend, stages.device)
@@ -530,10 +531,10 @@ def describe(pipe: Pipeline) -> Mapping[str, Any]:
         "backend": pipe.backend,
         "device": str(pipe.stages.device),
         "engine_dir": str(pipe.engine_dir) if pipe.engine_dir else None,
-        "model": (m.get("source_model") or {}).get("name"),
-        "variant": m.get("variant"),
-        "visual_tokens": m.get("visual_tokens"),
-        "precision": m.get("precision"),
+        "model": m.source_model.get("name"),
+        "variant": m.variant,
+        "visual_tokens": m.visual_tokens,
+        "precision": m.kind,
         "text_len": list(pipe.text_len_range),
         "max_new_tokens": pipe.max_new_tokens_limit,
         "batch": list(pipe.batch_range),

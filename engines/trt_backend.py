@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bundle.layout import BundleError, sha256_file
+from bundle.manifest import Manifest
 from bundle.names import PREFILL, STAGES, STEP
 from bundle.session import BackendUnavailable, Session, SessionError, SessionStages, TensorSpec
-from exporter.bundle import BundleError, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def engine_dirs(bundle: Path) -> list[Path]:
 
 
 def find_engines(
-    bundle: str | os.PathLike[str], manifest: Mapping[str, Any], target: GpuTarget, verify: bool = True
+    bundle: str | os.PathLike[str], manifest: Manifest, target: GpuTarget, verify: bool = True
 ) -> tuple[Path, EngineManifest]:
     """The engine directory built for `target` (same TensorRT version and SM) from this bundle's ONNX.
 
@@ -197,7 +198,7 @@ def find_engines(
         found.append(em)
         if em.tensorrt_version != target.tensorrt_version or em.sm != target.sm:
             continue
-        bundle_files = manifest.get("files", {})
+        bundle_files = manifest.files
         for graph, info in em.engines.items():
             src = info.get("source")
             if src is not None and bundle_files.get(src) != info.get("source_sha256"):
@@ -437,7 +438,7 @@ class TrtStages(SessionStages):
 
 def trt_stages(
     bundle: str | os.PathLike[str],
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     device: int = 0,
     verify: bool = True,
     target: GpuTarget | None = None,

@@ -22,8 +22,8 @@ def machine_line() -> str:
 
 
 def bundle_label(path: Path, manifest: Any, backend: str) -> str:
-    req = (manifest.get("quantization") or {}).get("request") or {}
-    kind = f"vision {req.get('vision')}, decoder {req.get('decoder')}" if req else manifest.get("precision", "fp32")
+    req = (manifest.quantization or {}).get("request") or {}
+    kind = f"vision {req.get('vision')}, decoder {req.get('decoder')}" if req else manifest.precision
     return f"bundle {path.name} ({backend}, {kind})"
 
 
@@ -43,7 +43,7 @@ def evaluate_bundle(path: Path, backend: str, splits: list, progress, references
     sched = reduced.schedule
     label = bundle_label(path, pipe.manifest, pipe.backend)
     got = G.evaluate_stages(label, pipe.stages, Prompting.of_frontend(pipe), splits, sched, {"bundle": str(path)}, progress)
-    key = json.dumps([loaded.name, pipe.manifest["schedule"]], sort_keys=True)
+    key = json.dumps([loaded.name, pipe.manifest.schedule], sort_keys=True)
     fresh = key not in references
     if fresh:
         references[key] = G.evaluate_stages(f"PyTorch, schedule of {path.name}", reduced.stages(), Prompting.of_model(loaded),

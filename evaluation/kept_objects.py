@@ -40,9 +40,9 @@ def object_mask(pixel_values: torch.Tensor, grid: int, patch: int) -> torch.Tens
 
 
 def measure(n_images: int = 8, ratio: float = 0.25, model: str = "shapes") -> list[KeptObjects]:
-    from exporter.pipeline import PlanRequest
     from ficoco import vqa
     from ficoco.models import load_model
+    from ficoco.planner import ScheduleRequest
     from ficoco.preprocess import preprocess_image
     from ficoco.reduced_llava import ReducedLlava
 
@@ -52,7 +52,7 @@ def measure(n_images: int = 8, ratio: float = 0.25, model: str = "shapes") -> li
     pixels = {k: preprocess_image(split.image(k), loaded.processor_config) for k in split.image_keys()}
     out = []
     for label, method, preset in VISION_METHODS:
-        reduced = ReducedLlava(loaded.model, PlanRequest(variant="V", method=method, ratio=ratio, preset=preset)
+        reduced = ReducedLlava(loaded.model, ScheduleRequest(variant="V", method=method, ratio=ratio, preset=preset)
                                .make(loaded.geometry)).eval()
         for key, px in pixels.items():
             obj = object_mask(px, g.grid_side, g.patch_size)

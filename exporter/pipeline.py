@@ -8,23 +8,21 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bundle import layout as B
+from bundle.manifest import GraphRecord, Manifest, write_manifest
 from bundle.names import STAGES
-from exporter import bundle as B
 from exporter.export import ExportOptions, check_graph, example_inputs, export_stage, graph_io, trt_profiles
 from exporter.validate import validate_bundle_graphs
 from ficoco.geometry import LlavaGeometry
 from ficoco.models import LoadedModel, load_config, load_model
 from ficoco.planner import ScheduleRequest
 from ficoco.reduced_llava import ReducedLlava
-from ficoco.schedule import Schedule
-
-PlanRequest = ScheduleRequest  # TEMPORARY alias while the restructuring lands
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +110,7 @@ def _sample_inputs(loaded: LoadedModel, opts: ExportOptions, v: ValidationOption
 
 def export_bundle(
     model: str | LoadedModel,
-    request: PlanRequest,
+    request: ScheduleRequest,
     out: str | Path,
     opts: ExportOptions | None = None,
     validation: ValidationOptions | None = None,
@@ -159,14 +157,15 @@ def export_bundle(
             ts = time.perf_counter()
             export_stage(reduced, stage, path, opts, examples)
             check_graph(path, full=not opts.graph_only)
-            graphs[stage] = {"file": f"{B.ONNX_DIR}/{path.name}", **graph_io(path), "export_seconds": round(time.perf_counter() - ts, 2)}
+            graphs[stage] = GraphRecord(file=f"{B.ONNX_DIR}/{path.name}", **graph_io(path),
+                                        export_seconds=round(time.perf_counter() - ts, 2))
             notify(stage, "done")
         lint_report: dict[str, Any] = {"ran": False}
         if lint:
             notify("lint", "start")
             from exporter.lint import format_findings, has_errors, lint_files
 
-            runtime = {stage: [i["name"] for i in g["inputs"]] for stage, g in graphs.items()}
+            runtime = {stage: g.input_names for stage, g in graphs.items()}
             findings = lint_files(sorted(onnx_dir.glob("*.onnx")), target=lint_target, runtime_inputs=runtime)
             lint_report = {"ran": True, "target": lint_target, "findings": [f.__dict__ for f in findings]}
             if has_errors(findings):
@@ -185,35 +184,34 @@ def export_bundle(
             loaded.tokenizer.save_pretrained(str(stage_dir / B.TOKENIZER_DIR))
             B.write_json(stage_dir / B.PREPROCESSOR, dict(loaded.processor_config))
         tok = loaded.tokenizer if loaded is not None else None
-        manifest = {
-            "schema_version": B.SCHEMA_VERSION,
-            "source_model": source,
-            "graph_only": opts.graph_only,
-            "geometry": geometry.to_dict(),
-            "variant": schedule.variant,
-            "method": schedule.method,
-            "preset": schedule.preset,
-            "positions": schedule.positions,
-            "plan_request": asdict(request),  # what was asked for; `schedule` is what the planner made of it
-            "schedule": schedule.to_dict(),
-            "flops_tflops": schedule.flops,
-            "visual_tokens": {"to_decoder": schedule.visual_tokens_to_decoder, "final": schedule.visual_tokens_final},
-            "export": opts.to_dict(),
-            "precision": opts.precision,
-            "opset": opts.opset,
-            "graphs": graphs,
-            "shape_ranges": {
+        manifest = Manifest(
+            source_model=source,
+            graph_only=opts.graph_only,
+            geometry=geometry.to_dict(),
+            variant=schedule.variant,
+            method=schedule.method,
+            preset=schedule.preset,
+            positions=schedule.positions,
+            schedule_request=asdict(request),  # what was asked for; `schedule` is what the planner made of it
+            schedule=schedule.to_dict(),
+            flops_tflops=schedule.flops,
+            visual_tokens={"in": schedule.visual_tokens_in, "to_decoder": schedule.visual_tokens_to_decoder, "final": schedule.visual_tokens_final},
+            export=opts.to_dict(),
+            precision=opts.precision,
+            opset=opts.opset,
+            graphs=graphs,
+            shape_ranges={
                 "batch": [1, opts.max_batch_size],
                 "text_len": [2, opts.max_text_len],
                 "max_new_tokens": opts.max_new_tokens,
             },
-            "trt_profiles": trt_profiles(reduced, opts),
-            "decoder": {
+            trt_profiles=trt_profiles(reduced, opts),
+            decoder={
                 "num_layers": geometry.decoder.num_layers,
                 "position_offsets": reduced.position_offsets,
                 "kv_lengths_rule": "layer l holds text_len + schedule.decoder.span_at(l) + generated tokens",
             },
-            "prompt": {
+            prompt={
                 "chat_template": loaded.chat_template if loaded is not None else None,
                 "image_token": "<image>",
                 "image_token_id": geometry.image_token_id,
@@ -222,12 +220,10 @@ def export_bundle(
                 "eos_token_id": None if tok is None else tok.eos_token_id,
                 "bos_token_id": None if tok is None else tok.bos_token_id,
             },
-            "validation": report,
-            "lint": lint_report,
-            "tool_versions": tool_versions(),
-            "export_seconds": None,
-        }
-        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
-        manifest["files"] = B.hash_files(stage_dir)
-        B.write_manifest(stage_dir, manifest)
+            validation=report,
+            lint=lint_report,
+            tool_versions=tool_versions(),
+            export_seconds=round(time.perf_counter() - t0, 2),
+        )
+        write_manifest(stage_dir, manifest, files=B.hash_files(stage_dir))
     return Path(out).resolve()

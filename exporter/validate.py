@@ -17,9 +17,6 @@ from torch import Tensor
 
 from bundle.compare import ALLCLOSE, OutputGates, compare_stages, token_agreement
 from bundle.ort import ort_stages
-from bundle.ort import (
-    session_options as session_options,  # TEMPORARY: engines/bench/profiling.py imports it from here
-)
 from ficoco.generation import generate_tokens
 from ficoco.reduced_llava import ReducedLlava
 

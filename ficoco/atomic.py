@@ -2,7 +2,7 @@
 
 A reader never sees a half-written file, and an error or interrupt leaves the old file (or nothing)
 in place, with no temporary file behind. Whole directories (bundles) are staged the same way by
-`exporter.bundle.staging_dir`.
+`bundle.layout.staging_dir`.
 """
 
 from __future__ import annotations

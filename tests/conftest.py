@@ -31,8 +31,9 @@ TEST_BUNDLE_REQUEST = {"variant": "VL", "ratio": 0.25, "layers": {"l_end": 11}}
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory):
     from exporter.export import ExportOptions
-    from exporter.pipeline import PlanRequest, export_bundle
+    from exporter.pipeline import export_bundle
+    from ficoco.planner import ScheduleRequest
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-vl25"
     opts = ExportOptions(max_batch_size=2, max_text_len=128, max_new_tokens=32)
-    return export_bundle(tiny, PlanRequest(**TEST_BUNDLE_REQUEST), out, opts)
+    return export_bundle(tiny, ScheduleRequest(**TEST_BUNDLE_REQUEST), out, opts)

@@ -191,9 +191,9 @@ MANIFEST_CASES = [
 
 @pytest.mark.parametrize(("name", "damage", "words"), MANIFEST_CASES, ids=[c[0] for c in MANIFEST_CASES])
 def test_damaged_manifest_is_refused_by_every_command(tiny_bundle: Path, tmp_path: Path, photo: str, name: str, damage, words: str) -> None:
+    from commands.check import main as check_main
     from commands.export import main as export_main
     from commands.quantize import main as quantize_main
-    from engines.check.cli import main as check_main
 
     b = _bundle_copy(tiny_bundle, tmp_path / "b")
     damage(b)
@@ -260,7 +260,7 @@ def test_truncated_safetensors_names_the_file(tmp_path: Path) -> None:
 
 
 def _hold_staging(out: str, entered, release) -> None:  # runs in a child process
-    from exporter.bundle import staging_dir
+    from bundle.layout import staging_dir
 
     with staging_dir(out) as stage:
         (stage / "winner.txt").write_text("first")
@@ -271,7 +271,7 @@ def _hold_staging(out: str, entered, release) -> None:  # runs in a child proces
 def test_second_writer_of_one_output_fails_at_once(tmp_path: Path) -> None:
     import multiprocessing as mp
 
-    from exporter.bundle import OutputLocked, staging_dir
+    from bundle.layout import OutputLocked, staging_dir
 
     out = tmp_path / "bundle"
     ctx = mp.get_context("spawn")
@@ -292,7 +292,7 @@ def test_second_writer_of_one_output_fails_at_once(tmp_path: Path) -> None:
 
 
 def test_a_directory_that_appears_during_the_run_is_not_replaced(tmp_path: Path) -> None:
-    from exporter.bundle import BundleError, staging_dir
+    from bundle.layout import BundleError, staging_dir
 
     out = tmp_path / "bundle"
     with pytest.raises(BundleError, match="appeared during the run"):
@@ -305,7 +305,7 @@ def test_a_directory_that_appears_during_the_run_is_not_replaced(tmp_path: Path)
 
 
 def test_force_over_a_file_and_stale_partials_leave_nothing(tmp_path: Path) -> None:
-    from exporter.bundle import staging_dir
+    from bundle.layout import staging_dir
 
     out = tmp_path / "bundle"
     out.write_text("a file in the way")

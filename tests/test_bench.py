@@ -11,6 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from bundle.manifest import Manifest
+from commands.bench import main
 from engines.bench import (
     BenchInputError,
     BenchOptions,
@@ -30,7 +32,6 @@ from engines.bench import (
     token_agreement,
     write_reports,
 )
-from commands.bench import main
 from engines.bench.common import PROFILED_STAGES, TIMED_FIELDS
 from ficoco.flops import flops_report
 from ficoco.geometry import LlavaGeometry
@@ -128,18 +129,23 @@ def test_token_agreement() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ sweep + report
-def _manifest(tmp_path: Path) -> tuple[dict[str, object], LlavaGeometry]:
+def _manifest(tmp_path: Path) -> tuple[Manifest, LlavaGeometry]:
+    """The manifest of a tiny VL 0.25 bundle as far as the sweep reads it (no graphs: nothing is run)."""
     g = LlavaGeometry.from_config(load_config("tiny"))
     s = plan(g, "VL", "ficoco", ratio=0.25, l_end=11)
-    return {
-        "geometry": g.to_dict(), "schedule": s.to_dict(), "variant": "VL", "method": "ficoco", "preset": "paper",
-        "positions": "compact", "source_model": {"name": "tiny", "source": "builtin:tiny(seed=0)", "revision": "x"},
-    }, g
+    return Manifest(
+        source_model={"name": "tiny", "source": "builtin:tiny(seed=0)", "revision": "x"}, graph_only=False,
+        geometry=g.to_dict(), variant="VL", method="ficoco", preset="paper", positions="compact",
+        schedule_request={"variant": "VL", "ratio": 0.25, "layers": {"l_end": 11}, "text_tokens": 60},
+        schedule=s.to_dict(), flops_tflops=s.flops, visual_tokens={"in": 576, "to_decoder": 288, "final": 144},
+        export={}, precision="fp32", opset=18, graphs={}, shape_ranges={"batch": [1, 4], "text_len": [2, 64], "max_new_tokens": 16},
+        trt_profiles={}, decoder={}, prompt={}, validation={"ran": False}, lint={"ran": False}, tool_versions={},
+    ), g
 
 
 def test_sibling_requests_keep_bundle_layer_ranges(tmp_path: Path) -> None:
     manifest, g = _manifest(tmp_path)
-    assert layer_ranges(manifest["schedule"]) == {"v_start": 12, "v_end": 22, "l_start": 4, "l_end": 11}
+    assert layer_ranges(manifest.schedule) == {"v_start": 12, "v_end": 22, "l_start": 4, "l_end": 11}
     req = sibling_request(manifest, "VL", 0.11)
     assert req.layers == {"v_start": 12, "v_end": 22, "l_start": 4, "l_end": 11}
     assert sibling_request(manifest, "V", 0.5).layers == {"v_start": 12, "v_end": 22}

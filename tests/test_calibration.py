@@ -12,12 +12,13 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from bundle import layout as B
+from bundle.manifest import load_manifest
 from bundle.names import EMBED, PREFILL, STEP, VISION
 from calibration import graphs as G
 from calibration import quantize as Q
 from calibration.selection import selection_steps, set_differences
 from commands.quantize import main as quantize_main
-from exporter import bundle as B
 from exporter.lint import has_errors, lint_files, lint_model
 from exporter.regions import reduction_node_names
 
@@ -42,21 +43,21 @@ def _graph(bundle: Path, stage: str) -> onnx.ModelProto:
 
 
 def test_quantized_bundle_manifest_checker_and_lint(w4a8_bundle: Path, tiny_bundle: Path) -> None:
-    manifest = B.load_manifest(w4a8_bundle, verify=True)  # hashes recomputed
-    source = B.load_manifest(tiny_bundle, verify=False)
+    manifest = load_manifest(w4a8_bundle, verify=True)  # hashes recomputed
+    source = load_manifest(tiny_bundle, verify=False)
     assert set(source) <= set(manifest)  # every source key kept (ficoco-check rebuilds PyTorch from them)
-    assert manifest["schedule"] == source["schedule"] and manifest["source_model"] == source["source_model"]
-    q = manifest["quantization"]
+    assert manifest.schedule == source.schedule and manifest.source_model == source.source_model
+    q = manifest.quantization
     assert set(q["graphs"]) == {VISION, PREFILL, STEP} and q["unquantized"] == [EMBED]
     for rec in q["graphs"].values():
         assert rec["tool"] == "onnxruntime.quantization" and rec["tool_version"] == Q.tool_version()
         assert rec["excluded_nodes"] > 0 and rec["quantized_nodes"] > 0 and rec["ort_cpu_runnable"]
     assert q["graphs"][VISION]["mode"] == "int8" and q["graphs"][VISION]["calib_size"] == 1
     assert q["graphs"][PREFILL]["mode"] == "int4-weight" and q["graphs"][PREFILL]["method"] == "rtn"
-    assert manifest["opset"] == 21 and manifest["graphs"][PREFILL]["opset"] == 21
+    assert manifest.opset == 21 and manifest.graphs[PREFILL].opset == 21
     for stage in (VISION, EMBED, PREFILL, STEP):
         onnx.checker.check_model(str(w4a8_bundle / B.ONNX_DIR / f"{stage}.onnx"))
-    runtime = {g: [i["name"] for i in manifest["graphs"][g]["inputs"]] for g in manifest["graphs"]}
+    runtime = {g: [i["name"] for i in manifest.graphs[g].inputs] for g in manifest.graphs}
     findings = lint_files(sorted((w4a8_bundle / B.ONNX_DIR).glob("*.onnx")), runtime_inputs=runtime)
     assert not has_errors(findings)
     assert not any(f.rule_id.startswith("qdq-") for f in findings)
@@ -114,7 +115,7 @@ def test_report_and_selection_differences(w4a8_bundle: Path, tiny_bundle: Path) 
         assert ev["sizes"][g] == {"fp32_bytes": a, "quantized_bytes": b, "ratio": round(b / a, 4)}
         assert (b == a) if g == EMBED else (b < a), g
     # selection: one entry per reduction step of the schedule, |T| = n - r kept, the counts add up
-    schedule = B.load_manifest(tiny_bundle, verify=False)["schedule"]
+    schedule = load_manifest(tiny_bundle, verify=False).schedule
     kept = {VISION: [s["n"] - s["r"] for s in schedule["vision"]["steps"]],
             PREFILL: [s["n"] - s["r"] for s in schedule["decoder"]["steps"]]}
     assert len(kept[VISION]) == 11 and len(kept[PREFILL]) == 8
@@ -184,7 +185,7 @@ def test_modified_quantized_bundle_is_refused(w4a8_bundle: Path, tmp_path: Path)
     with open(copy / B.ONNX_DIR / f"{PREFILL}.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(B.BundleError, match="modified"):
-        B.load_manifest(copy, verify=True)
+        load_manifest(copy, verify=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,15 +240,16 @@ def test_selection_helpers(tiny_bundle: Path) -> None:
 def test_smol_w4a8_bundle(smol, tmp_path: Path) -> None:
     from engines.runtime import Pipeline
     from exporter.export import ExportOptions
-    from exporter.pipeline import PlanRequest, export_bundle
+    from exporter.pipeline import export_bundle
     from ficoco.images import test_image
+    from ficoco.planner import ScheduleRequest
 
-    src = export_bundle(smol, PlanRequest(variant="VL", ratio=0.25, layers={"l_start": 2, "l_end": 5}), tmp_path / "smol",
+    src = export_bundle(smol, ScheduleRequest(variant="VL", ratio=0.25, layers={"l_start": 2, "l_end": 5}), tmp_path / "smol",
                         ExportOptions(max_batch_size=1, max_text_len=64, max_new_tokens=16))
     out = _quantize(src, tmp_path / "smol-w4a8", "--calib-size", "4", "--eval-images", "3", "--eval-tokens", "16")
-    manifest = B.load_manifest(out, verify=True)
-    assert manifest["quantization"]["graphs"][PREFILL]["quantized_nodes"] > 0
-    runtime = {g: [i["name"] for i in manifest["graphs"][g]["inputs"]] for g in manifest["graphs"]}
+    manifest = load_manifest(out, verify=True)
+    assert manifest.quantization["graphs"][PREFILL]["quantized_nodes"] > 0
+    runtime = {g: [i["name"] for i in manifest.graphs[g].inputs] for g in manifest.graphs}
     assert not has_errors(lint_files(sorted((out / B.ONNX_DIR).glob("*.onnx")), runtime_inputs=runtime))
     report = json.loads((out / "reports" / "quantize.json").read_text())["evaluation"]
     print(json.dumps({k: report[k] for k in ("sizes", "latency_ort_cpu", "errors", "greedy")}, indent=1))

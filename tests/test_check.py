@@ -13,6 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+from bundle.layout import MANIFEST, hash_files
+from bundle.manifest import Manifest, write_manifest
+from commands.check import main
 from engines.check import (
     DEFAULT_THRESHOLDS,
     CheckOptions,
@@ -21,8 +24,6 @@ from engines.check import (
     resolve_thresholds,
     token_agreement,
 )
-from engines.check.cli import main
-from exporter.bundle import MANIFEST, hash_files, write_manifest
 
 QUICK = ["--num-samples", "1", "--max-new-tokens", "4"]
 
@@ -34,8 +35,7 @@ def _invoke(*args: str) -> Result:
 def _rehash(bundle: Path) -> None:
     """Make a hand-edited bundle "valid" again: the manifest's sha256 list matches its files."""
     manifest = json.loads((bundle / MANIFEST).read_text())
-    manifest["files"] = hash_files(bundle)
-    write_manifest(bundle, manifest)
+    write_manifest(bundle, Manifest.from_dict(manifest), files=hash_files(bundle))
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -156,8 +156,7 @@ def test_graph_only_bundle_exits_2(tiny_bundle: Path, tmp_path: Path) -> None:
     manifest = json.loads((b / MANIFEST).read_text())
     manifest["graph_only"] = True
     manifest["prompt"]["chat_template"] = None
-    write_manifest(b, manifest)
-    _rehash(b)
+    write_manifest(b, Manifest.from_dict(manifest), files=hash_files(b))
     res = _invoke(b)
     assert res.exit_code == 2 and "--graph-only bundle" in res.stderr
 
@@ -234,11 +233,12 @@ SLOW_EXPORT = {"max_batch_size": 1, "max_text_len": 64, "max_new_tokens": 16}
 
 def _export(loaded, tmp_path: Path, variant: str, method: str, layers: dict[str, int]) -> Path:
     from exporter.export import ExportOptions
-    from exporter.pipeline import PlanRequest, ValidationOptions, export_bundle
+    from exporter.pipeline import ValidationOptions, export_bundle
+    from ficoco.planner import ScheduleRequest
 
     # the exporter's own validation is off: ficoco-check is what is under test here
     return export_bundle(
-        loaded, PlanRequest(variant=variant, method=method, ratio=0.25, layers=layers), tmp_path / f"{variant}-{method}",
+        loaded, ScheduleRequest(variant=variant, method=method, ratio=0.25, layers=layers), tmp_path / f"{variant}-{method}",
         ExportOptions(**SLOW_EXPORT), ValidationOptions(enabled=False),
     )
 

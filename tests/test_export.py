@@ -18,13 +18,14 @@ import pytest
 import torch
 
 from bundle.compare import ALLCLOSE, OutputGates, compare_output
+from bundle.layout import BundleError
+from bundle.manifest import load_manifest
 from bundle.names import PREFILL, STAGES, STEP, VISION
-from exporter.bundle import BundleError, load_manifest
 from exporter.export import ExportOptions, example_inputs, export_stage
 from exporter.lint import has_errors, lint_files
-from exporter.pipeline import PlanRequest, export_bundle
+from exporter.pipeline import export_bundle
 from ficoco.models import LoadedModel
-from ficoco.planner import plan
+from ficoco.planner import ScheduleRequest, plan
 from ficoco.reduced_llava import ReducedLlava
 from ficoco.schedule import Schedule
 
@@ -43,21 +44,21 @@ def test_bundle_layout_and_manifest(vl_bundle: Path, tiny: LoadedModel) -> None:
         assert (vl_bundle / "onnx" / f"{stage}.onnx").is_file()
         assert (vl_bundle / "onnx" / f"{stage}.onnx.data").is_file()
     assert (vl_bundle / "tokenizer").is_dir() and (vl_bundle / "preprocessor_config.json").is_file()
-    assert m["variant"] == "VL" and m["method"] == "ficoco" and m["opset"] == 18
-    assert m["visual_tokens"] == {"to_decoder": 288, "final": 144}
-    assert m["source_model"]["revision"] == tiny.revision
-    assert set(m["files"]) >= {f"onnx/{s}.onnx" for s in STAGES}
-    step_inputs = [i["name"] for i in m["graphs"][STEP]["inputs"]]
+    assert m.variant == "VL" and m.method == "ficoco" and m.opset == 18
+    assert m.visual_tokens == {"in": 576, "to_decoder": 288, "final": 144}
+    assert m.source_model["revision"] == tiny.revision
+    assert set(m.files) >= {f"onnx/{s}.onnx" for s in STAGES}
+    step_inputs = [i["name"] for i in m.graphs[STEP].inputs]
     assert step_inputs[:4] == ["inputs_embeds", "position", "past_key_values.0.key", "past_key_values.0.value"]
-    assert [o["name"] for o in m["graphs"][PREFILL]["outputs"]][:2] == ["logits", "present.0.key"]
+    assert [o["name"] for o in m.graphs[PREFILL].outputs][:2] == ["logits", "present.0.key"]
     # per-layer KV lengths: the manifest's decode offsets are the schedule's removed counts
     s = plan(tiny.geometry, "VL", ratio=0.25, l_end=11)
-    assert Schedule.from_dict(m["schedule"]) == s
-    assert m["decoder"]["position_offsets"] == [s.decoder.span_in - s.decoder.span_at(i) for i in range(32)]
-    assert m["decoder"]["position_offsets"][-1] == 288 - 144
-    prof = m["trt_profiles"][STEP]["past_key_values.31.key"]
+    assert Schedule.from_dict(m.schedule) == s
+    assert m.decoder["position_offsets"] == [s.decoder.span_in - s.decoder.span_at(i) for i in range(32)]
+    assert m.decoder["position_offsets"][-1] == 288 - 144
+    prof = m.trt_profiles[STEP]["past_key_values.31.key"]
     assert prof["min"][2] == 2 + 144 and prof["max"][2] == 128 + 144 + 31
-    v = m["validation"]
+    v = m.validation
     assert v["ran"] and v["greedy"]["identical"] and v["greedy"]["steps"] == 16 and v["batch"] == 2
     assert all(st["passed"] for st in v["stages"].values())
 
@@ -177,9 +178,9 @@ def test_fastv_prefill_exports_and_matches(tiny: LoadedModel, tmp_path: Path) ->
 )
 def test_every_variant_exports_and_validates(tiny: LoadedModel, tmp_path: Path, variant: str, method: str, preset: str, positions: str) -> None:
     ratio = None if variant == "none" else 0.25
-    out = export_bundle(tiny, PlanRequest(variant=variant, method=method, ratio=ratio, preset=preset, positions=positions), tmp_path / "b", FAST)
+    out = export_bundle(tiny, ScheduleRequest(variant=variant, method=method, ratio=ratio, preset=preset, positions=positions), tmp_path / "b", FAST)
     m = load_manifest(out)
-    assert m["validation"]["greedy"]["identical"] and all(s["passed"] for s in m["validation"]["stages"].values())
+    assert m.validation["greedy"]["identical"] and all(s["passed"] for s in m.validation["stages"].values())
     assert not has_errors(lint_files(sorted((out / "onnx").glob("*.onnx"))))
     # the runtime (ficoco-run's Pipeline, ONNX Runtime backend) answers exactly like the reduced PyTorch model
     from engines.runtime import Pipeline
@@ -189,7 +190,7 @@ def test_every_variant_exports_and_validates(tiny: LoadedModel, tmp_path: Path, 
     px = pipe.preprocess([test_image("astronaut"), test_image("coffee")])
     ids, offsets = pipe.tokenize(["What is in the picture?"] * 2)
     got = pipe.generate_ids(px, ids, offsets, 16, stop_token_ids=[])
-    reduced = ReducedLlava(tiny.model, Schedule.from_dict(m["schedule"])).eval()
+    reduced = ReducedLlava(tiny.model, Schedule.from_dict(m.schedule)).eval()
     with torch.no_grad():
         ref = reduced.generate(px, ids, offsets, 16)
     assert got.tolist() == ref.tolist()
@@ -197,7 +198,7 @@ def test_every_variant_exports_and_validates(tiny: LoadedModel, tmp_path: Path, 
 
 @pytest.mark.slow
 def test_smol_bundle_validates(smol: LoadedModel, tmp_path: Path) -> None:
-    out = export_bundle(smol, PlanRequest(variant="VL", ratio=0.25), tmp_path / "smol", FAST)
+    out = export_bundle(smol, ScheduleRequest(variant="VL", ratio=0.25), tmp_path / "smol", FAST)
     assert load_manifest(out)["validation"]["greedy"]["identical"]
 
 
@@ -209,7 +210,7 @@ def test_graph_only_llava_7b(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     m = load_manifest(tmp_path / "g7b")
-    assert m["graph_only"] and m["lint"]["ran"] and m["geometry"]["decoder"]["hidden_size"] == 4096
+    assert m.graph_only and m.lint["ran"] and m.geometry["decoder"]["hidden_size"] == 4096
     assert not (tmp_path / "g7b" / "onnx" / "decoder_prefill.onnx.data").exists()
     assert not has_errors(lint_files(sorted((tmp_path / "g7b" / "onnx").glob("*.onnx"))))
 
@@ -293,8 +294,8 @@ def test_interrupted_export_leaves_no_bundle(tmp_path: Path, sig: signal.Signals
 
 def test_manifest_is_json_with_tool_versions(vl_bundle: Path) -> None:
     m = json.loads((vl_bundle / "manifest.json").read_text())
-    assert m["schema_version"] == 2 and "onnxruntime" in m["tool_versions"] and m["precision"] == "fp32"
-    assert len(m["integrity"]["sha256"]) == 64 and m["plan_request"]["variant"] == m["variant"]
+    assert m["schema_version"] == 3 and "onnxruntime" in m["tool_versions"] and m["precision"] == "fp32"
+    assert len(m["integrity"]["sha256"]) == 64 and m["schedule_request"]["variant"] == m["variant"]
 
 
 def _plan_file(tmp_path: Path, model: str, name: str, *extra: str) -> Path:
@@ -313,13 +314,13 @@ def test_a_schedule_from_ficoco_plan_is_used_as_it_is(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from commands.export import main as export_main
-    from exporter.pipeline import PlanRequest
     from ficoco.geometry import LlavaGeometry
     from ficoco.models import load_config
+    from ficoco.planner import ScheduleRequest
 
     sched = _plan_file(tmp_path, "shapes", "plan.json", "--l-end", "3")
     data = json.loads(sched.read_text())
-    made = PlanRequest(schedule=data).make(LlavaGeometry.from_config(load_config("shapes")))
+    made = ScheduleRequest(schedule=data).make(LlavaGeometry.from_config(load_config("shapes")))
     assert json.loads(json.dumps(made.to_dict())) == data
     # a complete plan takes no budget; a plan for another model does not fit
     res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(sched), "--ratio", "0.5", "-o", str(tmp_path / "c")])
@@ -341,4 +342,4 @@ def test_export_uses_a_schedule_written_by_ficoco_plan(tmp_path: Path) -> None:
     res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(sched), "--graph-only", "--no-lint", "-o", str(out)])
     assert res.exit_code == 0, res.output
     m = load_manifest(out, verify=False)
-    assert m["schedule"] == json.loads(sched.read_text()) and m["plan_request"]["schedule"] == m["schedule"]
+    assert m["schedule"] == json.loads(sched.read_text()) and m["schedule_request"]["schedule"] == m["schedule"]

@@ -15,8 +15,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from bundle.layout import sha256_file
+from bundle.manifest import Manifest, load_manifest
 from bundle.ort import ort_stages
-from engines.cli import run_main
+from commands.run import main as run_main
 from engines.runtime import InputError, Pipeline
 from engines.trt_backend import (
     ENGINE_MANIFEST,
@@ -26,7 +28,6 @@ from engines.trt_backend import (
     GpuTarget,
     find_engines,
 )
-from exporter.bundle import load_manifest, sha256_file
 from ficoco.generation import generate_tokens
 from ficoco.images import test_image
 from ficoco.models import LoadedModel
@@ -58,8 +59,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def reference(tiny: LoadedModel, manifest: dict, px: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, n: int, eos: int | None, sampling: SamplingConfig | None = None) -> torch.Tensor:
-    model = ReducedLlava(tiny.model, Schedule.from_dict(manifest["schedule"])).eval()
+def reference(tiny: LoadedModel, manifest: Manifest, px: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, n: int, eos: int | None, sampling: SamplingConfig | None = None) -> torch.Tensor:
+    model = ReducedLlava(tiny.model, Schedule.from_dict(manifest.schedule)).eval()
     with torch.no_grad():
         return model.generate(px, ids, offsets, n, sampling=sampling, eos_token_id=eos)
 
@@ -232,12 +233,12 @@ def fake_engines(bundle: Path, version: str, sm: int, gpu: str = "NVIDIA Fake", 
     d = bundle / "engines" / f"trt-{version}-sm{sm}"
     d.mkdir(parents=True, exist_ok=True)
     engines = {}
-    for g, info in manifest["graphs"].items():
+    for g, info in manifest.graphs.items():
         plan = d / f"{g}.plan"
         plan.write_bytes(b"not a real engine " + g.encode())
         engines[g] = {"file": plan.name, "sha256": sha256_file(plan), "bytes": plan.stat().st_size,
-                      "source": info["file"], "source_sha256": source_sha or manifest["files"][info["file"]]}
-    em = EngineManifest(version, sm, gpu, "x86_64", engines, manifest["trt_profiles"], {"strongly_typed": True})
+                      "source": info.file, "source_sha256": source_sha or manifest.files[info.file]}
+    em = EngineManifest(version, sm, gpu, "x86_64", engines, manifest.trt_profiles, {"strongly_typed": True})
     (d / ENGINE_MANIFEST).write_text(json.dumps(em.to_dict()))
     return d
 

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 from test_runtime import QUESTION, linked_copy
 
+from bundle.manifest import load_manifest
 from bundle.names import EMBED, PREFILL, STAGES, STEP, VISION
 from commands.build import main as build_main
 from commands.run import main as run_main
@@ -28,7 +29,6 @@ from engines.builder import (
     qdq_types,
     resolve_profiles,
 )
-from exporter.bundle import load_manifest
 from ficoco.images import test_image
 
 NO_TRT = "TensorRT/CUDA absent: the TensorRT path was not verified here"
@@ -58,12 +58,12 @@ def test_profiles_from_the_manifest_with_overrides(bundle: Path) -> None:
     base = resolve_profiles(m, BuildOptions())
     assert set(base) == set(STAGES)
     for g in STAGES:
-        for name, r in m["trt_profiles"][g].items():
+        for name, r in m.trt_profiles[g].items():
             assert base[g][name] == r
     # every dynamic input of every graph has a range (image_offset / position included)
     assert set(base[PREFILL]) == {"inputs_embeds", "visual_tokens", "image_offset"}
-    assert len(base[STEP]) == 2 + 2 * m["decoder"]["num_layers"]
-    d = m["geometry"]["decoder"]["hidden_size"]
+    assert len(base[STEP]) == 2 + 2 * m.decoder["num_layers"]
+    d = m.geometry["decoder"]["hidden_size"]
     over = resolve_profiles(m, BuildOptions(max_shapes={"decoder_prefill/inputs_embeds": [2, 100, d], "input_ids": [2, 100]},
                                             opt_shapes={"input_ids": [1, 50]}))
     assert over[PREFILL]["inputs_embeds"]["max"] == [2, 100, d]

@@ -154,8 +154,8 @@ def profile_bundle(onnx_dir: Path, px: Any, ids: Any, offsets: Any, threads: int
     import onnx
     import onnxruntime as ort
 
+    from bundle.ort import session_options
     from exporter.regions import has_namespaces, reduction_node_names
-    from exporter.validate import session_options
 
     trace_dir.mkdir(parents=True, exist_ok=True)
     sessions: dict[str, Any] = {}

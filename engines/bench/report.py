@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bundle.manifest import Manifest
 from engines.bench.common import (
     REPORT_SCHEMA,
     TARGET_EFFICIENCY,
@@ -61,7 +62,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def build_report(
-    configs: Sequence[ConfigSpec], results: dict[str, dict[str, Any]], errors: dict[str, str], manifest: dict[str, Any],
+    configs: Sequence[ConfigSpec], results: dict[str, dict[str, Any]], errors: dict[str, str], manifest: Manifest,
     opts: BenchOptions, geometry: Any, step_reduction_nodes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Aggregate the workers' results into the bench.json structure (speedups, FLOPs ratios, agreement)."""
@@ -137,7 +138,7 @@ def build_report(
         "schema": REPORT_SCHEMA,
         "bundle": str(opts.bundle.resolve()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source_model": manifest.get("source_model"),
+        "source_model": manifest.source_model,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cores_available": available_cores(), "threads": opts.resolved_threads(),
                     "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "python": platform.python_version()},

@@ -51,6 +51,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bundle.layout import MANIFEST, ONNX_DIR, BundleError
+from bundle.manifest import Manifest, load_manifest
+from bundle.names import STEP
 from engines.bench.common import (
     SWEEP_VARIANTS,
     BenchFailed,
@@ -63,6 +66,7 @@ from engines.bench.common import (
 from engines.bench.profiling import summarize
 from engines.bench.report import build_report, write_reports
 from ficoco.atomic import write_atomic
+from ficoco.planner import ScheduleRequest
 
 log = logging.getLogger(__name__)
 
@@ -111,36 +115,32 @@ def parse_variants(text: str | None) -> tuple[str, ...]:
         raise BenchInputError("--variants is empty; give e.g. VL or V,L,VL")
     return tuple(out)
 
-def sibling_request(manifest: dict[str, Any], variant: str, ratio: float, overrides: dict[str, int | None] | None = None) -> Any:
-    """The `PlanRequest` of a sweep entry: BUNDLE's method, preset, positions and layer ranges, this budget.
+def sibling_request(manifest: Manifest, variant: str, ratio: float, overrides: dict[str, int | None] | None = None) -> Any:
+    """The `ScheduleRequest` of a sweep entry: BUNDLE's method, preset, positions and layer ranges, this budget.
 
     Ratio 1.0 is the unreduced model (variant "none"). Layer ranges come from BUNDLE's schedule for the
     stages the variant reduces (V: vision, L: decoder, VL: both), `overrides` win; a stage BUNDLE does not
     reduce gets the planner's defaults.
     """
-    from exporter.pipeline import PlanRequest
-
-    asked = manifest.get("plan_request") or {}  # recorded since manifest schema 2
-    text_tokens = int(asked.get("text_tokens", 60))
+    text_tokens = int(manifest.schedule_request.get("text_tokens", 60))
     if ratio >= 1.0:
-        return PlanRequest(variant="none", method=manifest.get("method", "ficoco"), ratio=None,
-                           preset=manifest.get("preset", "paper"), positions=manifest.get("positions", "compact"),
-                           text_tokens=text_tokens)
-    ranges = {**layer_ranges(manifest.get("schedule") or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        return ScheduleRequest(variant="none", method=manifest.method, ratio=None, preset=manifest.preset,
+                               positions=manifest.positions, text_tokens=text_tokens)
+    ranges = {**layer_ranges(manifest.schedule), **{k: v for k, v in (overrides or {}).items() if v is not None}}
     keep = {"V": ("v_start", "v_end"), "L": ("l_start", "l_end"), "VL": ("v_start", "v_end", "l_start", "l_end")}[variant]
-    return PlanRequest(
+    return ScheduleRequest(
         variant=variant,
-        method=manifest.get("method", "ficoco"),
+        method=manifest.method,
         ratio=ratio,
-        preset=manifest.get("preset", "paper"),
-        positions=manifest.get("positions", "compact"),
+        preset=manifest.preset,
+        positions=manifest.positions,
         layers={k: ranges[k] for k in keep if k in ranges},
         text_tokens=text_tokens,
     )
 
 
 def request_key(source: dict[str, Any], request: Any, export: dict[str, Any]) -> str:
-    """sha256 of (model name + revision, plan request, export options): the sibling cache key."""
+    """sha256 of (model name + revision, schedule request, export options): the sibling cache key."""
     blob = json.dumps({"model": [source.get("name"), source.get("revision")], "request": asdict(request), "export": export},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -156,11 +156,11 @@ def _label(variant: str, ratio: float) -> str:
     return "unreduced (1.0)" if variant == "none" else f"{variant} {ratio:g}"
 
 
-def model_ref(manifest: dict[str, Any]) -> str:
+def model_ref(manifest: Manifest) -> str:
     """The name `load_model` needs to rebuild BUNDLE's source model (a built-in, an alias, a local dir)."""
     from ficoco.models import ALIASES, BUILTINS
 
-    src = manifest.get("source_model") or {}
+    src = manifest.source_model
     name, source = str(src.get("name") or ""), str(src.get("source") or "")
     if name in BUILTINS or name in ALIASES:
         return name
@@ -176,19 +176,16 @@ def model_ref(manifest: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def plan_configs(manifest: dict[str, Any], opts: BenchOptions) -> list[ConfigSpec]:
+def plan_configs(manifest: Manifest, opts: BenchOptions) -> list[ConfigSpec]:
     """The sweep's bundle configurations in report order (unreduced first), without exporting anything."""
-    from exporter.bundle import load_manifest
-    from ficoco.geometry import LlavaGeometry
-
-    if manifest.get("graph_only"):
+    if manifest.graph_only:
         raise BenchInputError(f"{opts.bundle} is a --graph-only bundle (no weights); export it with weights to benchmark it")
-    geometry = LlavaGeometry.from_dict(manifest["geometry"])
-    own_variant = str(manifest.get("variant", "none"))
+    geometry = manifest.geometry_object()
+    own_variant = manifest.variant
     variants = opts.variants or ((own_variant,) if own_variant in SWEEP_VARIANTS else ("VL",))
     entries: list[tuple[str, float]] = [("none", 1.0)]
     entries += [(v, r) for v in variants for r in opts.ratios if r < 1.0]
-    own = manifest.get("schedule") or {}
+    own = manifest.schedule
     configs: list[ConfigSpec] = []
     for variant, ratio in entries:
         request = sibling_request(manifest, variant, ratio, opts.layers)
@@ -203,44 +200,42 @@ def plan_configs(manifest: dict[str, Any], opts: BenchOptions) -> list[ConfigSpe
         ))
     for extra in opts.also:
         m = load_manifest(extra, verify=opts.verify)
-        final = int((m.get("visual_tokens") or {}).get("final", 0))
-        total = int((m.get("schedule") or {}).get("visual_tokens_in", 576)) or 576
+        final, total = int(m.visual_tokens["final"]), int(m.visual_tokens["in"])
         configs.append(ConfigSpec(
-            label=f"also: {extra.name}", kind="bundle", role="also", variant=str(m.get("variant")), method=str(m.get("method")),
-            ratio=final / total, bundle=str(extra.resolve()), origin="--also", schedule=m.get("schedule"),
+            label=f"also: {extra.name}", kind="bundle", role="also", variant=m.variant, method=m.method,
+            ratio=final / total, bundle=str(extra.resolve()), origin="--also", schedule=m.schedule,
         ))
     return configs
 
 
 def ensure_bundles(
-    configs: list[ConfigSpec], manifest: dict[str, Any], opts: BenchOptions, say: Callable[[str], None]
+    configs: list[ConfigSpec], manifest: Manifest, opts: BenchOptions, say: Callable[[str], None]
 ) -> None:
     """Fill in `bundle` for every sweep entry: a cached sibling under the work dir, or a fresh export."""
-    from exporter import bundle as B
     from exporter.export import ExportOptions
-    from exporter.pipeline import PlanRequest, ValidationOptions, export_bundle
+    from exporter.pipeline import ValidationOptions, export_bundle
 
     work = opts.resolved_work_dir()
-    export = dict(manifest.get("export") or {})
+    export = dict(manifest.export)
     export["graph_only"] = False
-    source = manifest.get("source_model") or {}
+    source = manifest.source_model
     loaded: Any = None
     for cfg in configs:
         if cfg.bundle is not None or cfg.request is None:
             continue
         layers = cfg.request.get("layers") or {}
-        request = PlanRequest(**{**cfg.request, "layers": dict(layers)})
+        request = ScheduleRequest(**{**cfg.request, "layers": dict(layers)})
         key = request_key(source, request, export)
         name = f"{source.get('name') or 'model'}-{cfg.variant}-{cfg.method}-r{cfg.ratio:g}-{key[:12]}"
         target = work / name
-        if (target / B.MANIFEST).is_file():
+        if (target / MANIFEST).is_file():
             try:
-                m = B.load_manifest(target, verify=opts.verify)
-                if _same_schedule(m.get("schedule") or {}, cfg.schedule or {}):
+                m = load_manifest(target, verify=opts.verify)
+                if _same_schedule(m.schedule, cfg.schedule or {}):
                     cfg.bundle, cfg.origin = str(target), "cached"
                     say(f"{cfg.label}: cached {target}")
                     continue
-            except B.BundleError as err:
+            except BundleError as err:
                 say(f"{cfg.label}: cached bundle unusable ({err}); exporting it again")
         if loaded is None:
             loaded = _load_source_model(manifest, say)
@@ -256,7 +251,7 @@ def ensure_bundles(
         gc.collect()
 
 
-def _load_source_model(manifest: dict[str, Any], say: Callable[[str], None]) -> Any:
+def _load_source_model(manifest: Manifest, say: Callable[[str], None]) -> Any:
     from ficoco.models import ModelNotFoundError, load_model
 
     ref = model_ref(manifest)
@@ -265,7 +260,7 @@ def _load_source_model(manifest: dict[str, Any], say: Callable[[str], None]) -> 
         loaded = load_model(ref)
     except ModelNotFoundError as err:
         raise BenchInputError(f"the sweep needs BUNDLE's source model to export its other ratios: {err}") from err
-    want = (manifest.get("source_model") or {}).get("revision")
+    want = manifest.source_model.get("revision")
     if want and loaded.revision != want:
         raise BenchInputError(
             f"BUNDLE was exported from {ref} revision {want}, but this machine has revision {loaded.revision}; "
@@ -302,14 +297,12 @@ def run_bench(opts: BenchOptions, say: Callable[[str], None] | None = None) -> t
     """The whole benchmark (see the module docstring); returns the report and the written files' paths."""
     import onnx
 
-    from exporter.bundle import load_manifest
     from exporter.regions import reduction_node_names
-    from ficoco.geometry import LlavaGeometry
 
     say = say or (lambda s: log.info(s))
     t_start = time.perf_counter()
     manifest = load_manifest(opts.bundle, verify=opts.verify)
-    limit = int((manifest.get("shape_ranges") or {}).get("max_new_tokens", 1 << 30))
+    limit = manifest.max_new_tokens
     if opts.max_new_tokens > limit:
         raise BenchInputError(f"--max-new-tokens {opts.max_new_tokens} is above BUNDLE's limit of {limit} (shape_ranges.max_new_tokens); ask for fewer")
     resolve_image(opts.image)  # a bad --image fails before any export
@@ -319,7 +312,7 @@ def run_bench(opts: BenchOptions, say: Callable[[str], None] | None = None) -> t
         configs.append(ConfigSpec(label="PyTorch generate (unreduced)", kind="pytorch", role="pytorch", variant="none",
                                   method="none", ratio=1.0, origin="transformers", schedule=None))
     ref = model_ref(manifest)
-    geometry = LlavaGeometry.from_dict(manifest["geometry"])
+    geometry = manifest.geometry_object()
     work = opts.resolved_work_dir()
     threads = opts.resolved_threads()
     results: dict[str, dict[str, Any]] = {}
@@ -342,7 +335,7 @@ def run_bench(opts: BenchOptions, say: Callable[[str], None] | None = None) -> t
         med = summarize([r["ttft_ms"] for r in results[cfg.label]["runs"]]).get("median", float("nan"))
         say(f"{cfg.label}: TTFT median {med:.0f} ms ({time.perf_counter() - t0:.0f} s)")
         if cfg.kind == "bundle" and cfg.bundle:
-            proto = onnx.load(str(Path(cfg.bundle) / "onnx" / "decoder_step.onnx"), load_external_data=False)
+            proto = onnx.load(str(Path(cfg.bundle) / ONNX_DIR / f"{STEP}.onnx"), load_external_data=False)
             step_nodes[cfg.bundle] = len(reduction_node_names(proto))
     report = build_report(configs, results, errors, manifest, opts, geometry, step_nodes)
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -1,5 +1,5 @@
 """`ficoco-check`: the accuracy gate of a bundle against PyTorch (`run_check`; the levels are described in
-`engines.check.runner`, the command line is `engines.check.cli`)."""
+`engines.check.runner`, the command line is `commands.check`)."""
 
 from bundle.compare import OutputComparison, TokenAgreement, token_agreement
 from engines.check.inputs import Sample, load_images, load_prompts, make_samples, reference_for_bundle

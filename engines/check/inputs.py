@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from bundle.manifest import Manifest
 from engines.check.options import DEFAULT_IMAGES, DEFAULT_PROMPTS, IMAGE_SUFFIXES, CheckInputError
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,14 @@ def make_samples(images: Sequence[tuple[str, Any]], prompts: Sequence[str], num_
     return pairs if num_samples is None else pairs[:num_samples]
 
 
-def reference_for_bundle(manifest: dict[str, Any], model: str | None = None) -> tuple[Any, Any]:
+def reference_for_bundle(manifest: Manifest, model: str | None = None) -> tuple[Any, Any]:
     """(LoadedModel, ReducedLlava) in fp32: the source model (or `model`, e.g. a moved local directory)
     with the manifest's schedule. CheckInputError when the model cannot be found or does not fit."""
     from ficoco.models import ModelNotFoundError, load_model
     from ficoco.reduced_llava import ReducedLlava
     from ficoco.schedule import Schedule
 
-    source = manifest.get("source_model") or {}
+    source = manifest.source_model
     name = model or source.get("name")
     if not name:
         raise CheckInputError("the manifest names no source model; pass --model NAME_OR_DIR")
@@ -84,7 +85,7 @@ def reference_for_bundle(manifest: dict[str, Any], model: str | None = None) -> 
     if want and loaded.revision != want:
         log.warning("reference model %s is revision %s, the bundle was exported from %s", name, loaded.revision, want)
     try:
-        schedule = Schedule.from_dict(manifest["schedule"])
+        schedule = Schedule.from_dict(manifest.schedule)
         reduced = ReducedLlava(loaded.model, schedule).eval()
     except (KeyError, TypeError) as err:
         raise CheckInputError(f"the manifest's schedule cannot be read ({err}); re-export the bundle") from err

@@ -116,8 +116,8 @@ def check_task(pipe: Any, ref_stages: Any, loaded: Any, n_images: int) -> list[T
 
 def selection_checker(bundle: Path, threads: int | None) -> tuple[Any, str]:
     """The kept-set probes over the bundle's ONNX graphs, or (None, why not)."""
+    from bundle.layout import ONNX_DIR
     from engines.selection import SelectionChecker
-    from exporter.bundle import ONNX_DIR
 
     try:
         return SelectionChecker(Path(bundle) / ONNX_DIR, threads), ""

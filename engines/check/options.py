@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bundle.compare import ERROR_STATS, OutputGates
+from bundle.manifest import Manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 DEFAULT_IMAGES: tuple[str, ...] = ("astronaut", "chelsea", "coffee")
@@ -68,11 +69,11 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
 }
 
 
-def bundle_kind(manifest: dict[str, Any]) -> str:
+def bundle_kind(manifest: Manifest) -> str:
     """"quantized" when the manifest has a non-empty "quantization", else its precision (fp32 / fp16)."""
-    if manifest.get("quantization"):
+    if manifest.is_quantized:
         return "quantized"
-    precision = str(manifest.get("precision") or "fp32")
+    precision = manifest.precision
     return precision if precision in DEFAULT_THRESHOLDS else "fp16"  # bf16 and the like: judged as fp16
 
 
@@ -126,7 +127,7 @@ class CheckOptions:
             raise CheckInputError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
 
 
-def resolve_thresholds(manifest: dict[str, Any], options: CheckOptions) -> Thresholds:
+def resolve_thresholds(manifest: Manifest, options: CheckOptions) -> Thresholds:
     """The bundle kind's defaults, with every threshold the options set explicitly put in its place.
 
     Setting --atol/--rtol/--check-error-stat turns the tolerance gate on also for a quantized bundle.

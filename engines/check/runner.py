@@ -66,15 +66,14 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
     samples = make_samples(load_images(options.images), load_prompts(options.prompts), options.num_samples)
     n_new = min(DEFAULT_MAX_NEW_TOKENS, front.max_new_tokens_limit) if options.max_new_tokens is None else int(options.max_new_tokens)
     for s in samples:  # every prompt within the bundle's limits, before anything heavy is loaded
-        ids, _ = front.tokenize([s.prompt])
-        front.check_request(int(ids.shape[1]), n_new)
+        front.prepare_text([s.prompt], n_new, [])
     thresholds = resolve_thresholds(front.manifest, options)
     loaded, reduced = reference_for_bundle(front.manifest, options.model)
     pipe = Pipeline.from_bundle(
         front, backend=options.backend, verify=options.verify, device=options.device,
         ort_provider=options.ort_provider, threads=options.threads,
     )
-    source = front.manifest.get("source_model") or {}
+    source = front.manifest.source_model
     report = CheckReport(
         bundle=str(Path(bundle)),
         backend=pipe.backend,

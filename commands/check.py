@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from bundle.compare import ERROR_STATS
+from commands.common import CONTEXT, run_command
 from engines.check.levels import TASK_IMAGES, TASK_MODELS
 from engines.check.options import (
     DEFAULT_IMAGES,
@@ -19,7 +20,6 @@ from engines.check.options import (
 )
 from engines.check.report import write_report
 from engines.check.runner import run_check
-from engines.cli import CONTEXT, _guarded, _setup_logging
 
 
 @click.command(context_settings=CONTEXT)
@@ -55,9 +55,7 @@ def main(bundle: Path, **kw: Any) -> None:
 
     Example: ficoco-check out/llava7b-vl25 --num-samples 4 --max-new-tokens 32
     """
-    verbose = bool(kw["verbose"])
-    _setup_logging(verbose)
-    _guarded(verbose, lambda: _check(bundle, kw))
+    run_command(bool(kw["verbose"]), lambda: _check(bundle, kw))
 
 
 def _check(bundle: Path, kw: dict[str, Any]) -> None:
@@ -96,5 +94,5 @@ def _check(bundle: Path, kw: dict[str, Any]) -> None:
     sys.exit(1)
 
 
-if __name__ == "__main__":  # `python -m engines.check.cli BUNDLE ...`
+if __name__ == "__main__":  # `python -m commands.check BUNDLE ...`
     main(prog_name="ficoco-check")
