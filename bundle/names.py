@@ -10,7 +10,16 @@ VISION = "vision_encoder"
 EMBED = "embed_tokens"
 PREFILL = "decoder_prefill"
 STEP = "decoder_step"
-STAGES = (VISION, EMBED, PREFILL, STEP)
+STAGES = (VISION, EMBED, PREFILL, STEP)  # the four pipeline stages, one graph each, in running order
+
+#: Each graph's runtime inputs besides the step graph's past_key_values.* (a --graph-only graph also carries
+#: its weights as inputs; these names tell them apart).
+GRAPH_INPUTS: dict[str, tuple[str, ...]] = {
+    VISION: ("pixel_values",),
+    EMBED: ("input_ids",),
+    PREFILL: ("inputs_embeds", "visual_tokens", "image_offset"),
+    STEP: ("inputs_embeds", "position"),
+}
 
 
 def present_names(num_layers: int) -> list[str]:

@@ -155,8 +155,8 @@ def collect(
     progress: Progress | None = None,
 ) -> CalibrationSet:
     """Run the fp32 bundle in ONNX Runtime (CPU) on `size` pairs and record each graph's inputs."""
+    from bundle.frontend import Frontend, InputError
     from bundle.ort import ort_stages
-    from engines.runtime import Frontend, InputError
 
     front = Frontend.from_bundle(bundle, verify=False)
     stages = ort_stages(Path(bundle) / "onnx", provider="cpu", threads=threads)

@@ -99,7 +99,7 @@ def file_sizes(fp32_dir: Path, quant_dir: Path) -> dict[str, dict[str, Any]]:
 
 def evaluate(fp32_bundle: Path, quant_bundle: Path, opts: EvalOptions, *, optimize_quant: bool = True) -> dict[str, Any]:
     """Compare the quantized bundle with the fp32 one (see the module docstring); returns the report dict."""
-    from engines.runtime import Frontend
+    from bundle.frontend import Frontend
     from ficoco.images import test_images
 
     front = Frontend.from_bundle(fp32_bundle, verify=False)

@@ -127,7 +127,7 @@ def _export(kw: dict[str, Any]) -> None:
     vt, fl = manifest.visual_tokens, manifest.flops_tflops
     console.print(
         f"[green]bundle written[/] {path}\n"
-        f"  visual tokens: {vt['in']} -> {vt['to_decoder']} after the vision stage -> {vt['final']} final; "
+        f"  visual tokens: {vt['in']} -> {vt['to_decoder']} after the vision tower -> {vt['final']} final; "
         f"TFLOPs vision {fl.get('vision', 0):.3f}, prefill {fl.get('prefill', 0):.3f}\n"
         f"  validation: {validation_line(manifest.validation)}",
         highlight=False,

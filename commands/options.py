@@ -60,7 +60,7 @@ def planning_options(schedule_file: bool = False, variant_default: str | None = 
         variant,
         click.option("--method", type=click.Choice(METHODS, case_sensitive=False), default="ficoco", show_default=True,
                      help="Reduction method. tome, evit and the baselines random (seeded pruning) and pool (spatial "
-                     "average pooling) reduce the vision stage only (variant V); fastv the decoder only (variant L)."),
+                     "average pooling) reduce the vision tower only (variant V); fastv the decoder only (variant L)."),
         click.option("--ratio", type=float, help="Budget: fraction in (0, 1] of the model's visual tokens (576 for "
                      "LLaVA-1.5) KEPT at the end of reduction; 0.25 keeps 144. Give one of --ratio / --keep-tokens / "
                      "--target-tflops."),
@@ -75,7 +75,7 @@ def planning_options(schedule_file: bool = False, variant_default: str | None = 
                      show_default=True, help="Decoder RoPE positions after a decoder reduction: renumbered per layer "
                      "(compact) or the original positions kept."),
         layer_options(),
-        click.option("--vl-split", type=int, help="VL only: visual tokens left after the vision stage "
+        click.option("--vl-split", type=int, help="VL only: visual tokens left after the vision tower "
                      "[default: round(sqrt(576 x final tokens))]."),
         click.option("--text-tokens", type=click.IntRange(min=0), default=60, show_default=True,
                      help="Text tokens M (prompt + question) at which the TFLOPs figures (and a --target-tflops "

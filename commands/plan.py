@@ -79,16 +79,16 @@ def format_table(schedule: Schedule, geometry: LlavaGeometry) -> Table:
         f"visual tokens {s.visual_tokens_in} -> {s.visual_tokens_to_decoder} -> {s.visual_tokens_final}"
     )
     table = Table(title=title, title_justify="left")
-    for col, justify in (("stage", "left"), ("block", "right"), ("method", "left"), ("tokens in", "right"),
+    for col, justify in (("tower", "left"), ("block", "right"), ("method", "left"), ("tokens in", "right"),
                          ("removed", "right"), ("K", "right"), ("tokens out", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for stage in (s.vision, s.decoder):
-        if not stage.steps:
-            table.add_row(stage.stage, "-", "none", str(stage.span_in), "0", "-", str(stage.span_out), end_section=True)
+    for tower in (s.vision, s.decoder):
+        if not tower.steps:
+            table.add_row(tower.tower, "-", "none", str(tower.span_in), "0", "-", str(tower.span_out), end_section=True)
             continue
-        for i, step in enumerate(stage.steps):
-            table.add_row(stage.stage if i == 0 else "", str(step.layer), stage.method if i == 0 else "", str(step.n),
-                          str(step.r), str(step.k), str(step.n_out), end_section=i == len(stage.steps) - 1)
+        for i, step in enumerate(tower.steps):
+            table.add_row(tower.tower if i == 0 else "", str(step.layer), tower.method if i == 0 else "", str(step.n),
+                          str(step.r), str(step.k), str(step.n_out), end_section=i == len(tower.steps) - 1)
     f = s.flops
     if f:
         table.caption = "\n".join((

@@ -57,7 +57,8 @@ def _sampling(kw: dict[str, Any]) -> Any:
 
 
 def _run(bundle: Path, kw: dict[str, Any]) -> None:
-    from engines.runtime import Frontend, Pipeline, describe
+    from bundle.frontend import Frontend
+    from engines.runtime import Pipeline, describe
     from ficoco.preprocess import load_image
 
     sampling = _sampling(kw)

@@ -24,9 +24,9 @@ DEFAULTS = TrainConfig()
               help="The llava-hf directory to write (replaced atomically when training ends and at each evaluation).")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of weights, data order and drawn images.")
 @click.option("--vision-steps", type=click.IntRange(min=0), default=DEFAULTS.vision_steps, show_default=True,
-              help="Stage 1 steps: the vision tower alone on the [CLS] and patch tasks.")
+              help="Phase 1 steps: the vision tower alone on the [CLS] and patch tasks.")
 @click.option("--steps", type=click.IntRange(min=1), default=DEFAULTS.steps, show_default=True,
-              help="Stage 2 steps: answers plus both auxiliary tasks.")
+              help="Phase 2 steps: answers plus both auxiliary tasks.")
 @click.option("--images-per-step", type=click.IntRange(min=2), default=DEFAULTS.images_per_step, show_default=True,
               help="Images per step (half single tiles, half mosaics).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr, show_default=True, help="Peak learning rate (AdamW).")

@@ -49,7 +49,7 @@ def _numpy_feeds(probe: SelectionProbe, feeds: Mapping[str, Tensor]) -> dict[str
 class StepFlips:
     """One reduction step of one sample: how many kept tokens differ from the reference's."""
 
-    stage: str  # "vision" | "decoder"
+    tower: str  # "vision" | "decoder"
     block: int  # the block whose output it reduces
     kept: int  # |T|
     flips: int  # |T_ref \ T_bundle|, worst over the batch
@@ -93,7 +93,7 @@ def _ties(pos: np.ndarray, patches: Tensor | None, only_ref: np.ndarray, only_go
 
 
 def compare_steps(
-    stage: str, ref_plans: Mapping[int, Any], got: Sequence[np.ndarray], pos: np.ndarray,
+    tower: str, ref_plans: Mapping[int, Any], got: Sequence[np.ndarray], pos: np.ndarray,
     patches: Tensor | None = None, fused: bool = False,
 ) -> list[StepFlips]:
     """Pair the reference's plans (block -> MergePlan, in block order) with the bundle's kept sets (graph order).
@@ -105,17 +105,17 @@ def compare_steps(
     """
     blocks = sorted(ref_plans)
     if len(blocks) != len(got):
-        raise ValueError(f"{stage}: the reference reduces at {len(blocks)} blocks, the graph has {len(got)} kept sets")
+        raise ValueError(f"{tower}: the reference reduces at {len(blocks)} blocks, the graph has {len(got)} kept sets")
     out = []
     for block, g in zip(blocks, got, strict=True):
         ref = ref_plans[block].kept.detach().cpu().numpy()
         if ref.shape != g.shape:
-            raise ValueError(f"{stage} block {block}: kept set of shape {list(g.shape)}, the reference's is {list(ref.shape)}")
+            raise ValueError(f"{tower} block {block}: kept set of shape {list(g.shape)}, the reference's is {list(ref.shape)}")
         rows = _flips(ref, g)
         worst = max(range(len(rows)), key=lambda b: rows[b][0])
         count, only_ref, only_got = rows[worst]
         ties = _ties(pos[worst], None if patches is None else patches[worst], only_ref, only_got)
-        out.append(StepFlips(stage, block, int(ref.shape[1]), count, ties))
+        out.append(StepFlips(tower, block, int(ref.shape[1]), count, ties))
         pos = np.take_along_axis(pos, ref, axis=1)
         if fused:
             pos = np.concatenate([pos, np.full((pos.shape[0], 1), -1, dtype=pos.dtype)], axis=1)
@@ -127,7 +127,7 @@ class SelectionCheck:
     """The flips of every reduction step of one sample (vision steps, then decoder steps)."""
 
     steps: list[StepFlips]
-    note: str = ""  # why some stage could not be probed
+    note: str = ""  # why some tower could not be probed
 
     @property
     def total(self) -> int:
@@ -167,7 +167,7 @@ class SelectionChecker:
         first = -1 if g.has_cls else 0
         pos0 = np.broadcast_to(np.arange(first, g.num_patches, dtype=np.int64), (b, g.num_patches - first)).copy()
         sched = reduced.schedule
-        for probe, stage, plans, feeds, pos, fused in (
+        for probe, tower, plans, feeds, pos, fused in (
             (self.vision, "vision", vis.plans, {"pixel_values": pixel_values}, pos0, sched.vision.method == "evit"),
             (self.prefill, "decoder", pre.plans,
              {"inputs_embeds": text_embeds, "visual_tokens": vis.visual, "image_offset": image_offset},
@@ -176,8 +176,8 @@ class SelectionChecker:
             if not plans:
                 continue
             if not probe.usable or not probe.steps:
-                notes.append(f"{stage}: the graph's reduction nodes cannot be found (no node metadata); not measured")
+                notes.append(f"{tower}: the graph's reduction nodes cannot be found (no node metadata); not measured")
                 continue
             _, kept = probe.run(_numpy_feeds(probe, feeds))
-            steps += compare_steps(stage, plans, kept, pos, patches, fused)
+            steps += compare_steps(tower, plans, kept, pos, patches, fused)
         return SelectionCheck(steps, "; ".join(notes))

@@ -3,7 +3,7 @@
 FiCoCo-V and EViT keep what [CLS] attends to; on a model whose [CLS] looks at the background they drop
 the object. This measures it on easy-vqa test images: a patch is an *object patch* when its pixels
 differ from the image's background (the top-left pixel's colour), and a method keeps it when the patch
-index is among the positions of the tokens that leave the vision stage (a merged token is named by the
+index is among the positions of the tokens that leave the vision tower (a merged token is named by the
 patch it kept).
 
     python -m commands.kept_objects --images 8 --ratio 0.25
@@ -27,7 +27,7 @@ class KeptObjects:
     image: str
     object_patches: int
     kept_object: int
-    kept: int  # patch tokens leaving the vision stage
+    kept: int  # patch tokens leaving the vision tower
 
 
 def object_mask(pixel_values: torch.Tensor, grid: int, patch: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from bundle.names import EMBED, PREFILL, STEP, VISION
+from bundle.names import EMBED, GRAPH_INPUTS, PREFILL, STEP, VISION
 from exporter.wrappers import DecoderPrefill, DecoderStep, EmbedTokens, VisionEncoder
 from ficoco.reduced_llava import ReducedLlava
 
@@ -29,12 +29,6 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "fp16"]
 EXAMPLE_TEXT_LEN = 17  # odd, so dynamo never specialises the text axis to another static size
 EXAMPLE_OFFSET = 4
-STAGE_INPUTS = {
-    VISION: ("pixel_values",),
-    EMBED: ("input_ids",),
-    PREFILL: ("inputs_embeds", "visual_tokens", "image_offset"),
-    STEP: ("inputs_embeds", "position"),
-}
 EXTERNAL_THRESHOLD = 64 * 1024  # bytes: tensors at least this large are stored as external data
 
 
@@ -202,12 +196,6 @@ def example_inputs(model: ReducedLlava, opts: ExportOptions, device: str | torch
     }
 
 
-def past_lengths(model: ReducedLlava, text_len: int, generated: int = 0) -> list[int]:
-    """Per decoder layer, the KV length after a prefill of `text_len` text tokens and `generated` steps."""
-    s = model.schedule.decoder
-    return [text_len + s.span_at(i) + generated for i in range(s.num_layers)]
-
-
 def export_stage(model: ReducedLlava, stage: str, path: Path, opts: ExportOptions, examples: dict[str, tuple[Tensor, ...]]) -> None:
     """Export one of the four stages to `path` (+ `path.data` unless graph-only)."""
     batch = _batch_dim(opts)
@@ -281,7 +269,7 @@ def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
     Weights that a --graph-only graph carries as inputs are not listed.
     """
     model = onnx.load(str(path), load_external_data=False)
-    declared = STAGE_INPUTS.get(path.stem)
+    declared = GRAPH_INPUTS.get(path.stem)
 
     def describe(vi: onnx.ValueInfoProto) -> dict[str, Any]:
         tt = vi.type.tensor_type

@@ -73,7 +73,7 @@ def answer_split(
 def answer_image(
     stages: StagedModel, prompting: Prompting, image: Any, questions: Sequence[Question | str], *, max_batch: int = 16
 ) -> list[str]:
-    """Greedy answers to `questions` about one image (its vision stage runs once)."""
+    """Greedy answers to `questions` about one image (its vision tower runs once)."""
     pixel_values = preprocess_image(image, prompting.processor_config)
     visual = stages.encode_image(pixel_values)
     prompts = []

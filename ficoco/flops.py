@@ -32,17 +32,17 @@ All functions return exact integer FLOPs except `flops_report`, which returns TF
 from __future__ import annotations
 
 from ficoco.geometry import DecoderGeometry, LlavaGeometry, VisionGeometry
-from ficoco.schedule import StageSchedule
+from ficoco.schedule import TowerSchedule
 
 TERA = 1e12
 
 
-def _check_stage(schedule: StageSchedule, stage: str, num_layers: int) -> None:
-    if schedule.stage != stage:
-        raise ValueError(f"expected a {stage} StageSchedule, got stage={schedule.stage!r}")
+def _check_tower(schedule: TowerSchedule, tower: str, num_layers: int) -> None:
+    if schedule.tower != tower:
+        raise ValueError(f"expected a {tower} TowerSchedule, got tower={schedule.tower!r}")
     if schedule.num_layers != num_layers:
         raise ValueError(
-            f"{stage} schedule covers {schedule.num_layers} blocks but the geometry runs {num_layers}"
+            f"{tower} schedule covers {schedule.num_layers} blocks but the geometry runs {num_layers}"
         )
 
 
@@ -60,12 +60,12 @@ def decoder_block_prefill_flops(dec: DecoderGeometry, p_att: int, p_mlp: int) ->
     return proj + attn + ffn
 
 
-def decoder_prefill_flops(dec: DecoderGeometry, schedule: StageSchedule, text_tokens: int) -> int:
+def decoder_prefill_flops(dec: DecoderGeometry, schedule: TowerSchedule, text_tokens: int) -> int:
     """Prefill FLOPs of all decoder blocks (lm_head excluded), following the decoder schedule.
 
     Block l: P_att = schedule.span_at(l) + M, P_mlp = schedule.span_at(l + 1) + M, M = text_tokens.
     """
-    _check_stage(schedule, "decoder", dec.num_layers)
+    _check_tower(schedule, "decoder", dec.num_layers)
     m = text_tokens
     return sum(
         decoder_block_prefill_flops(dec, schedule.span_at(layer) + m, schedule.span_at(layer + 1) + m)
@@ -73,13 +73,13 @@ def decoder_prefill_flops(dec: DecoderGeometry, schedule: StageSchedule, text_to
     )
 
 
-def decoder_decode_flops(dec: DecoderGeometry, schedule: StageSchedule, text_tokens: int) -> int:
+def decoder_decode_flops(dec: DecoderGeometry, schedule: TowerSchedule, text_tokens: int) -> int:
     """FLOPs of one generated token right after prefill (lm_head excluded).
 
     Block l: projections and gated FFN on 1 token, 8·D·(H·hd)-style terms as in prefill, plus
     4·L_l·(H·hd) for scores and values over the cache, L_l = M + span_at(l) + 1 (the token itself).
     """
-    _check_stage(schedule, "decoder", dec.num_layers)
+    _check_tower(schedule, "decoder", dec.num_layers)
     d, qw, kvw = dec.hidden_size, dec.num_heads * dec.head_dim, dec.num_kv_heads * dec.head_dim
     per_token = 2 * d * qw + 4 * d * kvw + 2 * qw * d + 6 * d * dec.intermediate_size
     total = 0
@@ -95,13 +95,13 @@ def lm_head_flops(dec: DecoderGeometry, tokens: int = 1) -> int:
 
 
 def kv_cache_bytes(
-    dec: DecoderGeometry, schedule: StageSchedule, text_tokens: int, bytes_per_element: int = 2
+    dec: DecoderGeometry, schedule: TowerSchedule, text_tokens: int, bytes_per_element: int = 2
 ) -> int:
     """Bytes of the KV cache after prefill: Σ_l 2·(Hkv·hd)·(M + span_at(l))·bytes_per_element.
 
     LLaVA-1.5-7B in fp16 with M = 60: 333 MB at 576 visual tokens, 65.0 MB at 64 (paper Table 10).
     """
-    _check_stage(schedule, "decoder", dec.num_layers)
+    _check_tower(schedule, "decoder", dec.num_layers)
     kvw = dec.num_kv_heads * dec.head_dim
     return sum(
         2 * kvw * (text_tokens + schedule.span_at(layer)) * bytes_per_element for layer in range(dec.num_layers)
@@ -126,17 +126,17 @@ def projector_flops(vis: VisionGeometry, decoder_hidden: int, visual_tokens: int
     return 2 * visual_tokens * (vis.hidden_size * d + d * d)
 
 
-def vision_tokens_out(vis: VisionGeometry, schedule: StageSchedule) -> int:
+def vision_tokens_out(vis: VisionGeometry, schedule: TowerSchedule) -> int:
     """Visual tokens the projector receives: the vision span after block select_block, with [CLS]
     dropped unless the feature strategy is "full"."""
     drop_cls = vis.has_cls and vis.feature_strategy != "full"
     return schedule.span_out - int(drop_cls)
 
 
-def vision_flops(geometry: LlavaGeometry, schedule: StageSchedule) -> int:
+def vision_flops(geometry: LlavaGeometry, schedule: TowerSchedule) -> int:
     """Vision tower + projector FLOPs: patch embedding, blocks 0..select_block, projector."""
     vis = geometry.vision
-    _check_stage(schedule, "vision", vis.blocks_run)
+    _check_tower(schedule, "vision", vis.blocks_run)
     blocks = sum(
         vision_block_flops(vis, schedule.span_at(b), schedule.span_at(b + 1)) for b in range(vis.blocks_run)
     )
@@ -146,7 +146,7 @@ def vision_flops(geometry: LlavaGeometry, schedule: StageSchedule) -> int:
 
 # ---------------------------------------------------------------------------------------------- report
 def flops_report(
-    geometry: LlavaGeometry, vision: StageSchedule, decoder: StageSchedule, text_tokens: int = 60
+    geometry: LlavaGeometry, vision: TowerSchedule, decoder: TowerSchedule, text_tokens: int = 60
 ) -> dict[str, float]:
     """TFLOPs of a planned model: ``{"vision", "prefill", "decode_per_token", "total", "lm_head_per_token"}``.
 
@@ -159,7 +159,7 @@ def flops_report(
     n_vis = vision_tokens_out(geometry.vision, vision)
     if decoder.span_in != n_vis:
         raise ValueError(
-            f"decoder span_in {decoder.span_in} does not match the {n_vis} visual tokens the vision stage yields"
+            f"decoder span_in {decoder.span_in} does not match the {n_vis} visual tokens the vision tower yields"
         )
     dec = geometry.decoder
     v = vision_flops(geometry, vision) / TERA
@@ -175,5 +175,5 @@ def flops_report(
 
 def unreduced_prefill_tflops(dec: DecoderGeometry, visual_tokens: int, text_tokens: int = 60) -> float:
     """Prefill TFLOPs with `visual_tokens` fed unreduced through every block (the paper's table)."""
-    stage = StageSchedule(stage="decoder", method="none", num_layers=dec.num_layers, span_in=visual_tokens)
-    return decoder_prefill_flops(dec, stage, text_tokens) / TERA
+    tower = TowerSchedule(tower="decoder", method="none", num_layers=dec.num_layers, span_in=visual_tokens)
+    return decoder_prefill_flops(dec, tower, text_tokens) / TERA

@@ -46,7 +46,7 @@ def generate_tokens(
     eos_token_id: int | Sequence[int] | None = None,
     on_token: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
-    """Run the vision stage on `pixel_values`, then `decode_tokens`: ids [B, <= max_new_tokens]."""
+    """Run the vision tower on `pixel_values`, then `decode_tokens`: ids [B, <= max_new_tokens]."""
     return decode_tokens(model, model.encode_image(pixel_values), input_ids, image_offset, max_new_tokens,
                          sampling, eos_token_id, on_token)
 
@@ -63,7 +63,7 @@ def decode_tokens(
     prefilled: tuple[Tensor, list[Tensor]] | None = None,
 ) -> Tensor:
     """Generate up to `max_new_tokens` ids [B, <= max_new_tokens] from visual tokens [B, n_V, D] that the
-    vision stage already produced, for prompts without the image placeholder.
+    vision tower already produced, for prompts without the image placeholder.
 
     `prefilled` (the prefill's logits and K/V for exactly these inputs) skips the prefill call, for callers
     that already ran it. The first decode token sits at position T + n_V (the unreduced prompt numbering);

@@ -2,8 +2,8 @@
 
 docs/method-spec.md A6/A7. The budget is the number of visual tokens that remain at the end of reduction,
 given as a ratio of the model's visual tokens (576 for LLaVA-1.5), as a token count, or as a prefill
-TFLOPs target. Removal is spread evenly over a stage's reduction blocks (earlier blocks take the
-remainder); VL splits the budget geometrically: the vision stage keeps n_mid = round(sqrt(576 · n_final)).
+TFLOPs target. Removal is spread evenly over a tower's reduction blocks (earlier blocks take the
+remainder); VL splits the budget geometrically: the vision tower keeps n_mid = round(sqrt(576 · n_final)).
 
 Every invalid request raises `PlanError` (a `ValueError`) whose message says what is allowed.
 """
@@ -28,14 +28,14 @@ from ficoco.params import (
     ToMeParams,
     ficoco_params,
 )
-from ficoco.schedule import ReductionStep, Schedule, StageSchedule
+from ficoco.schedule import ReductionStep, Schedule, TowerSchedule
 
 log = logging.getLogger(__name__)
 
 VARIANTS: tuple[str, ...] = ("none", "V", "L", "VL")
 METHODS: tuple[str, ...] = ("ficoco", "tome", "evit", "random", "pool", "fastv")
 POSITIONS: tuple[str, ...] = ("compact", "original")
-_VARIANT_STAGES: dict[str, tuple[str, ...]] = {
+_VARIANT_TOWERS: dict[str, tuple[str, ...]] = {
     "none": (),
     "V": ("vision",),
     "L": ("decoder",),
@@ -67,10 +67,10 @@ def _tokens(n: int) -> str:
 
 
 @dataclass(frozen=True)
-class _StageRequest:
-    """What one stage must do: reduce `span_in` to `span_out` in blocks start..end with `method`."""
+class _TowerRequest:
+    """What one tower must do: reduce `span_in` to `span_out` in blocks start..end with `method`."""
 
-    stage: str
+    tower: str
     method: str
     num_layers: int
     span_in: int
@@ -89,14 +89,14 @@ def _step_k(method: str, n: int, epsilon: float) -> int:
     return 0  # fastv, random: pure pruning
 
 
-def _check_step(req: _StageRequest, layer: int, n: int, r: int, k: int) -> None:
+def _check_step(req: _TowerRequest, layer: int, n: int, r: int, k: int) -> None:
     """Raise PlanError if `method` cannot remove r of n tokens in one step."""
     hint = (
         "spread the removal over more blocks (an earlier start or a later end block) or keep more tokens"
         if req.method != "fastv"
         else "keep more tokens"
     )
-    where = f"{req.method} {req.stage} step at block {layer}"
+    where = f"{req.method} {req.tower} step at block {layer}"
     if req.method == "tome":
         # Bipartite matching: set A = even slots (ceil(n/2), [CLS] included and protected), B = odd slots.
         limit = math.ceil(n / 2) - 1
@@ -130,10 +130,10 @@ def _check_step(req: _StageRequest, layer: int, n: int, r: int, k: int) -> None:
             raise PlanError(f"{where} would remove every visual token; keep at least 1.")
 
 
-def _build_stage(req: _StageRequest) -> StageSchedule:
+def _build_tower(req: _TowerRequest) -> TowerSchedule:
     removed = req.span_in - req.span_out
     if removed <= 0:
-        return StageSchedule(stage=req.stage, method="none", num_layers=req.num_layers, span_in=req.span_in)  # type: ignore[arg-type]
+        return TowerSchedule(tower=req.tower, method="none", num_layers=req.num_layers, span_in=req.span_in)  # type: ignore[arg-type]
     layers = list(range(req.start, req.end + 1))
     steps: list[ReductionStep] = []
     n = req.span_in
@@ -144,8 +144,8 @@ def _build_stage(req: _StageRequest) -> StageSchedule:
         _check_step(req, layer, n, r, k)
         steps.append(ReductionStep(layer=layer, n=n, r=r, k=k))
         n -= r
-    return StageSchedule(
-        stage=req.stage,  # type: ignore[arg-type]
+    return TowerSchedule(
+        tower=req.tower,  # type: ignore[arg-type]
         method=req.method,
         num_layers=req.num_layers,
         span_in=req.span_in,
@@ -189,7 +189,7 @@ class _Resolved:
     preset: str
     positions: str
     text_tokens: int
-    vision: tuple[int, int] | None  # (start, end) when the vision stage reduces
+    vision: tuple[int, int] | None  # (start, end) when the vision tower reduces
     decoder: tuple[int, int] | None  # (start, end) when the decoder reduces
     vl_split: int | None
     epsilon: float
@@ -227,21 +227,21 @@ def _resolve(
     positions = _canonical(positions, POSITIONS, "positions")
     if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 0:
         raise PlanError(f"text_tokens (M, the text length assumed for FLOPs) must be an integer >= 0, got {text_tokens!r}")
-    stages = _VARIANT_STAGES[variant]
+    towers = _VARIANT_TOWERS[variant]
     supported = METHOD_STAGES[method]
-    missing = [s for s in stages if s not in supported]
+    missing = [s for s in towers if s not in supported]
     if missing:
-        ok = [v for v, st in _VARIANT_STAGES.items() if st and all(s in supported for s in st)]
+        ok = [v for v, st in _VARIANT_TOWERS.items() if st and all(s in supported for s in st)]
         raise PlanError(
-            f"method {method!r} cannot reduce the {' and '.join(missing)} stage (variant {variant}); it reduces "
-            f"only the {' and '.join(supported)} stage, so it supports variant {' or '.join(ok)}. "
+            f"method {method!r} cannot reduce the {' and '.join(missing)} tower (variant {variant}); it reduces "
+            f"only the {' and '.join(supported)} tower, so it supports variant {' or '.join(ok)}. "
             f"Variant VL needs method ficoco."
         )
     params = ficoco_params(preset)
     vis, dec = geometry.vision, geometry.decoder
 
     v_range: tuple[int, int] | None = None
-    if "vision" in stages:
+    if "vision" in towers:
         default_start = {
             "ficoco": params.v_start,
             "tome": ToMeParams().start,
@@ -257,10 +257,10 @@ def _resolve(
         )
         v_range = (vs, ve)
     elif v_start is not None or v_end is not None:
-        raise PlanError(f"v_start/v_end set the vision reduction blocks; variant {variant} does not reduce the vision stage (use V or VL).")
+        raise PlanError(f"v_start/v_end set the vision reduction blocks; variant {variant} does not reduce the vision tower (use V or VL).")
 
     l_range: tuple[int, int] | None = None
-    if "decoder" in stages:
+    if "decoder" in towers:
         last = dec.num_layers - 1
         if method == "fastv":
             block = _check_int(FastVParams().k - 1 if l_start is None else l_start, "l_start")
@@ -280,9 +280,9 @@ def _resolve(
 
     if vl_split is not None:
         if variant != "VL":
-            raise PlanError(f"vl_split (visual tokens after the vision stage) applies only to variant VL, not {variant}.")
+            raise PlanError(f"vl_split (visual tokens after the vision tower) applies only to variant VL, not {variant}.")
         if isinstance(vl_split, bool) or not isinstance(vl_split, int) or not 1 <= vl_split <= geometry.visual_tokens:
-            raise PlanError(f"vl_split must be an integer in [1, {geometry.visual_tokens}] (visual tokens after the vision stage), got {vl_split!r}")
+            raise PlanError(f"vl_split must be an integer in [1, {geometry.visual_tokens}] (visual tokens after the vision tower), got {vl_split!r}")
 
     return _Resolved(
         geometry=geometry,
@@ -307,7 +307,7 @@ def _schedule_for(res: _Resolved, n_final: int) -> Schedule:
         n_mid = res.vl_split if res.vl_split is not None else round_half_up(math.sqrt(n_total * n_final))
         if not n_final <= n_mid <= n_total:
             raise PlanError(
-                f"VL split: the vision stage must keep between the final {_tokens(n_final)} and all {n_total}, "
+                f"VL split: the vision tower must keep between the final {_tokens(n_final)} and all {n_total}, "
                 f"but vl_split={n_mid}."
             )
     elif res.vision is not None:
@@ -318,9 +318,9 @@ def _schedule_for(res: _Resolved, n_final: int) -> Schedule:
     # Vision span = [CLS] + patches; the decoder's visual tokens = patches (+ [CLS] with strategy "full").
     cls_offset = int(vis.has_cls) - int(vis.has_cls and vis.feature_strategy == "full")
     v_start, v_end = res.vision if res.vision is not None else (0, 0)
-    vision = _build_stage(
-        _StageRequest(
-            stage="vision",
+    vision = _build_tower(
+        _TowerRequest(
+            tower="vision",
             method=res.method if res.vision is not None else "none",
             num_layers=vis.blocks_run,
             span_in=vis.seq_len,
@@ -332,9 +332,9 @@ def _schedule_for(res: _Resolved, n_final: int) -> Schedule:
         )
     )
     l_start, l_end = res.decoder if res.decoder is not None else (0, 0)
-    decoder = _build_stage(
-        _StageRequest(
-            stage="decoder",
+    decoder = _build_tower(
+        _TowerRequest(
+            tower="decoder",
             method=res.method if res.decoder is not None else "none",
             num_layers=dec.num_layers,
             span_in=n_mid,
@@ -378,7 +378,7 @@ def plan(
 
     Args:
         geometry: the model's shapes (`LlavaGeometry.from_config`).
-        variant: "none", "V" (vision stage), "L" (decoder) or "VL" (both; FiCoCo only), any case.
+        variant: "none", "V" (vision tower), "L" (decoder) or "VL" (both; FiCoCo only), any case.
         method: "ficoco", "tome" / "evit" / "random" / "pool" (vision only) or "fastv" (decoder only).
             random and pool are the baselines of `ficoco.methods.random_prune` / `ficoco.methods.pool`: the same
             default blocks as ToMe / EViT (12 .. select_block), K = 0 (random) / K = 1 (pool).
@@ -391,7 +391,7 @@ def plan(
         v_start, v_end: first/last 0-based CLIP block with a step (default 12 .. select_block).
         l_start, l_end: first/last decoder block with a step (default preset l_start .. num_layers − 2;
             fastv: the single step block, default FastVParams.k − 1).
-        vl_split: VL only, visual tokens after the vision stage (default round(sqrt(576 · n_final))).
+        vl_split: VL only, visual tokens after the vision tower (default round(sqrt(576 · n_final))).
         text_tokens: M, the text tokens assumed by the FLOPs figures.
 
     Exactly one budget is required for V/L/VL; variant "none" takes none (or ratio 1.0). A budget that

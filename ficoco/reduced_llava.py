@@ -143,19 +143,19 @@ class ReducedLlava(nn.Module):
         g, s = self.geometry, self.schedule
         if s.vision.num_layers != g.vision.blocks_run or s.vision.span_in != g.vision.seq_len:
             raise ValueError(
-                f"schedule vision stage ({s.vision.num_layers} blocks, {s.vision.span_in} tokens) does not fit the "
+                f"schedule vision tower ({s.vision.num_layers} blocks, {s.vision.span_in} tokens) does not fit the "
                 f"model ({g.vision.blocks_run} blocks, {g.vision.seq_len} tokens); plan it for this model"
             )
         if s.decoder.num_layers != g.decoder.num_layers:
             raise ValueError(
-                f"schedule decoder stage has {s.decoder.num_layers} blocks, the model {g.decoder.num_layers}"
+                f"schedule decoder tower has {s.decoder.num_layers} blocks, the model {g.decoder.num_layers}"
             )
         expected = s.vision.span_out - (1 if g.vision.feature_strategy == "default" else 0)
         if s.decoder.span_in != expected:
-            raise ValueError(f"decoder stage expects {s.decoder.span_in} visual tokens, vision stage gives {expected}")
+            raise ValueError(f"decoder tower expects {s.decoder.span_in} visual tokens, vision tower gives {expected}")
 
     # ------------------------------------------------------------------------------------------------
-    # Vision stage: CLIP blocks 0..select_block with reduction steps, drop [CLS], project
+    # Vision tower: CLIP blocks 0..select_block with reduction steps, drop [CLS], project
     # ------------------------------------------------------------------------------------------------
 
     def _clip_block(self, i: int, tokens: VisionTokens, plans: dict[int, MergePlan]) -> VisionTokens:
@@ -207,7 +207,7 @@ class ReducedLlava(nn.Module):
         return VisionOutput(self.projector(feats), pos, plans)
 
     # ------------------------------------------------------------------------------------------------
-    # Decoder stage
+    # Decoder tower
     # ------------------------------------------------------------------------------------------------
 
     def embed_text(self, input_ids: Tensor) -> Tensor:

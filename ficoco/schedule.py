@@ -1,12 +1,12 @@
 """The schedule: which block reduces how many tokens. Data only; `ficoco.planner.plan` builds it.
 
-Conventions (every later stage reads these from the bundle manifest; nothing recomputes them):
+Conventions (every later step reads these from the bundle manifest; nothing recomputes them):
 
 * A step at block `layer` runs after that block's attention + residual and before its MLP, so the
   block's own attention (and, in the decoder, its KV cache) sees all `n` input tokens.
-* Vision stage: the reduced span is the whole CLIP sequence, [CLS] at slot 0 included, so the first
+* Vision tower: the reduced span is the whole CLIP sequence, [CLS] at slot 0 included, so the first
   step of LLaVA-1.5 has n = 577. [CLS] is never removed.
-* Decoder stage: the reduced span is the visual tokens only, [a, a + n) of the sequence, where the
+* Decoder tower: the reduced span is the visual tokens only, [a, a + n) of the sequence, where the
   image offset a is a runtime input.
 * `r` is the net number of tokens that leave the span at the step (EViT removes r + 1 and appends one
   fused token); `k` is the static target budget K_l of each removed token (0 = pure pruning).
@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Stage = Literal["vision", "decoder"]
+Tower = Literal["vision", "decoder"]
 Variant = Literal["none", "V", "L", "VL"]
 Positions = Literal["compact", "original"]
 
@@ -36,10 +36,12 @@ class ReductionStep:
 
 
 @dataclass(frozen=True)
-class StageSchedule:
-    stage: Stage
+class TowerSchedule:
+    """The steps of one tower (vision or decoder): which block removes how many tokens of its span."""
+
+    tower: Tower
     method: str  # "none", "ficoco", "tome", "evit", "random", "pool", "fastv"
-    num_layers: int  # blocks this stage runs (vision: select_block + 1; decoder: all blocks)
+    num_layers: int  # blocks this tower runs (vision: select_block + 1; decoder: all blocks)
     span_in: int  # span length entering block 0 (vision: CLS + patches; decoder: visual tokens)
     steps: tuple[ReductionStep, ...] = ()
 
@@ -48,9 +50,9 @@ class StageSchedule:
         last = -1
         for s in self.steps:
             if s.layer <= last or not 0 <= s.layer < self.num_layers:
-                raise ValueError(f"{self.stage} steps must be at increasing blocks in [0, {self.num_layers}): {s}")
+                raise ValueError(f"{self.tower} steps must be at increasing blocks in [0, {self.num_layers}): {s}")
             if s.n != n or s.r < 0 or s.r >= s.n or s.k < 0:
-                raise ValueError(f"{self.stage} step {s} does not follow from span length {n}")
+                raise ValueError(f"{self.tower} step {s} does not follow from span length {n}")
             n -= s.r
             last = s.layer
 
@@ -79,21 +81,21 @@ class StageSchedule:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The full plan for one model: both stages, the budget that produced them, and their cost."""
+    """The full schedule of one model: both towers, the budget that produced them, and their cost."""
 
     variant: Variant
     method: str
     preset: str
     positions: Positions
     visual_tokens_in: int  # tokens the unreduced projector would give the decoder (576)
-    vision: StageSchedule
-    decoder: StageSchedule
+    vision: TowerSchedule
+    decoder: TowerSchedule
     text_tokens: int = 60  # M, the text length assumed by the FLOPs figures
-    flops: dict[str, float] = field(default_factory=dict)  # TFLOPs per stage, see ficoco.flops
+    flops: dict[str, float] = field(default_factory=dict)  # TFLOPs per part (vision, prefill, ...), see ficoco.flops
 
     @property
     def visual_tokens_to_decoder(self) -> int:
-        """Visual tokens the projector hands to the decoder (after the vision stage, CLS dropped)."""
+        """Visual tokens the projector hands to the decoder (after the vision tower, CLS dropped)."""
         return self.decoder.span_in
 
     @property
@@ -108,9 +110,9 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Schedule:
-        def stage(s: dict[str, Any]) -> StageSchedule:
-            return StageSchedule(
-                stage=s["stage"],
+        def tower(s: dict[str, Any]) -> TowerSchedule:
+            return TowerSchedule(
+                tower=s["tower"],
                 method=s["method"],
                 num_layers=s["num_layers"],
                 span_in=s["span_in"],
@@ -123,8 +125,8 @@ class Schedule:
             preset=d["preset"],
             positions=d["positions"],
             visual_tokens_in=d["visual_tokens_in"],
-            vision=stage(d["vision"]),
-            decoder=stage(d["decoder"]),
+            vision=tower(d["vision"]),
+            decoder=tower(d["decoder"]),
             text_tokens=d.get("text_tokens", 60),
             flops=dict(d.get("flops", {})),
         )

@@ -107,7 +107,7 @@ def test_ficoco_run_empty_prompt(tiny_bundle: Path, photo: str) -> None:
 
 
 def test_pipeline_refuses_a_question_that_is_not_a_string(tiny_bundle: Path) -> None:
-    from engines.runtime import Frontend, InputError
+    from bundle.frontend import Frontend, InputError
 
     front = Frontend.from_bundle(tiny_bundle, verify=False)
     with pytest.raises(InputError, match="must be a string"):

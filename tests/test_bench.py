@@ -233,7 +233,7 @@ def test_worker_times_and_profiles_the_tiny_bundle(tiny_bundle: Path, tmp_path: 
     for run in res["runs"]:
         assert set(run) == set(TIMED_FIELDS)
         assert min(run["vision_ms"], run["embed_ms"], run["prefill_ms"], run["step_ms_mean"]) > 0  # each one was timed
-        # TTFT runs from the vision stage's start to the first token: vision, embed and prefill lie inside it
+        # TTFT runs from the vision tower's start to the first token: vision, embed and prefill lie inside it
         assert run["ttft_ms"] >= (run["vision_ms"] + run["embed_ms"] + run["prefill_ms"]) * (1 - eps)
         # 3 new tokens: 2 decode steps, both between the first token and the last, the window tokens/s is taken over
         assert 2 * run["step_ms_mean"] <= 2 * 1e3 / run["decode_tokens_per_s"] * (1 + eps)

@@ -45,7 +45,7 @@ def _graph(bundle: Path, stage: str) -> onnx.ModelProto:
 def test_quantized_bundle_manifest_checker_and_lint(w4a8_bundle: Path, tiny_bundle: Path) -> None:
     manifest = load_manifest(w4a8_bundle, verify=True)  # hashes recomputed
     source = load_manifest(tiny_bundle, verify=False)
-    assert set(source) <= set(manifest)  # every source key kept (ficoco-check rebuilds PyTorch from them)
+    assert set(source.to_dict()) <= set(manifest.to_dict())  # every source key kept (ficoco-check rebuilds PyTorch from them)
     assert manifest.schedule == source.schedule and manifest.source_model == source.source_model
     q = manifest.quantization
     assert set(q["graphs"]) == {VISION, PREFILL, STEP} and q["unquantized"] == [EMBED]
@@ -102,7 +102,7 @@ def _vision_tokens(bundle: Path, pixel_values: np.ndarray) -> np.ndarray:
 
 
 def test_report_and_selection_differences(w4a8_bundle: Path, tiny_bundle: Path) -> None:
-    from engines.runtime import Frontend
+    from bundle.frontend import Frontend
     from ficoco.images import TEST_IMAGES, test_image
 
     report = json.loads((w4a8_bundle / "reports" / "quantize.json").read_text())

@@ -73,7 +73,7 @@ def test_check_passes_on_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
     assert report["backend"] == "onnxruntime" and report["bundle_kind"] == "fp32"
     assert report["thresholds"] == DEFAULT_THRESHOLDS["fp32"].to_dict()
     assert report["reference"]["revision_matches"] and report["num_samples"] == 2 == len(report["samples"])
-    assert report["tool_versions"]["polygraphy"]
+    assert set(report["tool_versions"]) >= {"torch", "transformers", "onnx", "onnxruntime"}
     # level 1: every stage output, finite errors within the fp32 tolerances, cosine ~ 1
     stages = report["aggregate"]["stages"]
     assert set(stages) == {
@@ -100,7 +100,7 @@ def test_check_passes_on_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
         assert len(s["reduction"]["token_reference_tokens"]) == 6
     # selection: the fp32 graphs keep exactly the reference's tokens at every reduction step
     sel = report["aggregate"]["selection"]
-    assert [r["stage"] for r in sel] == ["vision"] * 11 + ["decoder"] * 8  # the bundle's schedule
+    assert [r["tower"] for r in sel] == ["vision"] * 11 + ["decoder"] * 8  # the bundle's schedule
     assert all(r["flips"] == 0 and r["samples"] == 2 for r in sel) and report["selection_note"] == ""
     assert "| selection (kept tokens vs fp32 PyTorch, info)" in res.stdout
 
@@ -198,16 +198,25 @@ def test_token_agreement_and_kl() -> None:
     assert kl > 0 and kl == pytest.approx(float(torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="sum")))
 
 
-def test_thresholds_follow_the_bundle_kind() -> None:
-    fp32 = resolve_thresholds({"precision": "fp32"}, CheckOptions())
+def test_thresholds_follow_the_bundle_kind(tiny_bundle: Path) -> None:
+    from dataclasses import replace
+
+    from bundle.manifest import load_manifest
+
+    base = load_manifest(tiny_bundle, verify=False)
+
+    def kind(precision: str, quantization: dict | None = None) -> Manifest:
+        return replace(base, precision=precision, quantization=quantization)
+
+    fp32 = resolve_thresholds(kind("fp32"), CheckOptions())
     assert fp32 == DEFAULT_THRESHOLDS["fp32"] and fp32.gate_tolerance and fp32.min_cosine is None
-    fp16 = resolve_thresholds({"precision": "fp16"}, CheckOptions())
+    fp16 = resolve_thresholds(kind("fp16"), CheckOptions())
     assert fp16.atol > fp32.atol and fp16.min_token_match < 1.0
-    q = resolve_thresholds({"precision": "fp16", "quantization": {"mode": "int8"}}, CheckOptions())
+    q = resolve_thresholds(kind("fp16", {"mode": "int8"}), CheckOptions())
     assert not q.gate_tolerance and q.min_cosine == 0.99 and q.min_token_match == 0.5
-    q2 = resolve_thresholds({"precision": "fp32", "quantization": {"mode": "int8"}}, CheckOptions(atol=1e-2, min_cosine=0.9))
+    q2 = resolve_thresholds(kind("fp32", {"mode": "int8"}), CheckOptions(atol=1e-2, min_cosine=0.9))
     assert q2.gate_tolerance and q2.atol == 1e-2 and q2.min_cosine == 0.9
-    assert resolve_thresholds({"precision": "fp32", "quantization": {}}, CheckOptions()) == DEFAULT_THRESHOLDS["fp32"]
+    assert resolve_thresholds(kind("fp32", {}), CheckOptions()) == DEFAULT_THRESHOLDS["fp32"]
 
 
 def test_report_judges_cosine_gate() -> None:

@@ -327,7 +327,7 @@ def test_a_schedule_from_ficoco_plan_is_used_as_it_is(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "drop --ratio" in res.output
     other = _plan_file(tmp_path, "tiny", "tiny.json")
     res = CliRunner().invoke(export_main, ["--model", "shapes", "--schedule", str(other), "--graph-only", "-o", str(tmp_path / "d")])
-    assert res.exit_code == 2 and "decoder stage has" in res.output
+    assert res.exit_code == 2 and "decoder tower has" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "tiny.json"]
 
 

@@ -19,7 +19,7 @@ from ficoco.flops import (
     vision_flops,
 )
 from ficoco.geometry import LlavaGeometry
-from ficoco.schedule import ReductionStep, StageSchedule
+from ficoco.schedule import ReductionStep, TowerSchedule
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,12 @@ def geo() -> LlavaGeometry:
     return LlavaGeometry.from_config(LlavaConfig())  # the defaults are the LLaVA-1.5-7B geometry
 
 
-def _dec(geo: LlavaGeometry, span: int, steps: tuple[ReductionStep, ...] = ()) -> StageSchedule:
-    return StageSchedule("decoder", "ficoco" if steps else "none", geo.decoder.num_layers, span, steps)
+def _dec(geo: LlavaGeometry, span: int, steps: tuple[ReductionStep, ...] = ()) -> TowerSchedule:
+    return TowerSchedule("decoder", "ficoco" if steps else "none", geo.decoder.num_layers, span, steps)
 
 
-def _vis(geo: LlavaGeometry, steps: tuple[ReductionStep, ...] = ()) -> StageSchedule:
-    return StageSchedule("vision", "ficoco" if steps else "none", geo.vision.blocks_run, geo.vision.seq_len, steps)
+def _vis(geo: LlavaGeometry, steps: tuple[ReductionStep, ...] = ()) -> TowerSchedule:
+    return TowerSchedule("vision", "ficoco" if steps else "none", geo.vision.blocks_run, geo.vision.seq_len, steps)
 
 
 @pytest.mark.parametrize("tokens, paper", [(576, 8.45), (192, 3.30), (128, 2.45), (64, 1.61)])

@@ -68,7 +68,7 @@ def test_vl_quarter_budget_shapes(tiny: LoadedModel) -> None:
     with torch.no_grad():
         vision = reduced.encode_image(px)
         out = reduced.prefill(reduced.embed_text(prompt.text_ids), vision.visual, torch.tensor([prompt.image_offset]))
-    # the vision stage hands exactly the planned count to the decoder, in original raster order
+    # the vision tower hands exactly the planned count to the decoder, in original raster order
     assert vision.visual.shape[1] == s.decoder.span_in == s.vision.span_out - 1
     assert torch.all(vision.pos[:, 1:] > vision.pos[:, :-1])
     assert set(vision.plans) == {st.layer for st in s.vision.steps}
@@ -142,7 +142,7 @@ def test_sampling_is_seeded(tiny: LoadedModel) -> None:
 def test_schedule_must_fit_model(tiny: LoadedModel) -> None:
     schedule = plan(tiny.geometry, "VL", ratio=0.25)
     wrong_depth = replace(schedule, decoder=replace(schedule.decoder, num_layers=31))
-    with pytest.raises(ValueError, match="decoder stage has 31 blocks, the model 32"):
+    with pytest.raises(ValueError, match="decoder tower has 31 blocks, the model 32"):
         ReducedLlava(tiny.model, wrong_depth)
     wrong_vision = replace(schedule, vision=replace(schedule.vision, num_layers=24))
     with pytest.raises(ValueError, match="does not fit the model"):

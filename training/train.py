@@ -52,9 +52,9 @@ PATCH = 14
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    #: stage 1: the vision tower alone on the [CLS] and patch tasks (cheap: no decoder)
+    #: phase 1: the vision tower alone on the [CLS] and patch tasks (cheap: no decoder)
     vision_steps: int = 500
-    #: stage 2: everything, answers and both auxiliary tasks
+    #: phase 2: everything, answers and both auxiliary tasks
     steps: int = 600
     images_per_step: int = 8
     questions_per_image: int = 8
@@ -403,7 +403,7 @@ def train(cfg: TrainConfig, out: Path, progress=None) -> dict:
                 fg = ps_t > 0
                 patch_acc = float((lps.argmax(-1)[fg] == ps_t[fg]).float().mean()) if fg.any() else float("nan")
                 cls_acc = float(((lcls > 0).float() == cls_t.to(device)).all(-1).float().mean())
-            rec = {"step": step + 1, "stage": 1 if vision_only else 2, "answer": run_loss / 10,
+            rec = {"step": step + 1, "phase": 1 if vision_only else 2, "answer": run_loss / 10,
                    "cls": float(loss_cls.detach()), "patch": float(loss_patch.detach()), "patch_shape_acc_fg": patch_acc,
                    "cls_attn_fg_mass": float(mass.detach().mean()), "fg_fraction": float(fg_mask.mean()),
                    "cls_exact": cls_acc, "lr": lr, "elapsed_s": time.time() - t0}

@@ -142,7 +142,7 @@ class CheckReport:
         rows: dict[tuple[str, int], dict[str, Any]] = {}
         for s in self.samples:
             for st in (s.selection.steps if s.selection else []):
-                r = rows.setdefault((st.stage, st.block), {"stage": st.stage, "block": st.block, "kept": st.kept,
+                r = rows.setdefault((st.tower, st.block), {"tower": st.tower, "block": st.block, "kept": st.kept,
                                                            "samples": 0, "flips": 0, "max_flips": 0, "tie_flips": 0})
                 r["samples"] += 1
                 r["flips"] += st.flips
@@ -288,7 +288,7 @@ class CheckReport:
                 "",
                 "| selection (kept tokens vs fp32 PyTorch, info) | block | kept | flips (all samples) | worst sample | of them ties |",
                 "|---|---:|---:|---:|---:|---:|",
-                *[f"| {r['stage']} step {i} | {r['block']} | {r['kept']} | {r['flips']} | {r['max_flips']} | {r['tie_flips']} |"
+                *[f"| {r['tower']} step {i} | {r['block']} | {r['kept']} | {r['flips']} | {r['max_flips']} | {r['tie_flips']} |"
                   for i, r in enumerate(sel)],
             ]
         if self.selection_note:
@@ -319,7 +319,7 @@ def _json_safe(x: Any) -> Any:
 
 
 #: The packages a check report records: the export stack and the backends.
-CHECK_PACKAGES = ("ficoco-export", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "polygraphy", "tensorrt")
+CHECK_PACKAGES = ("ficoco-export", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
 def tool_versions() -> dict[str, str]:

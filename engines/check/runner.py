@@ -56,7 +56,8 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
     Raises BundleError (missing / modified / graph-only bundle), CheckInputError / ImageError /
     InputError (bad images, prompts, options, reference model) before any sample runs.
     """
-    from engines.runtime import Frontend, Pipeline
+    from bundle.frontend import Frontend
+    from engines.runtime import Pipeline
     from ficoco.generation import decode_tokens
 
     options = options or CheckOptions()
