@@ -1,1 +1,1 @@
-"""ficoco."""
+"""The reduction and the models: the paradigm (filter, correlate, compress) and its methods as static ops, schedules and the planner, ReducedLlava (reference and exported model), model loading, preprocessing and prompts."""

@@ -1,0 +1,1 @@
+"""The recipe of the `shapes` built-in model (trained on easy-vqa)."""
