@@ -62,7 +62,7 @@ class Frontend:
         ranges = manifest.shape_ranges
         self.text_len_range: tuple[int, int] = tuple(ranges.get("text_len", (1, 1 << 30)))  # type: ignore[assignment]
         self.batch_range: tuple[int, int] = tuple(ranges.get("batch", (1, 1)))  # type: ignore[assignment]
-        self.max_new_tokens_limit = int(ranges.get("max_new_tokens", 1 << 30))
+        self.max_new_tokens_limit = manifest.max_new_tokens
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike[str], *, verify: bool = True) -> Frontend:

@@ -83,21 +83,8 @@ class Manifest:
         return bool(self.quantization)
 
     @property
-    def kind(self) -> str:
-        """fp32, fp16, or the quantized graphs' modes (e.g. "int8/int4-weight")."""
-        if self.quantization:
-            modes = [str(r.get("mode")) for r in (self.quantization.get("graphs") or {}).values()]
-            return "/".join(dict.fromkeys(m for m in modes if m and m != "none")) or "quantized"
-        return self.precision
-
-    @property
     def max_new_tokens(self) -> int:
         return int(self.shape_ranges["max_new_tokens"])
-
-    def schedule_object(self) -> Any:
-        from ficoco.schedule import Schedule
-
-        return Schedule.from_dict(self.schedule)
 
     def geometry_object(self) -> Any:
         from ficoco.geometry import LlavaGeometry

@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import click
 
+from ficoco.params import METHODS, POSITIONS, VARIANTS
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-VARIANTS = ("none", "V", "L", "VL")
-METHODS = ("ficoco", "tome", "evit", "random", "pool", "fastv")
 LAYER_KEYS = ("v_start", "v_end", "l_start", "l_end", "vl_split")
 BUDGET_KEYS = ("ratio", "keep_tokens", "target_tflops")
 
@@ -71,7 +71,7 @@ def planning_options(schedule_file: bool = False, variant_default: str | None = 
         click.option("--preset", type=click.Choice(["paper", "official"], case_sensitive=False), default="paper",
                      show_default=True, help="FiCoCo hyperparameters: the paper's equations (L starts at block 4) or "
                      "the official code's design choices (L starts at block 5)."),
-        click.option("--positions", type=click.Choice(["compact", "original"], case_sensitive=False), default="compact",
+        click.option("--positions", type=click.Choice(POSITIONS, case_sensitive=False), default="compact",
                      show_default=True, help="Decoder RoPE positions after a decoder reduction: renumbered per layer "
                      "(compact) or the original positions kept."),
         layer_options(),

@@ -393,7 +393,7 @@ def describe(pipe: Pipeline) -> Mapping[str, Any]:
         "model": m.source_model.get("name"),
         "variant": m.variant,
         "visual_tokens": m.visual_tokens,
-        "precision": m.kind,
+        "precision": m.precision,
         "text_len": list(pipe.text_len_range),
         "max_new_tokens": pipe.max_new_tokens_limit,
         "batch": list(pipe.batch_range),

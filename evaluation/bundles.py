@@ -12,6 +12,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from bundle.manifest import Manifest
+
 
 def machine_line() -> str:
     try:
@@ -21,7 +23,7 @@ def machine_line() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, load {load:.2f}"
 
 
-def bundle_label(path: Path, manifest: Any, backend: str) -> str:
+def bundle_label(path: Path, manifest: Manifest, backend: str) -> str:
     req = (manifest.quantization or {}).get("request") or {}
     kind = f"vision {req.get('vision')}, decoder {req.get('decoder')}" if req else manifest.precision
     return f"bundle {path.name} ({backend}, {kind})"

@@ -62,7 +62,7 @@ GRID_METHODS: tuple[tuple[str, str, str], ...] = (
 
 
 def available_methods() -> set[str]:
-    from ficoco.planner import METHODS
+    from ficoco.params import METHODS
 
     return set(METHODS)
 

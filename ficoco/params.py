@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+VARIANTS: tuple[str, ...] = ("none", "V", "L", "VL")  # where to reduce: nowhere, vision, decoder, both
+METHODS: tuple[str, ...] = ("ficoco", "tome", "evit", "random", "pool", "fastv")
+POSITIONS: tuple[str, ...] = ("compact", "original")  # decoder RoPE positions after a decoder reduction
+
 Preset = Literal["paper", "official"]
 PRESETS: tuple[str, ...] = ("paper", "official")
 

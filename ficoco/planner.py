@@ -20,7 +20,10 @@ from ficoco.geometry import LlavaGeometry
 from ficoco.paradigm import adaptive_k
 from ficoco.params import (
     METHOD_STAGES,
+    METHODS,
+    POSITIONS,
     PRESETS,
+    VARIANTS,
     EViTParams,
     FastVParams,
     PoolParams,
@@ -32,9 +35,6 @@ from ficoco.schedule import ReductionStep, Schedule, TowerSchedule
 
 log = logging.getLogger(__name__)
 
-VARIANTS: tuple[str, ...] = ("none", "V", "L", "VL")
-METHODS: tuple[str, ...] = ("ficoco", "tome", "evit", "random", "pool", "fastv")
-POSITIONS: tuple[str, ...] = ("compact", "original")
 _VARIANT_TOWERS: dict[str, tuple[str, ...]] = {
     "none": (),
     "V": ("vision",),
