@@ -172,6 +172,18 @@ def _edit_manifest(bundle: Path, edit) -> None:
     (bundle / "manifest.json").write_text(json.dumps(m))
 
 
+def _edit_with_digest(bundle: Path, edit) -> None:
+    """Edit the manifest and recompute its digest: a manifest that is consistent but of another shape."""
+    import json
+
+    from bundle.manifest import manifest_digest
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    edit(m)
+    m["integrity"]["sha256"] = manifest_digest(m)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
 def _ficoco_run(bundle: Path, photo: str, *extra: str) -> tuple[int, str]:
     return _run_cli([str(bundle), "--image", photo, "--prompt", PROMPT, *extra])
 
@@ -186,6 +198,9 @@ MANIFEST_CASES = [
      "changed after export"),
     ("no manifest digest", lambda b: _edit_manifest(b, lambda m: m.pop("integrity")), "changed after export"),
     ("not JSON", lambda b: (b / "manifest.json").write_text("{ nope"), "not valid JSON"),
+    ("schema 2", lambda b: _edit_with_digest(b, lambda m: m.__setitem__("schema_version", 2)), "has schema version 2"),
+    ("a schema-2 key", lambda b: _edit_with_digest(b, lambda m: m.__setitem__("plan_request", m.pop("schedule_request"))),
+     "does not match schema 3"),
 ]
 
 
