@@ -22,7 +22,7 @@ from typing import Any
 
 from bundle.layout import MANIFEST, BundleError, sha256_file, write_json
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 INTEGRITY = "integrity"
 
 

@@ -88,7 +88,7 @@ def format_table(schedule: Schedule, geometry: LlavaGeometry) -> Table:
             continue
         for i, step in enumerate(tower.steps):
             table.add_row(tower.tower if i == 0 else "", str(step.layer), tower.method if i == 0 else "", str(step.n),
-                          str(step.r), str(step.k), str(step.n_out), end_section=i == len(tower.steps) - 1)
+                          str(step.r), str(step.targets_per_source), str(step.n_out), end_section=i == len(tower.steps) - 1)
     f = s.flops
     if f:
         table.caption = "\n".join((

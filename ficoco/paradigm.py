@@ -64,31 +64,31 @@ def stable_rank(scores: Tensor, largest: bool = True) -> Tensor:
     return beats.sum(dim=-1)
 
 
-def stable_topk(scores: Tensor, k: int, largest: bool = True) -> Tensor:
-    """Indices of the k largest (or smallest) entries of the last dim, in rank order, ties -> lower index.
+def stable_topk(scores: Tensor, count: int, largest: bool = True) -> Tensor:
+    """Indices of the `count` largest (or smallest) entries of the last dim, in rank order, ties -> lower index.
 
     The rank is a permutation, so scattering the indices by rank gives the full order (order[rank_i] = i);
     this exports as comparisons + ReduceSum + ScatterElements (no Sort op, no data-dependent shape).
     """
-    if k == 0:
+    if count == 0:
         return torch.zeros(scores.shape[:-1] + (0,), dtype=torch.long, device=scores.device)
     rank = stable_rank(scores, largest)
     idx = torch.arange(scores.shape[-1], device=scores.device).expand_as(rank)
     order = torch.zeros_like(rank).scatter(-1, rank, idx)
-    return order[..., :k]
+    return order[..., :count]
 
 
-def topk_small(scores: Tensor, k: int) -> Tensor:
-    """Indices of the k largest entries of the last dim for a small static k, ties -> lower index.
+def topk_small(scores: Tensor, count: int) -> Tensor:
+    """Indices of the `count` largest entries of the last dim for a small static count, ties -> lower index.
 
-    k rounds of argmax (first index on ties, in PyTorch and ONNX ArgMax alike), each masking its pick.
-    If a row has fewer than k finite entries the extra picks point at -inf entries; callers give
+    `count` rounds of argmax (first index on ties, in PyTorch and ONNX ArgMax alike), each masking its pick.
+    If a row has fewer than `count` finite entries the extra picks point at -inf entries; callers give
     those zero weight.
     """
     picks = []
     s = scores
     cols = torch.arange(scores.shape[-1], device=scores.device)
-    for _ in range(k):
+    for _ in range(count):
         i = torch.argmax(s, dim=-1, keepdim=True)
         picks.append(i)
         s = torch.where(cols == i, torch.full_like(s, -math.inf), s)  # mask the pick (no scatter)
@@ -132,7 +132,7 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def adaptive_k(n: int, epsilon: float) -> int:
+def adaptive_targets(n: int, epsilon: float) -> int:
     """K = ceil((1 − ε)(n − 1)), the targets per source; exact: ε is read as the decimal it prints as
     (0.998 -> 499/500). 577 -> 2, 502 -> 2, 501 -> 1 (the paper's K for LLaVA-1.5's spans). Never negative."""
     return max(0, math.ceil((1 - Fraction(str(epsilon))) * (n - 1)))
@@ -195,14 +195,14 @@ def select_targets(
     corr: Tensor,
     sources: Tensor,
     kept: Tensor,
-    k: int,
+    n_targets: int,
     epsilon: float,
     *,
     strict: bool = False,
     over: str = "kept",
     column_ok: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Correlate with a token-adaptive K (docs/method-spec.md A3 / Eq. 2's J_i and alpha_ij).
+    """Correlate with a token-adaptive K = `n_targets` (docs/method-spec.md A3 / Eq. 2's J_i and alpha_ij).
 
     corr:  [B, r, n] correlation C_ij of each source row i to every current span column j (may hold
            -inf, e.g. C_ii = -inf in FiCoCo-L).
@@ -217,22 +217,22 @@ def select_targets(
     """
     n = corr.shape[-1]
     corr = corr.float()
-    if k == 0:
+    if n_targets == 0:
         empty = corr[..., :0]
         return empty.to(torch.long), empty
-    top = torch.topk(corr, k + 1, dim=-1, largest=True, sorted=True).values  # values only: tie order irrelevant
+    top = torch.topk(corr, n_targets + 1, dim=-1, largest=True, sorted=True).values  # values only: tie order irrelevant
     if over == "kept":
         cols = kept.unsqueeze(1).expand(-1, corr.shape[1], -1)
         cand = torch.gather(corr, -1, cols)  # [B, r, n - r]
         if column_ok is not None:
             ok = torch.gather(column_ok, 1, kept).unsqueeze(1)
             cand = torch.where(ok, cand, torch.full_like(cand, -math.inf))
-        order = topk_small(cand, k)
+        order = topk_small(cand, n_targets)
         values = torch.gather(cand, -1, order)
         targets = order
         is_kept_target = torch.ones_like(values, dtype=torch.bool)
     elif over == "all":
-        order = topk_small(corr, k)  # span indices
+        order = topk_small(corr, n_targets)  # span indices
         values = torch.gather(corr, -1, order)
         smask = source_mask(sources, n)  # [B, n]
         flat = order.reshape(order.shape[0], -1)
@@ -240,9 +240,9 @@ def select_targets(
         targets = torch.gather(kept_rank(sources, n), 1, flat).reshape(order.shape)
     else:
         raise ValueError(f"over must be 'kept' or 'all', not {over!r}")
-    # With fewer than k columns (n - r < K) topk_small repeats an index (argmax of an all -inf row is 0),
+    # With fewer than K columns (n - r < K) topk_small repeats an index (argmax of an all -inf row is 0),
     # and the repeat would gather a finite value again: a repeated pick gets no flow.
-    slot = torch.arange(k, device=order.device)
+    slot = torch.arange(n_targets, device=order.device)
     earlier = slot.unsqueeze(0) < slot.unsqueeze(1)  # [t, u]: u < t
     repeat = ((order.unsqueeze(-1) == order.unsqueeze(-2)) & earlier).to(values.dtype).sum(dim=-1) > 0
     values = torch.where(repeat, torch.full_like(values, -math.inf), values)

@@ -93,7 +93,7 @@ class PoolParams:
 
 @dataclass(frozen=True)
 class FastVParams:
-    k: int = 2  # FastV's K: blocks 0..K-1 see every token; the step runs in block K-1 after attention
+    full_blocks: int = 2  # FastV's K: blocks 0..K-1 see every token; the step runs in block K-1 after attention
 
 
 # Which stages each method can reduce.

@@ -17,7 +17,6 @@ from typing import Any
 
 from ficoco.flops import flops_report
 from ficoco.geometry import LlavaGeometry
-from ficoco.paradigm import adaptive_k
 from ficoco.params import (
     METHOD_STAGES,
     METHODS,
@@ -31,7 +30,8 @@ from ficoco.params import (
     ToMeParams,
     ficoco_params,
 )
-from ficoco.schedule import ReductionStep, Schedule, TowerSchedule
+from ficoco.schedule import Schedule
+from ficoco.tower_steps import PlanError, TowerRequest, build_tower, round_half_up, tokens_text
 
 log = logging.getLogger(__name__)
 
@@ -41,116 +41,6 @@ _VARIANT_TOWERS: dict[str, tuple[str, ...]] = {
     "L": ("decoder",),
     "VL": ("vision", "decoder"),
 }
-
-
-class PlanError(ValueError):
-    """A reduction plan that cannot be built; the message says why and what would work."""
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def round_half_up(x: float) -> int:
-    """Nearest integer, halves rounded up (so the result never depends on banker's rounding)."""
-    return math.floor(x + 0.5)
-
-
-def even_split(total: int, blocks: int) -> list[int]:
-    """Spread `total` removals over `blocks` blocks: base = total // blocks, the first total % blocks
-    blocks take base + 1."""
-    if blocks <= 0:
-        raise ValueError("blocks must be positive")
-    base, rem = divmod(total, blocks)
-    return [base + 1 if i < rem else base for i in range(blocks)]
-
-
-def _tokens(n: int) -> str:
-    return f"{n} token{'s' if n != 1 else ''}"
-
-
-@dataclass(frozen=True)
-class _TowerRequest:
-    """What one tower must do: reduce `span_in` to `span_out` in blocks start..end with `method`."""
-
-    tower: str
-    method: str
-    num_layers: int
-    span_in: int
-    span_out: int
-    start: int
-    end: int
-    has_cls: bool = False  # vision: slot 0 is [CLS], never removed
-    epsilon: float = 0.998
-
-
-def _step_k(method: str, n: int, epsilon: float) -> int:
-    if method == "ficoco":
-        return adaptive_k(n, epsilon)
-    if method in ("tome", "evit", "pool"):
-        return 1
-    return 0  # fastv, random: pure pruning
-
-
-def _check_step(req: _TowerRequest, layer: int, n: int, r: int, k: int) -> None:
-    """Raise PlanError if `method` cannot remove r of n tokens in one step."""
-    hint = (
-        "spread the removal over more blocks (an earlier start or a later end block) or keep more tokens"
-        if req.method != "fastv"
-        else "keep more tokens"
-    )
-    where = f"{req.method} {req.tower} step at block {layer}"
-    if req.method == "tome":
-        # Bipartite matching: set A = even slots (ceil(n/2), [CLS] included and protected), B = odd slots.
-        limit = math.ceil(n / 2) - 1
-        if r > limit:
-            raise PlanError(
-                f"{where} must merge {r} of {n} tokens, but ToMe's bipartite matching can merge at most "
-                f"ceil(n/2) - 1 = {limit} per block; {hint}."
-            )
-    elif req.method == "evit":
-        if n - r < 2:
-            raise PlanError(
-                f"{where} must remove {r} of {n} tokens, but EViT keeps [CLS] plus one fused token "
-                f"(at most {n - 2} per block); {hint}."
-            )
-    elif req.method in ("random", "pool"):
-        if n - r < 2:
-            raise PlanError(
-                f"{where} must remove {r} of {n} tokens, but {req.method} keeps [CLS] and at least one patch "
-                f"(at most {n - 2} per block); keep more tokens."
-            )
-    elif req.method == "ficoco":
-        floor_ = max(2, k + 1) if req.has_cls else max(1, k)
-        if n - r < floor_:
-            what = "[CLS] plus " if req.has_cls else ""
-            raise PlanError(
-                f"{where} must remove {r} of {n} tokens, leaving {n - r}; FiCoCo needs {what}at least "
-                f"{max(1, k)} kept token(s) as merge targets (K = {k}), i.e. at most {n - floor_} per block; {hint}."
-            )
-    else:  # fastv
-        if n - r < 1:
-            raise PlanError(f"{where} would remove every visual token; keep at least 1.")
-
-
-def _build_tower(req: _TowerRequest) -> TowerSchedule:
-    removed = req.span_in - req.span_out
-    if removed <= 0:
-        return TowerSchedule(tower=req.tower, method="none", num_layers=req.num_layers, span_in=req.span_in)  # type: ignore[arg-type]
-    layers = list(range(req.start, req.end + 1))
-    steps: list[ReductionStep] = []
-    n = req.span_in
-    for layer, r in zip(layers, even_split(removed, len(layers)), strict=True):
-        if r == 0:
-            continue
-        k = _step_k(req.method, n, req.epsilon)
-        _check_step(req, layer, n, r, k)
-        steps.append(ReductionStep(layer=layer, n=n, r=r, k=k))
-        n -= r
-    return TowerSchedule(
-        tower=req.tower,  # type: ignore[arg-type]
-        method=req.method,
-        num_layers=req.num_layers,
-        span_in=req.span_in,
-        steps=tuple(steps),
-    )
 
 
 def _canonical(value: str, allowed: tuple[str, ...], what: str) -> str:
@@ -263,7 +153,7 @@ def _resolve(
     if "decoder" in towers:
         last = dec.num_layers - 1
         if method == "fastv":
-            block = _check_int(FastVParams().k - 1 if l_start is None else l_start, "l_start")
+            block = _check_int(FastVParams().full_blocks - 1 if l_start is None else l_start, "l_start")
             if l_end is not None and l_end != block:
                 raise PlanError(
                     f"fastv prunes once, in block {block}; l_end={l_end} does not apply (set l_start to move the step)."
@@ -307,7 +197,7 @@ def _schedule_for(res: _Resolved, n_final: int) -> Schedule:
         n_mid = res.vl_split if res.vl_split is not None else round_half_up(math.sqrt(n_total * n_final))
         if not n_final <= n_mid <= n_total:
             raise PlanError(
-                f"VL split: the vision tower must keep between the final {_tokens(n_final)} and all {n_total}, "
+                f"VL split: the vision tower must keep between the final {tokens_text(n_final)} and all {n_total}, "
                 f"but vl_split={n_mid}."
             )
     elif res.vision is not None:
@@ -318,8 +208,8 @@ def _schedule_for(res: _Resolved, n_final: int) -> Schedule:
     # Vision span = [CLS] + patches; the decoder's visual tokens = patches (+ [CLS] with strategy "full").
     cls_offset = int(vis.has_cls) - int(vis.has_cls and vis.feature_strategy == "full")
     v_start, v_end = res.vision if res.vision is not None else (0, 0)
-    vision = _build_tower(
-        _TowerRequest(
+    vision = build_tower(
+        TowerRequest(
             tower="vision",
             method=res.method if res.vision is not None else "none",
             num_layers=vis.blocks_run,
@@ -332,8 +222,8 @@ def _schedule_for(res: _Resolved, n_final: int) -> Schedule:
         )
     )
     l_start, l_end = res.decoder if res.decoder is not None else (0, 0)
-    decoder = _build_tower(
-        _TowerRequest(
+    decoder = build_tower(
+        TowerRequest(
             tower="decoder",
             method=res.method if res.decoder is not None else "none",
             num_layers=dec.num_layers,
@@ -390,7 +280,7 @@ def plan(
         positions: "compact" or "original" decode RoPE positions (A8); stored in the schedule.
         v_start, v_end: first/last 0-based CLIP block with a step (default 12 .. select_block).
         l_start, l_end: first/last decoder block with a step (default preset l_start .. num_layers − 2;
-            fastv: the single step block, default FastVParams.k − 1).
+            fastv: the single step block, default FastVParams.full_blocks − 1).
         vl_split: VL only, visual tokens after the vision tower (default round(sqrt(576 · n_final))).
         text_tokens: M, the text tokens assumed by the FLOPs figures.
 
@@ -399,10 +289,10 @@ def plan(
     """
     res = _resolve(geometry, variant, method, preset, positions, v_start, v_end, l_start, l_end, vl_split, text_tokens)
     n_total = geometry.visual_tokens
-    budgets = {k: v for k, v in (("ratio", ratio), ("keep_tokens", keep_tokens), ("target_tflops", target_tflops)) if v is not None}
+    budgets = {name: v for name, v in (("ratio", ratio), ("keep_tokens", keep_tokens), ("target_tflops", target_tflops)) if v is not None}
 
     if res.variant == "none":
-        extra = [k for k, v in budgets.items() if not (k == "ratio" and _is_one(v))]
+        extra = [name for name, v in budgets.items() if not (name == "ratio" and _is_one(v))]
         if extra:
             raise PlanError(
                 f"variant none reduces nothing, so {' and '.join(extra)} contradicts it; "
@@ -515,5 +405,5 @@ class ScheduleRequest:
             preset=self.preset,
             positions=self.positions,
             text_tokens=self.text_tokens,
-            **{k: v for k, v in self.layers.items() if v is not None},
+            **{name: v for name, v in self.layers.items() if v is not None},
         )

@@ -9,7 +9,7 @@ Conventions (every later step reads these from the bundle manifest; nothing reco
 * Decoder tower: the reduced span is the visual tokens only, [a, a + n) of the sequence, where the
   image offset a is a runtime input.
 * `r` is the net number of tokens that leave the span at the step (EViT removes r + 1 and appends one
-  fused token); `k` is the static target budget K_l of each removed token (0 = pure pruning).
+  fused token); `targets_per_source` is the static target budget K_l of each removed token (0 = pure pruning).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ReductionStep:
     layer: int  # 0-based block index
     n: int  # span length entering the step
     r: int  # tokens leaving the span (net)
-    k: int  # static target budget per removed token
+    targets_per_source: int  # K_l: the static target budget of each removed token (0 = pure pruning)
 
     @property
     def n_out(self) -> int:
@@ -51,7 +51,7 @@ class TowerSchedule:
         for s in self.steps:
             if s.layer <= last or not 0 <= s.layer < self.num_layers:
                 raise ValueError(f"{self.tower} steps must be at increasing blocks in [0, {self.num_layers}): {s}")
-            if s.n != n or s.r < 0 or s.r >= s.n or s.k < 0:
+            if s.n != n or s.r < 0 or s.r >= s.n or s.targets_per_source < 0:
                 raise ValueError(f"{self.tower} step {s} does not follow from span length {n}")
             n -= s.r
             last = s.layer

@@ -187,7 +187,7 @@ def _ficoco_v_plan(
     kept = _complement(sources, n)
     candidates = [j for j in kept if params.v_cls_is_target or j != 0]
     targets = {
-        i: _correlate(ell[i], candidates, step.k, params.epsilon, params.strict_threshold, set())
+        i: _correlate(ell[i], candidates, step.targets_per_source, params.epsilon, params.strict_threshold, set())
         for i in sources
     }
     return sources, kept, targets, s
@@ -430,11 +430,11 @@ def _ficoco_l_plan(ell: Tensor, a: int, step: ReductionStep, params: FiCoCoParam
             ind = indirect[j] / m if params.l_indirect_scale == "mean" else indirect[j]
             row.append(-math.inf if j == i else params.l_gamma * l_vv[i][j] + (1.0 - params.l_gamma) * ind)
         if params.l_targets == "kept":
-            targets[i] = _correlate(row, kept, step.k, params.epsilon, params.strict_threshold, set())
+            targets[i] = _correlate(row, kept, step.targets_per_source, params.epsilon, params.strict_threshold, set())
         else:  # all columns but self; shares of source targets are dropped, not renormalised
             others = [j for j in range(n) if j != i]
             targets[i] = _correlate(
-                row, others, step.k, params.epsilon, params.strict_threshold, set(sources)
+                row, others, step.targets_per_source, params.epsilon, params.strict_threshold, set(sources)
             )
     return sources, kept, targets, scores
 

@@ -54,7 +54,7 @@ def test_reduced_model_keeps_planned_tokens(tiny: LoadedModel, method: str, budg
     for st in s.vision.steps:
         p = out.plans[st.layer]
         assert p.kept.shape == (1, st.n_out) and p.sources.shape == (1, st.r)
-        assert p.targets.shape == (1, st.r, st.k) and int(p.kept[0, 0]) == 0  # [CLS] stays
+        assert p.targets.shape == (1, st.r, st.targets_per_source) and int(p.kept[0, 0]) == 0  # [CLS] stays
     assert torch.all(out.pos[:, 1:] > out.pos[:, :-1]) and int(out.pos.min()) >= 0  # raster order, patches only
     assert torch.isfinite(out.visual).all()
 
@@ -108,7 +108,7 @@ def _step(method: str, hidden: torch.Tensor, pos: torch.Tensor, size: torch.Tens
     b, n, _ = hidden.shape
     q = k = torch.zeros(b, 2, n, 4)  # the baselines read no attention
     out, _ = vision_step(
-        method, MethodParams(), VisionTokens(hidden, pos, size), q, k, ReductionStep(layer=12, n=n, r=r, k=1),
+        method, MethodParams(), VisionTokens(hidden, pos, size), q, k, ReductionStep(layer=12, n=n, r=r, targets_per_source=1),
         grid_side=GRID, scale=0.5,
     )
     return out
@@ -187,7 +187,7 @@ def test_baseline_step_exports_and_matches(method: str, tmp_path) -> None:
     from exporter.export import ExportOptions, _export
     from exporter.lint import has_errors, lint_files
 
-    step = ReductionStep(layer=12, n=301, r=180, k=1)
+    step = ReductionStep(layer=12, n=301, r=180, targets_per_source=1)
     module = _Step(method, step).eval()
     g = torch.Generator().manual_seed(2)
 

@@ -56,7 +56,7 @@ def test_gqa_counts_narrower_kv(geo: LlavaGeometry) -> None:
 
 def test_step_shrinks_mlp_of_its_own_block_and_later_blocks(geo: LlavaGeometry) -> None:
     m = 60
-    sched = _dec(geo, 576, (ReductionStep(layer=4, n=576, r=376, k=2),))
+    sched = _dec(geo, 576, (ReductionStep(layer=4, n=576, r=376, targets_per_source=2),))
     dec = geo.decoder
     expected = (
         4 * decoder_block_prefill_flops(dec, 576 + m, 576 + m)  # blocks 0..3
@@ -77,7 +77,7 @@ def test_vision_unreduced_clip_l336(geo: LlavaGeometry) -> None:
 
 
 def test_vision_reduction_lowers_cost(geo: LlavaGeometry) -> None:
-    steps = (ReductionStep(layer=12, n=577, r=200, k=2), ReductionStep(layer=22, n=377, r=100, k=1))
+    steps = (ReductionStep(layer=12, n=577, r=200, targets_per_source=2), ReductionStep(layer=22, n=377, r=100, targets_per_source=1))
     assert vision_flops(geo, _vis(geo, steps)) < vision_flops(geo, _vis(geo))
 
 
@@ -86,7 +86,7 @@ def test_decode_per_token(geo: LlavaGeometry) -> None:
     d, i = dec.hidden_size, dec.intermediate_size
     per_layer = 8 * d * d + 6 * d * i + 4 * (m + 576 + 1) * d
     assert decoder_decode_flops(dec, _dec(geo, 576), m) == 32 * per_layer
-    steps = (ReductionStep(layer=4, n=576, r=512, k=2),)
+    steps = (ReductionStep(layer=4, n=576, r=512, targets_per_source=2),)
     # block 4 still caches 576 visual tokens (its step runs after its attention); blocks 5.. cache 64
     reduced = 5 * per_layer + 27 * (8 * d * d + 6 * d * i + 4 * (m + 64 + 1) * d)
     assert decoder_decode_flops(dec, _dec(geo, 576, steps), m) == reduced

@@ -444,7 +444,7 @@ class _ReductionStep(torch.nn.Module):
         kept = P.complement_sorted(sources, n)
         xn = torch.nn.functional.normalize(x, dim=-1)
         corr = P.gather_tokens(xn, sources) @ xn.transpose(1, 2)
-        targets, weights = P.select_targets(corr, sources, kept, P.adaptive_k(n, eps), eps)
+        targets, weights = P.select_targets(corr, sources, kept, P.adaptive_targets(n, eps), eps)
         return P.compress_self_preserving(x, P.MergePlan(kept, sources, targets, weights))
 
 

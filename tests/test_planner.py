@@ -11,9 +11,10 @@ from transformers import LlavaConfig
 
 from commands.plan import format_table
 from ficoco.geometry import LlavaGeometry
-from ficoco.paradigm import adaptive_k
-from ficoco.planner import PlanError, even_split, plan
+from ficoco.paradigm import adaptive_targets
+from ficoco.planner import PlanError, plan
 from ficoco.schedule import Schedule
+from ficoco.tower_steps import even_split
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,8 @@ def test_even_split() -> None:
 
 
 @pytest.mark.parametrize("n, k", [(577, 2), (550, 2), (502, 2), (501, 1), (497, 1), (2, 1), (1, 0)])
-def test_adaptive_k_exact(n: int, k: int) -> None:
-    assert adaptive_k(n, 0.998) == k
+def test_adaptive_targets_exact(n: int, k: int) -> None:
+    assert adaptive_targets(n, 0.998) == k
 
 
 # ------------------------------------------------------------------------------- ratio 0.25 schedules
@@ -43,7 +44,7 @@ def test_v_quarter(geo: LlavaGeometry) -> None:
     assert s.vision.span_out == 145  # 144 patches + [CLS]
     assert s.decoder.method == "none" and s.decoder.steps == () and s.decoder.span_in == 144
     assert s.visual_tokens_final == 144
-    assert [st.k for st in s.vision.steps] == [2, 2] + [1] * 9  # 577, 537 -> 2; 497 and below -> 1
+    assert [st.targets_per_source for st in s.vision.steps] == [2, 2] + [1] * 9  # 577, 537 -> 2; 497 and below -> 1
 
 
 def test_l_quarter(geo: LlavaGeometry) -> None:
@@ -54,7 +55,7 @@ def test_l_quarter(geo: LlavaGeometry) -> None:
     assert all(st.r == 16 for st in s.decoder.steps)
     assert s.visual_tokens_final == 144
     for st in s.decoder.steps:
-        assert st.k == math.ceil(0.002 * (st.n - 1) - 1e-12)
+        assert st.targets_per_source == math.ceil(0.002 * (st.n - 1) - 1e-12)
 
 
 def test_vl_quarter(geo: LlavaGeometry) -> None:
@@ -66,12 +67,12 @@ def test_vl_quarter(geo: LlavaGeometry) -> None:
     assert [st.layer for st in v] == list(range(12, 23))
     assert sum(st.r for st in v) == 288
     assert [st.r for st in v] == [27, 27] + [26] * 9
-    assert [(st.n, st.k) for st in v[:4]] == [(577, 2), (550, 2), (523, 2), (497, 1)]
-    assert all(st.k == 1 for st in v[3:])
+    assert [(st.n, st.targets_per_source) for st in v[:4]] == [(577, 2), (550, 2), (523, 2), (497, 1)]
+    assert all(st.targets_per_source == 1 for st in v[3:])
     d = s.decoder.steps
     assert [st.layer for st in d] == list(range(4, 31))
     assert [st.r for st in d] == [6] * 9 + [5] * 18
-    assert all(st.k == 1 for st in d)
+    assert all(st.targets_per_source == 1 for st in d)
     assert s.flops["prefill"] < 8.45 and s.flops["vision"] < 0.39
 
 
@@ -103,13 +104,13 @@ def test_json_round_trip(geo: LlavaGeometry) -> None:
 def test_other_methods(geo: LlavaGeometry) -> None:
     tome = plan(geo, "V", "tome", keep_tokens=192)
     assert [st.r for st in tome.vision.steps] == [35] * 10 + [34]
-    assert all(st.k == 1 for st in tome.vision.steps) and tome.method == "tome"
+    assert all(st.targets_per_source == 1 for st in tome.vision.steps) and tome.method == "tome"
     evit = plan(geo, "V", "EViT", ratio=0.25)
     assert evit.vision.method == "evit" and evit.visual_tokens_final == 144
     fastv = plan(geo, "L", "fastv", keep_tokens=288)
     assert fastv.decoder.steps == (fastv.decoder.steps[0],)
     st = fastv.decoder.steps[0]
-    assert (st.layer, st.n, st.r, st.k) == (1, 576, 288, 0)
+    assert (st.layer, st.n, st.r, st.targets_per_source) == (1, 576, 288, 0)
     assert plan(geo, "L", "fastv", keep_tokens=288, l_start=3).decoder.steps[0].layer == 3
 
 
@@ -121,7 +122,7 @@ def test_baseline_methods(geo: LlavaGeometry, method: str, k: int) -> None:
     assert quarter.method == quarter.vision.method == method and quarter.decoder.method == "none"
     assert [st.layer for st in quarter.vision.steps] == list(range(12, 23))
     assert [st.r for st in quarter.vision.steps] == [40, 40, 40] + [39] * 8
-    assert all(st.k == k for st in quarter.vision.steps)
+    assert all(st.targets_per_source == k for st in quarter.vision.steps)
     assert quarter.vision.span_out == 145 and quarter.visual_tokens_to_decoder == quarter.visual_tokens_final == 144
     assert quarter.flops == plan(geo, "V", "tome", ratio=0.25).flops  # same token counts at every block
     s64 = plan(geo, "V", method, keep_tokens=64)
@@ -129,7 +130,7 @@ def test_baseline_methods(geo: LlavaGeometry, method: str, k: int) -> None:
     assert s64.vision.span_out == 65 and s64.visual_tokens_final == 64
     assert s64.flops["prefill"] == pytest.approx(1.61, rel=0.01)
     one = plan(geo, "V", method, keep_tokens=64, v_start=22)
-    assert [(st.layer, st.n, st.r, st.k) for st in one.vision.steps] == [(22, 577, 512, k)]
+    assert [(st.layer, st.n, st.r, st.targets_per_source) for st in one.vision.steps] == [(22, 577, 512, k)]
     assert plan(geo, "V", method, keep_tokens=1, v_start=22).vision.span_out == 2  # [CLS] + one patch
     assert Schedule.from_dict(json.loads(quarter.to_json())) == quarter
 

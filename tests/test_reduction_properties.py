@@ -28,7 +28,7 @@ from ficoco.methods import (
     vision_step,
 )
 from ficoco.methods.ficoco_v import local_penalty
-from ficoco.paradigm import MergePlan, adaptive_k, select_targets
+from ficoco.paradigm import MergePlan, adaptive_targets, select_targets
 from ficoco.schedule import ReductionStep
 
 EPS = 0.998
@@ -178,7 +178,7 @@ def check_vision_step(
         if unit_sizes
         else 1.0 + torch.randint(0, 5, (batch, n, 1), generator=g).float()
     )
-    step = ReductionStep(layer=12, n=n, r=r, k=adaptive_k(n, EPS))
+    step = ReductionStep(layer=12, n=n, r=r, targets_per_source=adaptive_targets(n, EPS))
     params = MethodParams.for_preset(preset)
     scale = d**-0.5
 
@@ -306,7 +306,7 @@ def check_decoder_step(method: str, preset: str, n: int, data) -> None:
     q = _randn(g, (batch, heads, length, d), quantised).to(dtype)
     k = _randn(g, (batch, heads, length, d), quantised).to(dtype)
     x = torch.randn(batch, n, 6, generator=g).to(dtype)
-    step = ReductionStep(layer=5, n=n, r=r, k=adaptive_k(n, EPS))
+    step = ReductionStep(layer=5, n=n, r=r, targets_per_source=adaptive_targets(n, EPS))
     params = MethodParams.for_preset(preset)
 
     plan = decoder_plan(method, params, q, k, offsets, step, scale=d**-0.5)
@@ -385,7 +385,7 @@ def test_select_targets_properties(n, batch, epsilon, strict, over, quantised, s
         batch, r = 1, data.draw(st.sampled_from([1, 2, 40, n - 250]))
     else:
         r = data.draw(st.integers(1, n - 1))
-    k = adaptive_k(n, epsilon)
+    k = adaptive_targets(n, epsilon)
     g = torch.Generator().manual_seed(seed)
     sources = torch.stack([torch.randperm(n, generator=g)[:r] for _ in range(batch)])
     kept = torch.stack([torch.tensor(sorted(set(range(n)) - set(s.tolist()))) for s in sources])
@@ -484,7 +484,7 @@ def test_threshold_not_rounded_onto_upper_order_statistic() -> None:
     tau = exact_quantile(corr[0, 0].tolist(), EPS)
     assert Fraction(one) < tau < Fraction(a_hi)
     for strict in (True, False):
-        targets, weights = select_targets(corr, sources, kept, adaptive_k(502, EPS), EPS, strict=strict)
+        targets, weights = select_targets(corr, sources, kept, adaptive_targets(502, EPS), EPS, strict=strict)
         got = {int(kept[0, t]): float(w) for t, w in zip(targets[0, 0], weights[0, 0], strict=True) if w > 0}
         assert set(got) == {3, 5}, got
 
@@ -498,14 +498,14 @@ def test_threshold_not_rounded_onto_lower_order_statistic() -> None:
     tau = exact_quantile(corr[0, 0].tolist(), EPS)
     assert Fraction(one) < tau < Fraction(a_hi)
     for strict in (True, False):
-        _, weights = select_targets(corr, sources, kept, adaptive_k(500, EPS), EPS, strict=strict)
+        _, weights = select_targets(corr, sources, kept, adaptive_targets(500, EPS), EPS, strict=strict)
         assert float(weights.sum()) == 0.0, "a target below tau received flow"
 
 
 def test_fewer_kept_columns_than_k() -> None:
     """n - r < K: no kept column may be listed twice (topk_small repeats index 0 on an exhausted row)."""
     n, eps = 12, 0.5  # K = 6
-    k = adaptive_k(n, eps)
+    k = adaptive_targets(n, eps)
     g = torch.Generator().manual_seed(3)
     corr = torch.randn(1, 9, n, generator=g)
     sources = torch.arange(3, 12).reshape(1, 9)

@@ -31,7 +31,7 @@ from ficoco.methods import (
     decoder_plan,
     vision_step,
 )
-from ficoco.paradigm import MergePlan, adaptive_k, quantile_from_top
+from ficoco.paradigm import MergePlan, adaptive_targets, quantile_from_top
 from ficoco.params import PRESETS
 from ficoco.schedule import ReductionStep
 
@@ -219,7 +219,7 @@ def r_values(method: str, n: int, lo: int = 0, *, full: bool = True) -> list[int
 
 
 def step_for(n: int, r: int) -> ReductionStep:
-    return ReductionStep(layer=12, n=n, r=r, k=adaptive_k(n, EPS))
+    return ReductionStep(layer=12, n=n, r=r, targets_per_source=adaptive_targets(n, EPS))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,7 +475,7 @@ def test_reference_ficoco_v_hand_example() -> None:
     params = MethodParams.for_preset("paper")
     # s = 0.35 VR - 0.65 a^CLS = (0.35 - 0.65, 0, 0.7 - 1.3, -0.35 - 0.325) = (-0.3, 0, -0.6, -0.675);
     # the window max is patch 2 (s = 0) -> 0 / 2 = 0 (non-positive: halved). Top-1 source: slot 2.
-    step = ReductionStep(layer=12, n=5, r=1, k=1)
+    step = ReductionStep(layer=12, n=5, r=1, targets_per_source=1)
     x2, pos2, _, sources, targets = reference_vision_step(
         "ficoco", params, hidden, pos, size, q, k, step, 2, 1.0
     )
@@ -526,7 +526,7 @@ def test_quantile_from_top_matches_torch_quantile(epsilon: float, dtype: torch.d
     g = torch.Generator().manual_seed(7)
     ulp = torch.finfo(dtype).eps
     for n in range(2, 1201):
-        k = adaptive_k(n, epsilon)
+        k = adaptive_targets(n, epsilon)
         rows = torch.randn(6, n, generator=g, dtype=torch.float64)
         rows[3] = torch.round(rows[3] * 2) / 2  # many exact ties
         rows[4] = rows[4].abs().sort().values  # already ascending
@@ -551,6 +551,6 @@ def test_quantile_from_top_matches_torch_quantile(epsilon: float, dtype: torch.d
         assert bool((tau <= rows.amax(dim=-1)).all()) and bool((tau >= rows.amin(dim=-1)).all())
 
 
-def test_adaptive_k_values() -> None:
-    assert [adaptive_k(n, EPS) for n in (2, 501, 502, 577, 1001, 1002)] == [1, 1, 2, 2, 2, 3]
-    assert adaptive_k(1, EPS) == 0
+def test_adaptive_targets_values() -> None:
+    assert [adaptive_targets(n, EPS) for n in (2, 501, 502, 577, 1001, 1002)] == [1, 1, 2, 2, 2, 3]
+    assert adaptive_targets(1, EPS) == 0

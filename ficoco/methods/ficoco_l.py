@@ -86,7 +86,7 @@ def plan(q: Tensor, k: Tensor, image_offset: Tensor, step: ReductionStep, params
     self_col = sources.unsqueeze(-1) == torch.arange(n, device=q.device)  # C_ii = -inf
     corr = torch.where(self_col, torch.full_like(corr, -math.inf), corr)
     targets, weights = select_targets(
-        corr, sources, kept, step.k, params.epsilon, strict=params.strict_threshold, over=params.l_targets
+        corr, sources, kept, step.targets_per_source, params.epsilon, strict=params.strict_threshold, over=params.l_targets
     )
     return MergePlan(kept=kept, sources=sources, targets=targets, weights=weights)
 

@@ -85,7 +85,7 @@ def plan(q: Tensor, k: Tensor, pos: Tensor, step: ReductionStep, params: FiCoCoP
     if not params.v_cls_is_target:
         column_ok = torch.arange(step.n, device=q.device).unsqueeze(0).expand(q.shape[0], -1) > 0
     targets, weights = select_targets(
-        corr, sources, kept, step.k, params.epsilon, strict=params.strict_threshold, over="kept", column_ok=column_ok
+        corr, sources, kept, step.targets_per_source, params.epsilon, strict=params.strict_threshold, over="kept", column_ok=column_ok
     )
     return MergePlan(kept=kept, sources=sources, targets=targets, weights=weights)
 
