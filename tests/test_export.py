@@ -16,11 +16,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 
 from bundle.compare import ALLCLOSE, OutputGates, compare_output
 from bundle.layout import BundleError
 from bundle.manifest import load_manifest
 from bundle.names import PREFILL, STAGES, STEP, VISION
+from commands.export import main as export_main
 from exporter.export import ExportOptions, example_inputs, export_stage
 from exporter.lint import has_errors, lint_files
 from exporter.pipeline import export_bundle
@@ -234,10 +236,19 @@ def test_graph_only_llava_7b(tmp_path: Path) -> None:
     ],
 )
 def test_cli_rejects_bad_requests(args: list[str], message: str, tmp_path: Path) -> None:
-    r = subprocess.run([*CLI, *args, "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
+    """In process (the same click command and error contract as the console script, without a Python start-up
+    per case); `test_cli_rejects_bad_request_as_a_process` runs one case through a real process."""
+    r = CliRunner().invoke(export_main, [*args, "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
     assert message in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and isinstance(r.exception, SystemExit)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_bad_request_as_a_process(tmp_path: Path) -> None:
+    r = subprocess.run([*CLI, "--model", "tiny", "--ratio", "0", "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "ratio must be" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -256,8 +267,8 @@ def test_cli_unreadable_model_dir(tmp_path: Path) -> None:
     bad = tmp_path / "broken-model"
     bad.mkdir()
     (bad / "config.json").write_text("{ not json")
-    r = subprocess.run([*CLI, "--model", str(bad), "--ratio", "0.25", "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = CliRunner().invoke(export_main, ["--model", str(bad), "--ratio", "0.25", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
     assert "broken-model" in r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -266,8 +277,8 @@ def test_cli_refuses_non_empty_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = subprocess.run([*CLI, "--model", "tiny", "--ratio", "0.25", "-o", str(out)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--force" in r.stderr
+    r = CliRunner().invoke(export_main, ["--model", "tiny", "--ratio", "0.25", "-o", str(out)])
+    assert r.exit_code == 2 and "--force" in r.stderr
     assert (out / "keep.txt").read_text() == "mine"
 
 
