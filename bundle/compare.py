@@ -216,12 +216,13 @@ class StageComparison:
 def compare_stages(
     backend: Any, reference: Any, pixel_values: Tensor, input_ids: Tensor, image_offset: Tensor, gates: OutputGates,
 ) -> StageComparison:
-    """Every graph of `backend` on the reference's inputs of that graph, against `reference` (both
+    """Every stage of `backend` on the reference's inputs of that stage, against `reference` (both
     `ficoco.generation.StagedModel`s, e.g. `bundle.ort.ort_stages(...)` and `ReducedLlava.stages()`).
 
-    vision_encoder on the pixels; embed_tokens on the ids; decoder_prefill on the reference's embeddings
-    and visual tokens (logits and every present K/V); one decoder_step on the embedding of the
-    reference's greedy token and the reference's K/V. Outputs are named "<graph>:<output>".
+    vision_encoder on the pixels; embed_tokens on the ids; decoder_prefill (the splice, every decoder
+    segment and reduction) on the reference's embeddings and visual tokens (logits and every present K/V);
+    one decoder_step (every segment on one token) on the embedding of the reference's greedy token and the
+    reference's K/V. Outputs are named "<stage>:<output>".
     """
     got: dict[str, Tensor] = {}
     ref: dict[str, Tensor] = {}

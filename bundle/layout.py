@@ -1,7 +1,7 @@
 """The bundle on disk: its layout, file hashes, and the atomic write of a whole bundle.
 
     <out>/manifest.json
-    <out>/onnx/{vision_encoder,embed_tokens,decoder_prefill,decoder_step}.onnx (+ .onnx.data weights)
+    <out>/onnx/<graph>.onnx (+ .onnx.data weights) for every graph of bundle.names.graph_names
     <out>/tokenizer/                    tokenizer files (absent in a --graph-only bundle)
     <out>/preprocessor_config.json      image preprocessing (resize / crop / normalise)
 

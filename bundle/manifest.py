@@ -22,7 +22,7 @@ from typing import Any
 
 from bundle.layout import MANIFEST, BundleError, sha256_file, write_json
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5  # 5: the decoder as shared segments (docs/export-notes.md §14)
 INTEGRITY = "integrity"
 
 
@@ -66,8 +66,8 @@ class Manifest:
     opset: int
     graphs: dict[str, GraphRecord]
     shape_ranges: dict[str, Any]  # batch [min, max], text_len [min, max], max_new_tokens
-    trt_profiles: dict[str, Any]  # graph -> input -> {min, opt, max}
-    decoder: dict[str, Any]  # num_layers, position_offsets, kv_lengths_rule
+    trt_profiles: dict[str, Any]  # graph -> profile name -> input -> {min, opt, max}
+    decoder: dict[str, Any]  # num_layers, segments, position_offsets, kv_lengths_rule
     prompt: dict[str, Any]  # chat_template, image_token(_id), eos/bos ids, image_offset_rule
     validation: dict[str, Any]
     lint: dict[str, Any]
@@ -90,6 +90,19 @@ class Manifest:
         from ficoco.geometry import LlavaGeometry
 
         return LlavaGeometry.from_dict(self.geometry)
+
+    def decoder_segments(self) -> tuple[Any, ...]:
+        """The decoder's segments (`ficoco.segments.DecoderSegment`), planned from the recorded schedule."""
+        from ficoco.schedule import Schedule
+        from ficoco.segments import decoder_segments
+
+        return decoder_segments(Schedule.from_dict(self.schedule).decoder, self.positions)
+
+    def graph_names(self) -> tuple[str, ...]:
+        """Every graph of the bundle, in running order (`bundle.names.graph_names`)."""
+        from bundle.names import graph_names
+
+        return graph_names(len(self.decoder_segments()))
 
     def updated(self, **changes: Any) -> Manifest:
         """A copy with some fields replaced (the manifest itself is frozen)."""

@@ -1,7 +1,7 @@
 """ONNX Runtime backend: one `InferenceSession` per graph behind the `Session` interface.
 
 The one way the project opens a bundle graph in ONNX Runtime (`OrtSession`, with `session_options`) and
-runs the four stages (`ort_stages`): the runtime's backend, the export validation, the quantizer's
+runs a bundle's graphs (`ort_stages`): the runtime's backend, the export validation, the quantizer's
 calibration and report, and the selection probes all go through it.
 
 On CPU the feeds go in as numpy arrays that share memory with the torch tensors and the outputs come back
@@ -23,8 +23,9 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from bundle.names import STAGES
+from bundle.names import graph_names
 from bundle.session import BackendUnavailable, Session, SessionError, SessionStages, TensorSpec
+from ficoco.segments import DecoderSegment
 
 log = logging.getLogger(__name__)
 
@@ -222,14 +223,22 @@ def ort_stages(
     threads: int | None = None,
     io_binding: bool | None = None,
     cache_dir: Path | None = None,
+    segments: Sequence[DecoderSegment] | None = None,
 ) -> SessionStages:
-    """The bundle's four graphs in ONNX Runtime sessions, ready for `generate_tokens`."""
+    """The bundle's graphs in ONNX Runtime sessions, ready for `generate_tokens`.
+
+    `segments`: the decoder's segments (None: planned from the manifest of the bundle `onnx_dir` is in).
+    """
     d = Path(onnx_dir)
+    if segments is None:
+        from bundle.manifest import load_manifest
+
+        segments = load_manifest(d.parent, verify=False).decoder_segments()
     providers = resolve_providers(provider, cache_dir)
     sessions: dict[str, Session] = {}
-    for stage in STAGES:
-        path = d / f"{stage}.onnx"
+    for graph in graph_names(len(segments)):
+        path = d / f"{graph}.onnx"
         if not path.is_file():
-            raise SessionError(f"{path} is missing; the bundle has no {stage} graph (a damaged bundle: re-export it)")
-        sessions[stage] = OrtSession(path, providers, threads=threads, io_binding=io_binding)
-    return SessionStages(sessions)
+            raise SessionError(f"{path} is missing; the bundle has no {graph} graph (a damaged bundle: re-export it)")
+        sessions[graph] = OrtSession(path, providers, threads=threads, io_binding=io_binding)
+    return SessionStages(sessions, segments)

@@ -1,12 +1,12 @@
-"""One session interface for every backend, and the stage adapter that stitches four sessions together.
+"""One session interface for every backend, and the stage adapter that stitches a bundle's sessions together.
 
 A `Session` runs one graph: inputs by name in, outputs by name out, all torch tensors on the session's
 `device` (CPU for ONNX Runtime on CPU; CUDA memory for TensorRT and ONNX Runtime's CUDA provider, so the
 decode loop never copies the KV cache to the host). A caller may pass preallocated `outputs`; the session
 writes into them and returns them (TensorRT writes there directly; other backends copy).
 
-`SessionStages` puts the four graph sessions (vision_encoder, embed_tokens, decoder_prefill, decoder_step)
-behind `ficoco.generation.StagedModel`, so `ficoco.generation.generate_tokens` drives every backend with
+`SessionStages` puts the graph sessions (vision_encoder, embed_tokens, the decoder splice, segments and
+reductions) behind `ficoco.generation.StagedModel`, so `ficoco.generation.generate_tokens` drives every backend with
 the same loop, sampler and stopping rule as the PyTorch reference.
 """
 
@@ -19,7 +19,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bundle.names import EMBED, PREFILL, STAGES, STEP, VISION, past_names, present_names
+from bundle.names import (
+    EMBED,
+    SPLICE,
+    VISION,
+    graph_names,
+    past_names,
+    present_names,
+    reduce_graph,
+    segment_graph,
+)
+from ficoco.segments import DecoderSegment
 
 
 class SessionError(RuntimeError):
@@ -42,7 +52,7 @@ class TensorSpec:
 class Session(abc.ABC):
     """One graph, run by name. Implementations: `OrtSession`, `TrtSession`."""
 
-    #: the graph's name (one of bundle.names.STAGES)
+    #: the graph's name (one of bundle.names.graph_names)
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -105,74 +115,120 @@ def _fmt(shape: Sequence[int | None]) -> str:
 
 
 class SessionStages:
-    """Four sessions behind `ficoco.generation.StagedModel` (encode_image / embed / prefill / step).
+    """A bundle's graph sessions behind `ficoco.generation.StagedModel` (encode_image / embed / prefill / step).
 
-    Inputs arrive as CPU tensors from the generation loop (token ids, positions) or as tensors of an
-    earlier stage (already on `device`); the visual tokens, embeddings and the KV cache stay on the
-    session device. Logits go back to the host as float32 ([B, V], the one transfer per decode step the
-    CPU sampler needs). Every stage runs through `run_stage` (a subclass may record what a stage
-    returned there); subclasses may override `prefill` / `step` to manage KV buffers themselves.
+    Prefill runs the splice, then each decoder segment with an empty past and, between two, the reduction
+    graph; a decode step runs the same segment graphs on one token and the cache (`ficoco.segments`:
+    segment s numbers its token `position - offset_s`). Inputs arrive as CPU tensors from the generation
+    loop (token ids, positions) or as tensors of an earlier graph (already on `device`); the visual tokens,
+    hidden states and the KV cache stay on the session device. Logits go back to the host as float32
+    ([B, V], the one transfer per decode step the CPU sampler needs). Every graph runs through `run_graph`
+    (a subclass may record what a graph returned there, or manage the KV buffers itself).
     """
 
-    def __init__(self, sessions: Mapping[str, Session]) -> None:
-        missing = [s for s in STAGES if s not in sessions]
+    def __init__(self, sessions: Mapping[str, Session], segments: Sequence[DecoderSegment]) -> None:
+        self.segments = tuple(segments)
+        missing = [g for g in graph_names(len(self.segments)) if g not in sessions]
         if missing:
             raise SessionError(f"missing graph sessions: {', '.join(missing)}")
         self.sessions = dict(sessions)
-        step_inputs = self.sessions[STEP].input_names
-        self.num_layers = sum(1 for n in step_inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        self.num_layers = sum(len(seg.attention_blocks) for seg in self.segments)
         self.past_names = past_names(self.num_layers)
         self.present_names = present_names(self.num_layers)
         self.device = self.sessions[VISION].device
         self.dtype = self.sessions[VISION].input_spec("pixel_values").dtype
+        with_cache = next((seg for seg in self.segments if seg.attention_blocks), None)
+        if with_cache is None:
+            raise SessionError("the decoder segments hold no attention block; re-export the bundle")
+        spec = self.sessions[segment_graph(with_cache.index)].input_spec(past_names(with_cache.attention_blocks)[0])
+        if spec.shape[1] is None or spec.shape[3] is None:
+            raise SessionError(f"{spec.name} needs static KV heads and head size, got {list(spec.shape)}")
+        self.kv_heads, self.head_dim, self.kv_dtype = int(spec.shape[1]), int(spec.shape[3]), spec.dtype
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _to(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         return t.to(device=self.device, dtype=dtype, non_blocking=True).contiguous()
 
-    def _feed(self, stage: str, name: str, t: Tensor) -> Tensor:
-        return self._to(t, self.sessions[stage].input_spec(name).dtype)
+    def _feed(self, graph: str, name: str, t: Tensor) -> Tensor:
+        return self._to(t, self.sessions[graph].input_spec(name).dtype)
 
     def _logits(self, logits: Tensor) -> Tensor:
         return logits.float().cpu()
 
-    def run_stage(self, stage: str, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """One stage's session on `feeds` (already on the device, in the graph's dtypes): every output by name."""
-        return self.sessions[stage].run(feeds)
+    def run_graph(self, graph: str, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """One graph's session on `feeds` (already on the device, in the graph's dtypes): every output by name."""
+        return self.sessions[graph].run(feeds)
 
     def synchronize(self) -> None:
-        self.sessions[STEP].synchronize()
+        self.sessions[VISION].synchronize()
 
-    def max_batch(self, stage: str) -> int | None:
-        """The largest batch a stage's session accepts (None: no backend limit)."""
-        sess = self.sessions[stage]
+    def max_batch(self, graph: str) -> int | None:
+        """The largest batch a graph's session accepts (None: no backend limit)."""
+        sess = self.sessions[graph]
         hi = sess.max_shape(sess.input_names[0])
         return None if hi is None else int(hi[0])
 
+    def segment_feeds(self, seg: DecoderSegment, hidden: Tensor, position_ids: Tensor,
+                      past: Sequence[Tensor] | None) -> dict[str, Tensor]:
+        """The inputs of segment `seg`'s graph; `past` None: an empty cache (a prefill)."""
+        graph = segment_graph(seg.index)
+        feeds = {"hidden_states": self._feed(graph, "hidden_states", hidden),
+                 "position_ids": self._feed(graph, "position_ids", position_ids)}
+        names = past_names(seg.attention_blocks)
+        if past is None:
+            empty = torch.zeros((hidden.shape[0], self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype, device=self.device)
+            feeds.update(dict.fromkeys(names, empty))
+        else:
+            feeds.update({n: self._feed(graph, n, p) for n, p in zip(names, past, strict=True)})
+        return feeds
+
     # -- StagedModel -------------------------------------------------------------------------------------------
     def encode_image(self, pixel_values: Tensor) -> Tensor:
-        out = self.run_stage(VISION, {"pixel_values": self._feed(VISION, "pixel_values", pixel_values)})
+        out = self.run_graph(VISION, {"pixel_values": self._feed(VISION, "pixel_values", pixel_values)})
         return out["visual_tokens"]
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        return self.run_stage(EMBED, {"input_ids": self._feed(EMBED, "input_ids", input_ids)})["inputs_embeds"]
+        return self.run_graph(EMBED, {"input_ids": self._feed(EMBED, "input_ids", input_ids)})["inputs_embeds"]
 
     def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
-        out = self.run_stage(
-            PREFILL,
-            {
-                "inputs_embeds": self._feed(PREFILL, "inputs_embeds", embeds),
-                "visual_tokens": self._feed(PREFILL, "visual_tokens", visual),
-                "image_offset": self._feed(PREFILL, "image_offset", image_offset),
-            },
-        )
-        return self._logits(out["logits"]), [out[n] for n in self.present_names]
+        offset = self._feed(SPLICE, "image_offset", image_offset)
+        h = self.run_graph(SPLICE, {
+            "inputs_embeds": self._feed(SPLICE, "inputs_embeds", embeds),
+            "visual_tokens": self._feed(SPLICE, "visual_tokens", visual),
+            "image_offset": offset,
+        })["hidden_states"]
+        b, length = h.shape[0], h.shape[1]
+        position_ids = torch.arange(length, device=self.device).unsqueeze(0).expand(b, -1)
+        presents: list[Tensor] = []
+        for seg in self.segments:
+            out = self.run_graph(segment_graph(seg.index), self.segment_feeds(seg, h, position_ids, None))
+            presents += [out[n] for n in present_names(seg.attention_blocks)]
+            if seg.closing_step is None:
+                return self._logits(out["logits"]), presents
+            graph = reduce_graph(seg.index + 1)
+            red = self.run_graph(graph, {
+                "hidden_states": self._feed(graph, "hidden_states", out["hidden_out"]),
+                "query_states": self._feed(graph, "query_states", out["query_states"]),
+                "key_states": self._feed(graph, "key_states", out[f"present.{seg.closing_step.layer}.key"]),
+                "image_offset": self._feed(graph, "image_offset", offset),
+                "position_ids": self._feed(graph, "position_ids", position_ids),
+            })
+            h, position_ids = red["hidden_out"], red["position_ids_out"]
+        raise SessionError("the decoder has no last segment; re-export the bundle")
 
     def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        feeds = {
-            "inputs_embeds": self._feed(STEP, "inputs_embeds", embeds),
-            "position": self._feed(STEP, "position", position),
-        }
-        feeds.update({n: self._feed(STEP, n, p) for n, p in zip(self.past_names, past, strict=True)})
-        out = self.run_stage(STEP, feeds)
-        return self._logits(out["logits"]), [out[n] for n in self.present_names]
+        h = embeds
+        b = embeds.shape[0]
+        position = position.reshape(b, 1)
+        presents: list[Tensor] = []
+        first = 0
+        for seg in self.segments:
+            n = 2 * len(seg.attention_blocks)
+            feeds = self.segment_feeds(seg, h, position - seg.position_offset, past[first:first + n])
+            out = self.run_graph(segment_graph(seg.index), feeds)
+            presents += [out[name] for name in present_names(seg.attention_blocks)]
+            first += n
+            if seg.closing_step is None:
+                return self._logits(out["logits"]), presents
+            h = out["hidden_out"]
+        raise SessionError("the decoder has no last segment; re-export the bundle")

@@ -2,12 +2,17 @@
 
 The bundle's own front end (`engines.runtime.Frontend`: preprocessor_config.json, chat template,
 tokenizer) turns each (image, prompt) pair into pixel_values and text ids; the *fp32* bundle in ONNX
-Runtime then runs the earlier stages, so every graph is calibrated on what it really sees:
+Runtime then runs the earlier graphs, so every graph is calibrated on what it really sees:
 
-    vision_encoder   pixel_values
-    decoder_prefill  inputs_embeds, visual_tokens, image_offset
-    decoder_step     inputs_embeds, position, past_key_values.{i}.key/.value (from a real prefill and
-                     the greedy tokens after it; `step_samples` steps per pair)
+    vision_encoder       pixel_values
+    decoder_segment_{s}  hidden_states, position_ids, past_key_values.{i}.key/.value of its blocks, in both
+                         phases it serves (docs/export-notes.md §14): the prefill (the prompt, an empty past)
+                         and the greedy decode steps after it (one token, the real cache; `step_samples`
+                         steps per pair)
+
+The decoder feeds are what `bundle.session.SessionStages` hands each segment graph (recorded in its
+`run_graph` hook), so a segment gets one prefill sample and `step_samples` decode samples per pair.
+The weightless splice and reduction graphs are never quantized and can be recorded the same way.
 
 Samples are batch 1 (text lengths differ between prompts). `CalibrationSet.save` writes one `.npz` per
 sample and graph (`<dir>/<graph>/0000.npz`, arrays keyed by input name); `load` reads them back.
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bundle.names import PREFILL, STEP, VISION
+from bundle.names import VISION, is_decoder_graph, weighted_decoder_graph
+from bundle.session import SessionStages
 from ficoco.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -143,26 +149,54 @@ def pairs(images: Sequence[tuple[str, Image.Image]], prompts: Sequence[str], siz
             for i in range(size)]
 
 
+class RecordingStages(SessionStages):
+    """A bundle's `SessionStages` that keeps the feeds of the graphs in `record` (numpy, batch 1) as they run."""
+
+    def __init__(self, stages: SessionStages, record: Sequence[str]) -> None:
+        super().__init__(stages.sessions, stages.segments)
+        self.recorded: dict[str, list[dict[str, np.ndarray]]] = {g: [] for g in record}
+
+    def run_graph(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if graph in self.recorded:
+            self.recorded[graph].append({n: _np(t) for n, t in feeds.items()})
+        return super().run_graph(graph, feeds)
+
+
 def collect(
     bundle: str | os.PathLike[str],
     images: Sequence[tuple[str, Image.Image]],
     prompts: Sequence[str],
     size: int,
     *,
-    graphs: Sequence[str] = (VISION, PREFILL, STEP),
+    graphs: Sequence[str] | None = None,
     step_samples: int = 2,
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> CalibrationSet:
-    """Run the fp32 bundle in ONNX Runtime (CPU) on `size` pairs and record each graph's inputs."""
+    """Run the fp32 bundle in ONNX Runtime (CPU) on `size` pairs and record each graph's inputs.
+
+    `graphs`: the graphs to record (None: the vision encoder and every decoder segment). Decoder graphs
+    are recorded in prefill and, for `step_samples` greedy tokens per pair, in decode (segments only:
+    the splice and the reductions run in prefill alone).
+    """
     from bundle.frontend import Frontend, InputError
+    from bundle.manifest import load_manifest
     from bundle.ort import ort_stages
 
     front = Frontend.from_bundle(bundle, verify=False)
-    stages = ort_stages(Path(bundle) / "onnx", provider="cpu", threads=threads)
+    segments = load_manifest(bundle, verify=False).decoder_segments()
+    base = ort_stages(Path(bundle) / "onnx", provider="cpu", threads=threads, segments=segments)
+    if graphs is None:
+        graphs = [VISION, *(g for g in base.sessions if weighted_decoder_graph(g))]
+    unknown = [g for g in graphs if g not in base.sessions]
+    if unknown:
+        raise CalibrationInputError(f"the bundle has no graph {', '.join(unknown)} to calibrate "
+                                    f"(its graphs: {', '.join(base.sessions)})")
+    decoder = [g for g in graphs if is_decoder_graph(g)]
+    stages = RecordingStages(base, decoder)
+    decode_steps = step_samples if any(weighted_decoder_graph(g) for g in decoder) else 0
     chosen = pairs(images, prompts, size)
     out = CalibrationSet(samples={g: [] for g in graphs})
-    want_dec = PREFILL in graphs or STEP in graphs
     for i, (name, image, prompt) in enumerate(chosen):
         px = front.preprocess([image])
         ids, offset = front.tokenize([prompt])
@@ -174,25 +208,19 @@ def collect(
         with torch.inference_mode():
             if VISION in graphs:
                 out.samples[VISION].append({"pixel_values": _np(px)})
-            if want_dec:
+            if decoder:
                 visual = stages.encode_image(px)
                 embeds = stages.embed(ids)
-                if PREFILL in graphs:
-                    out.samples[PREFILL].append(
-                        {"inputs_embeds": _np(embeds), "visual_tokens": _np(visual), "image_offset": _np(offset)}
-                    )
                 logits, past = stages.prefill(embeds, visual, offset)
                 position = torch.full((1,), int(ids.shape[1] + visual.shape[1]), dtype=torch.long)
-                for _ in range(step_samples if STEP in graphs else 0):
+                for _ in range(decode_steps):
                     tok = torch.argmax(logits, dim=-1, keepdim=True)
-                    tok_embeds = stages.embed(tok)
-                    feeds = {"inputs_embeds": _np(tok_embeds), "position": _np(position)}
-                    feeds.update({n: _np(p) for n, p in zip(stages.past_names, past, strict=True)})
-                    out.samples[STEP].append(feeds)
-                    logits, past = stages.step(tok_embeds, position, past)
+                    logits, past = stages.step(stages.embed(tok), position, past)
                     position = position + 1
         if progress is not None:
             progress(i + 1, len(chosen))
+    for g, feeds in stages.recorded.items():
+        out.samples[g] = feeds
     return out
 
 

@@ -1,31 +1,31 @@
 """Numbers for a quantized bundle against the fp32 bundle it came from, on ONNX Runtime CPU.
 
-Per quantized graph: file size; stage latency (vision, prefill: median of `repeats` runs, batch 1); max
+Per graph of the bundle: file size. Per stage: latency (vision, prefill: median of `repeats` runs, batch 1; the
+prefill stage is the splice, every decoder segment and the reductions between them); max
 absolute error and cosine similarity of the stage outputs (each stage fed the *same* fp32 inputs, so the
 error is that graph's own; `bundle.compare.error_stats`); greedy token agreement over `new_tokens`
 tokens (end to end, quantized vision -> quantized decoder; `bundle.compare.token_agreement`); and the
 selection check of `calibration.selection`, per reduction step: vision on the same pixels, prefill on
-the same inputs ("isolated") and end to end.
+the same inputs ("isolated") and end to end; the decoder's kept sets are read out of its reduction graphs
+(`decoder_reduce_{s}`, one step each, `calibration.selection.ProbeStages`).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from bundle.compare import ErrorStats, error_stats, token_agreement
-from bundle.names import EMBED, PREFILL, STAGES, STEP, VISION
-from bundle.ort import OrtSession, session_options
-from bundle.session import SessionStages
+from bundle.names import PREFILL, VISION, graph_names
 from calibration import selection as S
+from calibration.selection import ProbeStages
 from ficoco.generation import generate_tokens
 
 
@@ -39,37 +39,6 @@ class EvalOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class ProbeStages(SessionStages):
-    """The four graphs of one bundle in ONNX Runtime (CPU), the vision and prefill graphs with their kept
-    sets exposed (`calibration.selection.SelectionProbe`): after each call, `vision_selection` /
-    `prefill_selection` hold the kept indices [B, n_kept] of every reduction step."""
-
-    def __init__(self, onnx_dir: Path, *, optimize: bool = True, threads: int | None = None,
-                 like: ProbeStages | None = None) -> None:
-        """`like`: probe the same selection steps as that (fp32) model, found by node name."""
-        self.vision = S.SelectionProbe(onnx_dir / f"{VISION}.onnx", optimize=optimize, threads=threads,
-                                       steps=None if like is None else like.vision.steps)
-        self.prefill_probe = S.SelectionProbe(onnx_dir / f"{PREFILL}.onnx", optimize=optimize, threads=threads,
-                                              steps=None if like is None else like.prefill_probe.steps)
-        so = session_options(threads, optimize=optimize)
-        super().__init__({
-            VISION: self.vision.session,
-            EMBED: OrtSession(onnx_dir / f"{EMBED}.onnx", options=so),
-            PREFILL: self.prefill_probe.session,
-            STEP: OrtSession(onnx_dir / f"{STEP}.onnx", options=so),
-        })
-        self.vision_selection: list[np.ndarray] = []
-        self.prefill_selection: list[np.ndarray] = []
-
-    def run_stage(self, stage: str, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        out = super().run_stage(stage, feeds)
-        if stage == VISION:
-            self.vision_selection = [out[s.output].numpy() for s in self.vision.steps]
-        elif stage == PREFILL:
-            self.prefill_selection = [out[s.output].numpy() for s in self.prefill_probe.steps]
-        return out
 
 
 def _worst(items: list[ErrorStats]) -> dict[str, float]:
@@ -87,11 +56,12 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return round(statistics.median(times), 3)
 
 
-def file_sizes(fp32_dir: Path, quant_dir: Path) -> dict[str, dict[str, Any]]:
+def file_sizes(fp32_dir: Path, quant_dir: Path, graphs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per graph (with its external data): the fp32 and the quantized bytes on disk."""
     from calibration.quantize import graph_bytes
 
     out = {}
-    for g in STAGES:
+    for g in graphs:
         a, b = graph_bytes(fp32_dir / f"{g}.onnx"), graph_bytes(quant_dir / f"{g}.onnx")
         out[g] = {"fp32_bytes": a, "quantized_bytes": b, "ratio": round(b / a, 4) if a else None}
     return out
@@ -147,13 +117,14 @@ def evaluate(fp32_bundle: Path, quant_bundle: Path, opts: EvalOptions, *, optimi
     for v in latency.values():
         v["speedup"] = round(v["fp32_ms"] / v["quantized_ms"], 3) if v["quantized_ms"] else None
     vsteps = S.compare(sel_v[0], sel_v[1], ref.vision.steps)
-    piso = S.compare(sel_p[0], sel_p[1], ref.prefill_probe.steps)
-    pe2e = S.compare(sel_p[0], sel_p[2], ref.prefill_probe.steps)
+    psteps = ref.prefill_steps
+    piso = S.compare(sel_p[0], sel_p[1], psteps)
+    pe2e = S.compare(sel_p[0], sel_p[2], psteps)
     return {
         "images": [n for n, _ in photos],
         "question": opts.question,
         "ort_graph_optimizations": optimize_quant,
-        "sizes": file_sizes(fp32_bundle / "onnx", quant_bundle / "onnx"),
+        "sizes": file_sizes(fp32_bundle / "onnx", quant_bundle / "onnx", graph_names(len(ref.segments))),
         "latency_ort_cpu": latency,
         "errors": {VISION: _worst(vis_err), f"{PREFILL}:logits": _worst(pre_err),
                    f"{PREFILL}:logits_end_to_end": _worst(pre_e2e_err)},

@@ -6,6 +6,8 @@ the same name, every graph passes `onnx.checker` and the TensorRT lint (`exporte
 included), and the manifest keeps every key of the source (so `ficoco-check` can rebuild the PyTorch
 reference from `source_model` and `schedule`) plus `quantization` (per graph: mode, method, calibration
 size, excluded node count, tool and version, ...), the new `opset`, `lint`, and fresh `files` hashes.
+The decoder's mode applies to each decoder segment graph (`decoder_segment_{s}`: every decoder weight once,
+serving prefill and decode); the splice and reduction graphs are weightless and copied unchanged.
 `reports/quantize.json` holds the evaluation (`calibration.evaluate`) including the selection check.
 """
 
@@ -22,7 +24,6 @@ import onnx
 
 from bundle import layout as B
 from bundle.manifest import Manifest, load_manifest, write_manifest
-from bundle.names import PREFILL, STAGES, STEP, VISION
 from calibration import data as D
 from calibration import graphs as G
 from calibration import quantize as Q
@@ -47,7 +48,7 @@ class QuantizeRequest:
     calib_images: Path | None = None  # None: the bundled scikit-image photos
     calib_prompts: Path | None = None  # None: calibration.data.DEFAULT_PROMPTS
     calib_size: int = 8
-    step_samples: int = 2  # decoder_step samples per (image, prompt) pair
+    step_samples: int = 2  # decode-phase samples (greedy steps) per (image, prompt) pair for each decoder segment
     block_size: int = 128
     percentile: float = 99.999
     save_calib: Path | None = None
@@ -87,6 +88,9 @@ def check_source(bundle: Path) -> Manifest:
         raise QuantizeInputError(
             f"{bundle} is a {manifest.precision} export; quantize an fp32 export (ficoco-export --precision fp32)"
         )
+    missing = [g for g in manifest.graph_names() if g not in manifest.graphs]
+    if missing:
+        raise QuantizeInputError(f"{bundle}'s manifest lists no graph {', '.join(missing)}; re-export the bundle")
     return manifest
 
 
@@ -103,14 +107,14 @@ def quantize_bundle(bundle: str | os.PathLike[str], out: str | os.PathLike[str],
     manifest = check_source(src)
     if Path(out).resolve() == src:
         raise QuantizeInputError("-o must name a new directory, not the bundle being quantized")
-    modes = Q.stage_modes(request.vision, request.decoder)
+    graph_names = manifest.graph_names()
+    modes = Q.stage_modes(request.vision, request.decoder, graph_names)
     needs = [g for g, m in modes.items() if m in ("int8", "fp8")]
     images = D.load_images(request.calib_images)
     prompts = D.load_prompts(request.calib_prompts)
     calib: D.CalibrationSet | None = None
     if needs:
-        graphs = [g for g in (VISION, PREFILL, STEP) if g in needs]
-        calib = D.collect(src, images, prompts, request.calib_size, graphs=graphs, step_samples=request.step_samples,
+        calib = D.collect(src, images, prompts, request.calib_size, graphs=needs, step_samples=request.step_samples,
                           threads=request.threads, progress=lambda d, t: notify("calibrate", d, t))
         if request.save_calib is not None:
             calib.save(request.save_calib)
@@ -138,7 +142,7 @@ def quantize_bundle(bundle: str | os.PathLike[str], out: str | os.PathLike[str],
         quantization = {
             "format": "explicit Q/DQ (QuantizeLinear/DequantizeLinear)",
             "graphs": records,
-            "unquantized": [g for g in STAGES if g not in records],
+            "unquantized": [g for g in graph_names if g not in records],
             "calibration": {"size": request.calib_size if calib else 0, "images": "bundled scikit-image photos"
                             if request.calib_images is None else str(request.calib_images),
                             "prompts": len(prompts), "samples": {g: calib.size(g) for g in needs} if calib else {}},
@@ -168,7 +172,7 @@ def quantize_bundle(bundle: str | os.PathLike[str], out: str | os.PathLike[str],
 def _lint(onnx_dir: Path, manifest: Manifest) -> dict[str, Any]:
     from exporter.lint import format_findings, has_errors, lint_files
 
-    runtime = {g: manifest.graphs[g].input_names for g in STAGES if g in manifest.graphs}
+    runtime = {g: manifest.graphs[g].input_names for g in manifest.graph_names() if g in manifest.graphs}
     findings = lint_files(sorted(onnx_dir.glob("*.onnx")), runtime_inputs=runtime)
     for f in findings:  # report paths relative to the bundle, not the staging directory
         object.__setattr__(f, "graph_file", f"{B.ONNX_DIR}/{Path(f.graph_file).name}")

@@ -20,6 +20,8 @@ QuantizeLinear/DequantizeLinear importer):
   multiple of B, or whose N is odd (TensorRT packs INT4 in pairs along the last dim), stay fp32.
 
 `exclusions` (graphs.py) keeps the reduction, Softmax and norms out; see `quantize_bundle` for the bundle.
+The decoder's mode applies to each decoder segment graph (`decoder_segment_{s}`, which hold every decoder
+weight once, docs/export-notes.md §14); the weightless splice and reduction graphs are never quantized.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ import importlib.metadata
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from bundle.names import PREFILL, STEP, VISION
+from bundle.names import VISION, weighted_decoder_graph
 from calibration import graphs as G
 from calibration.data import CalibrationSet, FeedReader
 
@@ -243,12 +245,16 @@ def copy_bundle(src: Path, dst: Path) -> None:
             shutil.copy2(p, target)
 
 
-def stage_modes(vision: str, decoder: str) -> dict[str, str]:
-    """graph -> mode for the graphs that get quantized (embed_tokens never: it is a Gather, not a GEMM)."""
+def stage_modes(vision: str, decoder: str, graphs: Iterable[str]) -> dict[str, str]:
+    """graph -> mode for those of the bundle's `graphs` (`Manifest.graph_names()`) that get quantized.
+
+    `decoder` applies to every decoder segment (the graphs with the decoder's weights, each weight once);
+    embed_tokens never (a Gather, not a GEMM), nor the weightless splice and reduction graphs.
+    """
     out: dict[str, str] = {}
-    if vision != "none":
-        out[VISION] = vision
-    if decoder != "none":
-        out[PREFILL] = decoder
-        out[STEP] = decoder
+    for g in graphs:
+        if g == VISION and vision != "none":
+            out[g] = vision
+        elif weighted_decoder_graph(g) and decoder != "none":
+            out[g] = decoder
     return out

@@ -10,9 +10,13 @@ import click
 from commands.common import CONTEXT, VERBOSE_HELP, run_command
 
 SHAPES_HELP = (
-    "Polygraphy syntax name:[d0,d1,...], repeatable (or several space-separated in one quoted value); "
-    "`name` applies to every graph with that input, `graph/name` to one graph (e.g. "
-    "decoder_step/inputs_embeds:[4,1,4096]). Overrides the manifest's trt_profiles."
+    "Polygraphy syntax KEY:[d0,d1,...], repeatable (or several space-separated in one quoted value). KEY, the "
+    "most specific match wins: graph:profile/name (one profile of one graph, e.g. "
+    "decoder_segment_0:decode/past_key_values.0.key:[2,4,600,16]), graph/name (every profile of that graph), "
+    "*:profile/name (that profile of every graph, e.g. *:decode/hidden_states:[4,1,4096]) or name (every "
+    "profile of every graph with that input). Profiles: 'all' for vision_encoder, embed_tokens, decoder_splice "
+    "and decoder_reduce_*; 'prefill' (empty past) and 'decode' (one token) for decoder_segment_*. Overrides the "
+    "manifest's trt_profiles; an unknown graph, profile or input is an error."
 )
 
 
@@ -27,9 +31,9 @@ SHAPES_HELP = (
 @click.option("--workspace", "workspace_mib", type=int, help="Cap on the builder's workspace memory pool, in MiB [default: TensorRT's, the whole GPU memory]. Use e.g. 2048 on Jetson.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="Timing cache file, read before and updated after every build [default: $FICOCO_CACHE/tensorrt/timing-trt<version>-sm<cc>.cache].")
 @click.option("--builder-optimization-level", type=click.IntRange(0, 5), help="TensorRT builder optimization level 0..5 [default: TensorRT's, 3]; lower builds faster, higher may run faster.")
-@click.option("--trt-min-shapes", multiple=True, help="Minimum shapes of the optimization profile. " + SHAPES_HELP)
+@click.option("--trt-min-shapes", multiple=True, help="Minimum shapes of the optimization profiles. " + SHAPES_HELP)
 @click.option("--trt-opt-shapes", multiple=True, help="Shapes TensorRT tunes for. " + SHAPES_HELP)
-@click.option("--trt-max-shapes", multiple=True, help="Maximum shapes of the optimization profile. " + SHAPES_HELP)
+@click.option("--trt-max-shapes", multiple=True, help="Maximum shapes of the optimization profiles. " + SHAPES_HELP)
 @click.option("--tf32/--no-tf32", default=True, show_default=True, help="Let fp32 layers use TF32 tensor cores (Ampere and later); --no-tf32 keeps fp32 results closest to ONNX Runtime.")
 @click.option("--device", type=int, default=0, show_default=True, help="CUDA device index to build for.")
 @click.option("--force", is_flag=True, help="Replace engines already built for this TensorRT version and GPU.")
@@ -38,11 +42,13 @@ SHAPES_HELP = (
 def main(bundle: Path, **kw: Any) -> None:
     """Build TensorRT engines from a BUNDLE's ONNX graphs with the TensorRT 10 Python builder.
 
-    One engine per graph (vision_encoder, embed_tokens, decoder_prefill, decoder_step), each with one
-    optimization profile from the manifest's trt_profiles. Engines are written to
-    BUNDLE/engines/trt-<version>-sm<cc>/ with engines.json recording the TensorRT version, GPU and SM;
-    ficoco-run refuses engines built for another TensorRT version or GPU. Needs TensorRT and an NVIDIA
-    GPU (x86_64/SBSA: pip install tensorrt; Jetson: JetPack's TensorRT).
+    One engine per graph: vision_encoder, embed_tokens, decoder_splice, each decoder_segment_<s> and each
+    decoder_reduce_<s>. A decoder_segment engine holds its decoder weights once and two optimization
+    profiles, 'prefill' (the prompt, an empty past) and 'decode' (one token on the KV cache); every other
+    engine one profile, 'all'; all from the manifest's trt_profiles. Engines are written to
+    BUNDLE/engines/trt-<version>-sm<cc>/ with engines.json recording the TensorRT version, GPU, SM and each
+    engine's profiles; ficoco-run refuses engines built for another TensorRT version or GPU. Needs TensorRT
+    and an NVIDIA GPU (x86_64/SBSA: pip install tensorrt; Jetson: JetPack's TensorRT).
 
     Example: ficoco-build out/llava7b-vl25 --fp16 --workspace 4096
     """
@@ -76,7 +82,8 @@ def _build(bundle: Path, kw: dict[str, Any]) -> None:
     target = local_target(options.device)
     if not kw["no_verify"]:
         load_manifest(bundle, verify=True)
-    click.echo(f"building {len(plan.onnx)} engines for {target.describe()} "
+    n_profiles = sum(len(v) for v in plan.profiles.values())
+    click.echo(f"building {len(plan.onnx)} engines ({n_profiles} optimization profiles) for {target.describe()} "
                f"({'strongly typed' if plan.strongly_typed else 'weakly typed ' + '+'.join(plan.flags or ('fp32',))})", err=True)
     t0 = time.perf_counter()
 

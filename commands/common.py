@@ -46,9 +46,8 @@ def fail(message: str, code: int) -> NoReturn:
 
 def input_error_types() -> tuple[type[BaseException], ...]:
     """The exception classes, besides ValueError, that mean "the input is wrong" (exit 2)."""
-    from bundle.session import BackendUnavailable
-
     from bundle.layout import BundleError
+    from bundle.session import BackendUnavailable
     from ficoco.models import ModelNotFoundError
     from ficoco.vqa import DatasetError
 

@@ -14,13 +14,14 @@ from commands.options import planning_options, schedule_request
 
 STAGE_LABELS = {
     "load": "load model and plan",
-    "vision_encoder": "export vision_encoder",
-    "embed_tokens": "export embed_tokens",
-    "decoder_prefill": "export decoder_prefill",
-    "decoder_step": "export decoder_step",
     "lint": "TensorRT lint",
     "validate": "validate in ONNX Runtime",
 }
+
+
+def _label(stage: str) -> str:
+    """The progress label of an export phase or graph."""
+    return STAGE_LABELS.get(stage, f"export {stage}")
 
 
 @click.command(context_settings=CONTEXT)
@@ -111,7 +112,7 @@ def _export(kw: dict[str, Any]) -> None:
 
             def on_stage(stage: str, event: str) -> None:
                 if event == "start":
-                    tasks[stage] = bar.add_task(STAGE_LABELS.get(stage, stage), total=1)
+                    tasks[stage] = bar.add_task(_label(stage), total=1)
                 else:
                     bar.update(tasks[stage], completed=1)
 
@@ -119,7 +120,7 @@ def _export(kw: dict[str, Any]) -> None:
     else:
 
         def on_stage(stage: str, event: str) -> None:
-            console.print(f"[{time.perf_counter() - t0:7.1f}s] {STAGE_LABELS.get(stage, stage)}: {event}",
+            console.print(f"[{time.perf_counter() - t0:7.1f}s] {_label(stage)}: {event}",
                           highlight=False, markup=False)
 
         path = export(on_stage)

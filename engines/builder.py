@@ -1,7 +1,23 @@
 """`ficoco-build`: a bundle's ONNX graphs -> TensorRT engines with the TensorRT 10 Python builder.
 
-One engine per graph (prefill and step are separate engines), each with one optimization profile taken
-from the manifest's `trt_profiles` (Polygraphy-style `--trt-{min,opt,max}-shapes` overrides on top).
+One engine per bundle graph (`Manifest.graph_names()`: vision_encoder, embed_tokens, decoder_splice, the
+decoder segments decoder_segment_{s} and the reductions decoder_reduce_{s}; docs/export-notes.md §14).
+Every optimization profile of the graph's entry in the manifest's `trt_profiles` ({profile: {input:
+{min, opt, max}}}) goes into the builder config, in the manifest's order: a segment engine gets two,
+`prefill` (an empty past, P = 0) and `decode` (one token, T = 1), over one copy of its weights (the
+reason for the layout: the decoder's weights once); every other engine one, `all`.
+
+Shape overrides (Polygraphy syntax, `--trt-{min,opt,max}-shapes KEY:[d0,d1,...]`) take one of four keys,
+the most specific that matches wins:
+
+    graph:profile/name   one profile of one graph         decoder_segment_0:decode/past_key_values.0.key
+    graph/name           every profile of one graph        vision_encoder/pixel_values
+    *:profile/name       that profile of every graph       *:decode/hidden_states
+    name                 every profile of every graph      input_ids
+
+An unknown graph, profile or input is an error that lists what exists. Axes may be 0 (the prefill
+profile's empty past: TensorRT accepts empty tensors).
+
 Precision: the ONNX graphs' own types when the network is strongly typed (fp16/bf16 exports, explicit
 Q/DQ graphs), else the weak-typing flags `--fp16` / `--bf16` (TensorRT 10; removed in TensorRT 11).
 INT8 / FP8 only from explicit Q/DQ nodes in the graphs: implicit calibration is never used (TensorRT 11
@@ -9,9 +25,10 @@ removed it). A timing cache file is read before and written after every build, s
 same or another bundle on this TensorRT + GPU reuse the measured tactics. `--workspace` caps the builder's
 scratch memory pool (Jetson: the GPU shares the board's RAM).
 
-Engines go to `<bundle>/engines/trt-<version>-sm<cc>/<graph>.plan` with `engines.json` (TensorRT version,
-GPU name, SM, profiles, build options, hashes of the plans and of the ONNX they came from), written into
-a staging directory and renamed into place only when every engine is built.
+Engines go to `<bundle>/engines/trt-<version>-sm<cc>/<graph>.plan` with `engines.json` (engine schema
+`ENGINE_SCHEMA_VERSION`: TensorRT version, GPU name, SM, each engine's profile names in index order and
+their shapes, build options, hashes of the plans and of the ONNX they came from), written into a staging
+directory and renamed into place only when every engine is built.
 
 Everything that needs no TensorRT (option checks, profiles, Q/DQ scan) happens in `plan_build`, before
 TensorRT is imported, so bad options fail the same way on machines without it. Nothing here is x86
@@ -26,13 +43,13 @@ import platform
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bundle import layout as B
 from bundle.manifest import Manifest, load_manifest
-from bundle.names import STAGES
 from engines.trt_backend import (
     ENGINE_MANIFEST,
     ENGINES_DIR,
@@ -50,6 +67,8 @@ _SHAPE_RE = re.compile(r"^\s*(?P<name>[^\s:\[\]][^\[\]]*?)\s*:\s*\[(?P<dims>[\s0
 
 Progress = Callable[[str, str], None]  # (graph, event) with event in {"start", "done"}
 Profile = dict[str, dict[str, list[int]]]  # input -> {"min": [...], "opt": [...], "max": [...]}
+Profiles = dict[str, Profile]  # profile name -> Profile, in the engine's profile index order
+ANY_GRAPH = "*"
 
 
 class BuildConfigError(ValueError):
@@ -61,9 +80,11 @@ class BuildError(RuntimeError):
 
 
 def parse_shape_args(values: Sequence[str], option: str = "--trt-max-shapes") -> dict[str, list[int]]:
-    """Polygraphy syntax `name:[d0,d1,...]` (several per value, space separated) -> {name: dims}.
+    """Polygraphy syntax `key:[d0,d1,...]` (several per value, space separated) -> {key: dims}.
 
-    `name` is an input name (applied to every graph with that input) or `graph/name` for one graph.
+    `key` is an input name (every profile of every graph with that input), `graph/name` (every profile of
+    one graph), `graph:profile/name` (one profile of one graph) or `*:profile/name` (that profile of every
+    graph); `resolve_profiles` checks the graphs, profiles and inputs.
     """
     out: dict[str, list[int]] = {}
     for value in values:
@@ -107,7 +128,7 @@ class BuildPlan:
     bundle: Path
     manifest: Manifest
     onnx: dict[str, Path]  # graph -> ONNX file
-    profiles: dict[str, Profile]  # graph -> input -> min/opt/max
+    profiles: dict[str, Profiles]  # graph -> profile name -> input -> min/opt/max
     strongly_typed: bool
     flags: tuple[str, ...]  # weak-typing precision flags (names of trt.BuilderFlag)
     qdq: dict[str, set[str]]  # graph -> quantized types found in its Q/DQ nodes
@@ -161,54 +182,113 @@ def _graph_inputs(manifest: Manifest, graph: str) -> dict[str, list[Any]]:
     return {i["name"]: list(i["shape"]) for i in manifest.graphs[graph].inputs}
 
 
-def resolve_profiles(manifest: Manifest, options: BuildOptions) -> dict[str, Profile]:
-    """The manifest's `trt_profiles` for the graphs to build, with the overrides applied and checked."""
-    base = manifest.trt_profiles or {}
-    overrides = {"min": options.min_shapes, "opt": options.opt_shapes, "max": options.max_shapes}
-    used: set[str] = set()
-    profiles: dict[str, Profile] = {}
-    for graph in STAGES:
-        inputs = _graph_inputs(manifest, graph)
-        prof: Profile = {}
-        for name, shape in inputs.items():
-            dynamic = any(not isinstance(d, int) for d in shape)
-            entry = {k: list(v) for k, v in (base.get(graph, {}).get(name) or {}).items()}
-            for kind, table in overrides.items():
-                for key in (f"{graph}/{name}", name):
-                    if key in table:
-                        entry[kind] = list(table[key])
-                        used.add(key)
-                        break
-            if not dynamic and not entry:
-                continue
-            if dynamic and not all(k in entry for k in ("min", "opt", "max")):
-                raise BuildConfigError(
-                    f"{graph}: input {name} {shape} is dynamic but has no complete min/opt/max range in the manifest's "
-                    "trt_profiles; pass --trt-min-shapes/--trt-opt-shapes/--trt-max-shapes for it"
-                )
-            for k in ("min", "opt", "max"):
-                if k not in entry:  # a static input: its one shape
-                    entry[k] = [int(d) for d in shape]
-                dims = entry[k]
-                if len(dims) != len(shape):
-                    raise BuildConfigError(f"{graph}: {k} shape {dims} for {name} has rank {len(dims)}, the input has rank {len(shape)} {shape}")
-                for axis, (d, s) in enumerate(zip(dims, shape, strict=True)):
-                    if isinstance(s, int) and d != s:
-                        raise BuildConfigError(f"{graph}: {k} shape {dims} for {name}: axis {axis} is fixed at {s} in the graph")
-                    if d < 1:
-                        raise BuildConfigError(f"{graph}: {k} shape {dims} for {name}: axis {axis} must be at least 1")
-            lo, opt, hi = entry["min"], entry["opt"], entry["max"]
-            if any(not (a <= b <= c) for a, b, c in zip(lo, opt, hi, strict=True)):
-                raise BuildConfigError(f"{graph}: input {name} needs min <= opt <= max on every axis; got min {lo}, opt {opt}, max {hi}")
-            prof[name] = {"min": lo, "opt": opt, "max": hi}
-        profiles[graph] = prof
-    unknown = sorted((set(options.min_shapes) | set(options.opt_shapes) | set(options.max_shapes)) - used)
-    if unknown:
-        names = sorted({n for g in STAGES for n in _graph_inputs(manifest, g)})
+def _manifest_graphs(manifest: Manifest) -> tuple[str, ...]:
+    """The bundle's graphs (`Manifest.graph_names()`), each checked to have a record in the manifest."""
+    graphs = manifest.graph_names()
+    missing = [g for g in graphs if g not in manifest.graphs]
+    if missing:
+        raise B.BundleError(f"the manifest lists no {', '.join(missing)} graph (a damaged bundle); re-export the bundle.")
+    return graphs
+
+
+def _override_key(key: str) -> tuple[str | None, str | None, str]:
+    """(graph, profile, input) of an override key; None where the key does not narrow it (see the module)."""
+    if "/" not in key:
+        return None, None, key
+    head, name = key.split("/", 1)
+    graph, colon, profile = head.partition(":")
+    if not name or not graph or "/" in name or (colon and not profile):
         raise BuildConfigError(
-            f"shape override for {', '.join(unknown)}: no graph has such an input; the inputs are "
-            f"{', '.join(names)} (qualify one as graph/name, e.g. {STAGES[3]}/inputs_embeds, to change one graph)"
+            f"shape override {key!r}: write name, graph/name, graph:profile/name or *:profile/name "
+            "(e.g. decoder_segment_0:decode/past_key_values.0.key)"
         )
+    return (None if graph == ANY_GRAPH else graph), (profile or None), name
+
+
+def _describe_inputs(names: set[str]) -> str:
+    """Input names for a message, the per-block K/V inputs as one range: past_key_values.{0..31}.key/value."""
+    blocks = sorted({int(m[1]) for n in names if (m := re.fullmatch(r"past_key_values\.(\d+)\.(key|value)", n))})
+    rest = sorted(n for n in names if not n.startswith("past_key_values."))
+    if blocks:
+        ids = str(blocks[0]) if len(blocks) == 1 else f"{{{blocks[0]}..{blocks[-1]}}}"
+        rest.append(f"past_key_values.{ids}.key/value")
+    return ", ".join(rest)
+
+
+def _check_overrides(keys: set[str], graphs: Sequence[str], base: Mapping[str, Profiles],
+                     inputs: Mapping[str, Mapping[str, Any]]) -> None:
+    """BuildConfigError unless each override key's graph, profile and input exist (the message lists the choices)."""
+    for key in sorted(keys):
+        graph, profile, name = _override_key(key)
+        if graph is not None and graph not in graphs:
+            raise BuildConfigError(f"shape override for {key}: the bundle has no graph {graph}; its graphs are {', '.join(graphs)}")
+        scope = [graph] if graph is not None else list(graphs)
+        if profile is not None:
+            scope = [g for g in scope if profile in base[g]]
+            if not scope:
+                where = f"{graph} has the profiles {', '.join(base[graph])}" if graph is not None else (
+                    "the profiles are " + ", ".join(sorted({p for g in graphs for p in base[g]})))
+                raise BuildConfigError(f"shape override for {key}: no profile {profile}; {where}")
+        if not any(name in inputs[g] for g in scope):
+            if graph is None and profile is None:
+                names = _describe_inputs({n for g in graphs for n in inputs[g]})
+                raise BuildConfigError(
+                    f"shape override for {key}: no graph has such an input; the inputs are {names} "
+                    f"(qualify one as graph/name or graph:profile/name, e.g. {graphs[-1]}:decode/hidden_states, "
+                    "to change one graph or profile)"
+                )
+            what = f"{graph} has no input {name}" if graph is not None else f"no graph with a {profile} profile has an input {name}"
+            choices = _describe_inputs({n for g in scope for n in inputs[g]})
+            raise BuildConfigError(f"shape override for {key}: {what}; the inputs are {choices}")
+
+
+def resolve_profiles(manifest: Manifest, options: BuildOptions) -> dict[str, Profiles]:
+    """The manifest's `trt_profiles` for every graph to build ({graph: {profile: {input: {min, opt, max}}}}),
+    with the overrides applied (the most specific key wins, see the module docstring) and checked."""
+    graphs = _manifest_graphs(manifest)
+    base: dict[str, Profiles] = {g: dict((manifest.trt_profiles or {}).get(g) or {"all": {}}) for g in graphs}
+    inputs = {g: _graph_inputs(manifest, g) for g in graphs}
+    overrides = {"min": options.min_shapes, "opt": options.opt_shapes, "max": options.max_shapes}
+    _check_overrides(set().union(*overrides.values()), graphs, base, inputs)
+    profiles: dict[str, Profiles] = {}
+    for graph in graphs:
+        profiles[graph] = {}
+        for pname, ranges in base[graph].items():
+            where = f"{graph} (profile {pname})"
+            prof: Profile = {}
+            for name, shape in inputs[graph].items():
+                dynamic = any(not isinstance(d, int) for d in shape)
+                entry = {k: list(v) for k, v in (ranges.get(name) or {}).items()}
+                for kind, table in overrides.items():
+                    for key in (f"{graph}:{pname}/{name}", f"{graph}/{name}", f"{ANY_GRAPH}:{pname}/{name}", name,
+                                f"{ANY_GRAPH}/{name}"):
+                        if key in table:
+                            entry[kind] = list(table[key])
+                            break
+                if not dynamic and not entry:
+                    continue
+                if dynamic and not all(k in entry for k in ("min", "opt", "max")):
+                    raise BuildConfigError(
+                        f"{where}: input {name} {shape} is dynamic but has no complete min/opt/max range in the "
+                        f"manifest's trt_profiles; pass --trt-min-shapes/--trt-opt-shapes/--trt-max-shapes for "
+                        f"{graph}:{pname}/{name}"
+                    )
+                for k in ("min", "opt", "max"):
+                    if k not in entry:  # a static input: its one shape
+                        entry[k] = [int(d) for d in shape]
+                    dims = entry[k]
+                    if len(dims) != len(shape):
+                        raise BuildConfigError(f"{where}: {k} shape {dims} for {name} has rank {len(dims)}, the input has rank {len(shape)} {shape}")
+                    for axis, (d, s) in enumerate(zip(dims, shape, strict=True)):
+                        if isinstance(s, int) and d != s:
+                            raise BuildConfigError(f"{where}: {k} shape {dims} for {name}: axis {axis} is fixed at {s} in the graph")
+                        if d < 0:
+                            raise BuildConfigError(f"{where}: {k} shape {dims} for {name}: axis {axis} is negative")
+                lo, opt, hi = entry["min"], entry["opt"], entry["max"]
+                if any(not (a <= b <= c) for a, b, c in zip(lo, opt, hi, strict=True)):
+                    raise BuildConfigError(f"{where}: input {name} needs min <= opt <= max on every axis; got min {lo}, opt {opt}, max {hi}")
+                prof[name] = {"min": lo, "opt": opt, "max": hi}
+            profiles[graph][pname] = prof
     return profiles
 
 
@@ -234,7 +314,7 @@ def plan_build(bundle: str | os.PathLike[str], options: BuildOptions) -> BuildPl
     if lvl is not None and not 0 <= lvl <= 5:
         raise BuildConfigError(f"--builder-optimization-level must be 0..5 (got {lvl}); TensorRT's default is 3")
     onnx_files: dict[str, Path] = {}
-    for g in STAGES:
+    for g in _manifest_graphs(manifest):
         rel = manifest.graphs[g].file
         if not (root / rel).is_file():
             raise B.BundleError(f"bundle file {rel} is missing from {root}; re-export the bundle.")
@@ -292,7 +372,8 @@ def _write_cache(path: Path, data: bytes) -> None:
 def _build_one(
     trt: Any, logger: Any, plan: BuildPlan, graph: str, cache_bytes: bytes
 ) -> tuple[bytes, bytes]:
-    """Parse and build one graph; returns (serialized engine, updated timing cache)."""
+    """Parse and build one graph with every profile of `plan.profiles[graph]` (one set of weights, one
+    optimization profile each, in order); returns (serialized engine, updated timing cache)."""
     opts = plan.options
     builder = trt.Builder(logger)
     flags = 0
@@ -329,20 +410,25 @@ def _build_one(
         log.warning("the timing cache does not match TensorRT %s on this GPU; starting a new one", trt.__version__)
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, False)
-    profile = builder.create_optimization_profile()
-    ranges = plan.profiles[graph]
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        dims = tuple(tensor.shape)
-        if tensor.is_shape_tensor:
-            raise BuildError(f"{graph}: input {tensor.name} is a shape tensor; the exporter should not produce those")
-        if all(d >= 0 for d in dims) and tensor.name not in ranges:
-            continue
-        r = ranges.get(tensor.name)
-        if r is None:
-            raise BuildConfigError(f"{graph}: TensorRT sees input {tensor.name} {list(dims)} as dynamic but it has no profile range")
-        profile.set_shape(tensor.name, r["min"], r["opt"], r["max"])
-    config.add_optimization_profile(profile)
+    for index, (pname, ranges) in enumerate(plan.profiles[graph].items()):
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            dims = tuple(tensor.shape)
+            if tensor.is_shape_tensor:
+                raise BuildError(f"{graph}: input {tensor.name} is a shape tensor; the exporter should not produce those")
+            if all(d >= 0 for d in dims) and tensor.name not in ranges:
+                continue
+            r = ranges.get(tensor.name)
+            if r is None:
+                raise BuildConfigError(
+                    f"{graph}: TensorRT sees input {tensor.name} {list(dims)} as dynamic but profile {pname} has no range for it"
+                )
+            profile.set_shape(tensor.name, r["min"], r["opt"], r["max"])
+        got = config.add_optimization_profile(profile)
+        if got != index:  # -1: TensorRT found the profile invalid (its errors are in the log)
+            raise BuildError(f"{graph}: TensorRT refused optimization profile {pname} (index {got}, expected {index}); "
+                             "see the TensorRT errors above")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(f"TensorRT could not build {graph} (see the TensorRT errors above)")
@@ -351,7 +437,7 @@ def _build_one(
 
 
 def build_engines(plan: BuildPlan, progress: Progress | None = None, target: GpuTarget | None = None) -> Path:
-    """Build every planned graph; returns the engine directory. Needs TensorRT and a GPU."""
+    """Build one engine per planned graph (in running order); returns the engine directory. Needs TensorRT and a GPU."""
     notify = progress or (lambda graph, event: None)
     trt = import_tensorrt()
     target = target or local_target(plan.options.device)
@@ -368,8 +454,10 @@ def build_engines(plan: BuildPlan, progress: Progress | None = None, target: Gpu
     (plan.bundle / ENGINES_DIR).mkdir(exist_ok=True)
     import torch
 
-    with torch.cuda.device(opts.device), B.staging_dir(out, force=opts.force) as stage:
-        for graph in STAGES:
+    # TensorRT builds on the current CUDA device (no torch CUDA: cuda-python's device info, TensorRT's device 0)
+    on_device = torch.cuda.device(opts.device) if torch.cuda.is_available() else nullcontext()
+    with on_device, B.staging_dir(out, force=opts.force) as stage:
+        for graph in plan.onnx:
             notify(graph, "start")
             t0 = time.perf_counter()
             data, cache_bytes = _build_one(trt, logger, plan, graph, cache_bytes)
@@ -383,6 +471,7 @@ def build_engines(plan: BuildPlan, progress: Progress | None = None, target: Gpu
                 "bytes": plan_file.stat().st_size,
                 "source": rel,
                 "source_sha256": files.get(rel),
+                "profiles": list(plan.profiles[graph]),  # the engine's profile names, in profile index order
                 "build_seconds": round(time.perf_counter() - t0, 2),
             }
             notify(graph, "done")

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from bundle import layout as B
 from bundle.frontend import Frontend, InputError, TextRequest
-from bundle.names import PREFILL, STEP, VISION
+from bundle.names import VISION
 from bundle.session import BackendUnavailable, SessionStages
 from ficoco.generation import decode_tokens
 from ficoco.inputs import PromptError
@@ -212,6 +212,7 @@ class Pipeline(Frontend):
 
             stages = ort_stages(
                 front.bundle / B.ONNX_DIR, provider=ort_provider, threads=threads, cache_dir=front.bundle / B.ENGINES_DIR / "ort-trt-cache",
+                segments=front.manifest.decoder_segments(),
             )
             backend = "onnxruntime"
         log.info("backend %s on %s", backend, stages.device)
@@ -221,8 +222,10 @@ class Pipeline(Frontend):
     @property
     def max_decoder_batch(self) -> int:
         limits = [int(self.batch_range[1])]
-        for stage in (PREFILL, STEP):
-            m = self.stages.max_batch(stage)
+        for graph in self.stages.sessions:
+            if graph == VISION:
+                continue
+            m = self.stages.max_batch(graph)
             if m is not None:
                 limits.append(m)
         return max(1, min(limits))

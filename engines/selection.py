@@ -1,9 +1,11 @@
 """Which visual tokens a bundle keeps, step by step, against the fp32 PyTorch reference ("selection flips").
 
 `exporter.probe.SelectionProbe` runs a bundle graph with the kept set T of every reduction step as an
-extra output (ONNX Runtime, CPU); `ReducedLlava`'s `VisionOutput.plans` / `PrefillOutput.plans` hold the
-reference's T per block. Both run on the same inputs: the vision graph on the same pixels, the prefill
-graph on the reference's text embeddings and visual tokens, so the decoder's flips are its own.
+extra output (ONNX Runtime, CPU): the vision encoder (every vision step) and each decoder reduction graph
+`decoder_reduce_{s}` (decoder step s), run in the bundle's prefill by `calibration.selection.ProbeStages`;
+`ReducedLlava`'s `VisionOutput.plans` / `PrefillOutput.plans` hold the reference's T per block. Both run on
+the same inputs: the vision graph on the same pixels, the prefill (splice, segments and reductions) on the
+reference's text embeddings and visual tokens, so the decoder's flips are its own.
 
 A *flip* is a span index kept by one side and not by the other: flips = |T_ref \\ T_bundle| (both sets
 have n - r members, so this equals |T_bundle \\ T_ref|). Steps are compared position by position: once
@@ -142,14 +144,17 @@ class SelectionCheck:
 
 
 class SelectionChecker:
-    """Probes over a bundle's vision and prefill graphs, reused for every sample."""
+    """Probes over a bundle's vision graph and decoder reduction graphs, reused for every sample.
+
+    `stages` runs the bundle's graphs in ONNX Runtime (CPU) with the probes in place
+    (`calibration.selection.ProbeStages`); `vision` is the vision encoder's probe.
+    """
 
     def __init__(self, onnx_dir: str | Path, threads: int | None = None) -> None:
-        from bundle.names import PREFILL, VISION
+        from calibration.selection import ProbeStages
 
-        d = Path(onnx_dir)
-        self.vision = SelectionProbe(d / f"{VISION}.onnx", threads=threads)
-        self.prefill = SelectionProbe(d / f"{PREFILL}.onnx", threads=threads)
+        self.stages = ProbeStages(Path(onnx_dir), threads=threads)
+        self.vision = self.stages.vision
 
     def check(self, reduced: Any, pixel_values: Tensor, text_embeds: Tensor, image_offset: Tensor) -> SelectionCheck:
         """Kept sets of the bundle's graphs vs `reduced` (a fp32 `ReducedLlava`) on the same inputs.
@@ -167,17 +172,18 @@ class SelectionChecker:
         first = -1 if g.has_cls else 0
         pos0 = np.broadcast_to(np.arange(first, g.num_patches, dtype=np.int64), (b, g.num_patches - first)).copy()
         sched = reduced.schedule
-        for probe, tower, plans, feeds, pos, fused in (
-            (self.vision, "vision", vis.plans, {"pixel_values": pixel_values}, pos0, sched.vision.method == "evit"),
-            (self.prefill, "decoder", pre.plans,
-             {"inputs_embeds": text_embeds, "visual_tokens": vis.visual, "image_offset": image_offset},
-             vis.pos.cpu().numpy().astype(np.int64), False),
-        ):
-            if not plans:
-                continue
-            if not probe.usable or not probe.steps:
-                notes.append(f"{tower}: the graph's reduction nodes cannot be found (no node metadata); not measured")
-                continue
-            _, kept = probe.run(_numpy_feeds(probe, feeds))
-            steps += compare_steps(tower, plans, kept, pos, patches, fused)
+        if vis.plans:
+            if not self.vision.usable or not self.vision.steps:
+                notes.append("vision: the graph's reduction nodes cannot be found (no node metadata); not measured")
+            else:
+                _, kept = self.vision.run(_numpy_feeds(self.vision, {"pixel_values": pixel_values}))
+                steps += compare_steps("vision", vis.plans, kept, pos0, patches, sched.vision.method == "evit")
+        if pre.plans:
+            if not self.stages.usable or not self.stages.prefill_steps:
+                notes.append("decoder: the reduction graphs' nodes cannot be found (no node metadata); not measured")
+            else:
+                with torch.inference_mode():
+                    self.stages.prefill(text_embeds, vis.visual, image_offset)
+                kept = self.stages.prefill_selection
+                steps += compare_steps("decoder", pre.plans, kept, vis.pos.cpu().numpy().astype(np.int64), patches)
         return SelectionCheck(steps, "; ".join(notes))

@@ -1,16 +1,27 @@
 """TensorRT backend (TensorRT 10 Python API): engines deserialized from the bundle, run on torch CUDA tensors.
 
-Per graph one engine with one optimization profile and one execution context (`TrtSession`): inputs and
-outputs are bound by name with `set_tensor_address` to torch CUDA tensors, `set_input_shape` before each
-call, and `execute_async_v3` on the current torch CUDA stream, so TensorRT and PyTorch work stay ordered
-without synchronising. `TrtStages` preallocates the decoder's KV cache as two buffer sets sized from the
-engines' profiles (which come from the manifest's `trt_profiles`): prefill writes set A, each step reads
-one set and writes the next length into the other, so no KV byte is allocated or copied to the host in
-the decode loop. Only the [B, V] logits go to the host for the sampler.
+One engine per bundle graph (`bundle.names.graph_names`: vision, embed, the decoder splice, segments and
+reductions, docs/export-notes.md §14). A `TrtSession` holds one engine and one execution context per
+optimization profile of it: the decoder segment engines carry two profiles over one copy of their weights,
+`prefill` (an empty past, P = 0) and `decode` (one token, T = 1), every other engine one (`all`). Each call
+picks the first profile whose min..max ranges contain the feeds' shapes (prefill when P = 0, decode when
+T = 1 and P > 0) and runs that profile's context. Inputs and outputs are bound by name with
+`set_tensor_address` to torch CUDA tensors (an empty tensor, the prefill's zero-length past, is bound to a
+small real allocation: TensorRT wants a non-null address for it), `set_input_shape` before each call, and
+`execute_async_v3` on the current torch CUDA stream, so TensorRT and PyTorch work stay ordered without
+synchronising. Where TensorRT has user-managed context memory (10.1+), every context of every engine shares
+one scratch buffer sized to the largest profile (the graphs run one after another on one stream).
+
+`TrtStages` (the `SessionStages` orchestration of the graphs) preallocates the decoder's KV cache as two
+buffer sets, one tensor per block and K/V, sized from the segment engines' profiles (capacity = the decode
+profile's largest past + 1): a prefill writes every segment's presents into set 0, each decode step reads
+one set and writes the presents, one token longer, into the other, through `Session.run(outputs=...)`, so no
+KV byte is allocated or copied to the host in the decode loop. Only the [B, V] logits go to the host.
 
 Engines are not portable: `engines/trt-<version>-sm<cc>/engines.json` records the TensorRT version, GPU
-name and SM they were built with, and `find_engines` refuses any other combination with a message that
-says to rebuild. That check needs no TensorRT (the local target is passed in), so it is tested anywhere.
+name and SM they were built with and the profiles each engine holds, and `find_engines` refuses any other
+combination (or engines of another layout) with a message that says to rebuild. That check needs no
+TensorRT (the local target is passed in), so it is tested anywhere.
 
 `tensorrt` is imported lazily: this module imports on machines without it.
 """
@@ -21,7 +32,8 @@ import json
 import logging
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +43,15 @@ from torch import Tensor
 
 from bundle.layout import BundleError, sha256_file
 from bundle.manifest import Manifest
-from bundle.names import PREFILL, STAGES, STEP
+from bundle.names import graph_names, past_names, present_names, segment_graph, segment_index
 from bundle.session import BackendUnavailable, Session, SessionError, SessionStages, TensorSpec
+from ficoco.segments import DecoderSegment
 
 log = logging.getLogger(__name__)
 
 ENGINES_DIR = "engines"
 ENGINE_MANIFEST = "engines.json"
-ENGINE_SCHEMA_VERSION = 1
+ENGINE_SCHEMA_VERSION = 2  # 2: one engine per graph of the segmented decoder, named profiles per engine
 INSTALL_HINT = "pip install tensorrt / JetPack"
 
 
@@ -126,8 +139,10 @@ class EngineManifest:
     sm: int
     gpu_name: str
     machine: str
-    engines: dict[str, dict[str, Any]]  # graph -> {file, sha256, bytes, source (onnx rel path), source_sha256, build_seconds}
-    profiles: dict[str, dict[str, dict[str, list[int]]]]
+    # graph -> {file, sha256, bytes, source (onnx rel path), source_sha256, build_seconds,
+    #           profiles: the engine's optimization profile names in index order}
+    engines: dict[str, dict[str, Any]]
+    profiles: dict[str, dict[str, dict[str, dict[str, list[int]]]]]  # graph -> profile -> input -> {min, opt, max}
     build: dict[str, Any]  # precision flags, strongly typed, workspace, optimization level, timing cache
     schema_version: int = ENGINE_SCHEMA_VERSION
 
@@ -150,6 +165,13 @@ class EngineManifest:
     @property
     def target(self) -> GpuTarget:
         return GpuTarget(self.tensorrt_version, self.sm, self.gpu_name)
+
+    def profile_names(self, graph: str) -> list[str]:
+        """The optimization profile names of `graph`'s engine, in the engine's profile index order."""
+        names = self.engines.get(graph, {}).get("profiles")
+        if names is None:
+            names = list(self.profiles.get(graph, {}))
+        return [str(n) for n in names]
 
 
 def read_engine_manifest(engine_dir: Path) -> EngineManifest:
@@ -206,10 +228,11 @@ def find_engines(
                     f"the engine for {graph} in {d} was built from a different {src} than this bundle holds "
                     f"(the bundle was re-exported after the build); {rebuild}"
                 )
-        missing = [g for g in STAGES if g not in em.engines]
+        graphs = manifest.graph_names()
+        missing = [g for g in graphs if g not in em.engines]
         if missing:
             raise EngineError(f"{d} has no engine for {', '.join(missing)}; {rebuild}")
-        for graph in STAGES:
+        for graph in graphs:
             info = em.engines[graph]
             plan = d / info["file"]
             if not plan.is_file():
@@ -230,6 +253,9 @@ def find_engines(
 # Sessions
 # ---------------------------------------------------------------------------------------------------------
 
+#: (min, opt, max) shapes of one input in one optimization profile
+ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
 
 def _dtype_map(trt: Any) -> dict[Any, torch.dtype]:
     pairs = [
@@ -246,28 +272,98 @@ def _dtype_map(trt: Any) -> dict[Any, torch.dtype]:
     return {getattr(trt.DataType, k): v for k, v in pairs if hasattr(trt.DataType, k) and v is not None}
 
 
-class TrtSession(Session):
-    """One TensorRT engine (one optimization profile, one execution context) on one CUDA device."""
+def _on(device: torch.device) -> Any:
+    """`torch.cuda.device(device)` for a CUDA device (a no-op context elsewhere: the tests' fake engines)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
-    def __init__(self, plan: Path, runtime: Any, trt: Any, device: torch.device, name: str | None = None) -> None:
+
+def _stream(device: torch.device) -> int:
+    """The handle of the current torch stream on `device` (0, the default stream, off CUDA)."""
+    return int(torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else 0
+
+
+def shares_context_memory(trt: Any) -> bool:
+    """Whether this TensorRT lets the caller own an execution context's scratch memory (TensorRT 10.1+):
+    `ExecutionContextAllocationStrategy.USER_MANAGED`, `get_device_memory_size_for_profile_v2` and
+    `IExecutionContext.set_device_memory`."""
+    strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+    return (
+        strategy is not None
+        and hasattr(strategy, "USER_MANAGED")
+        and hasattr(getattr(trt, "ICudaEngine", None), "get_device_memory_size_for_profile_v2")
+        and hasattr(getattr(trt, "IExecutionContext", None), "set_device_memory")
+    )
+
+
+class DeviceScratch:
+    """One device buffer that is the scratch memory of every execution context attached to it.
+
+    The bundle's graphs run one after another on one stream, so their contexts (two per segment engine)
+    never need their activation memory at the same time: one buffer of the largest profile's size serves
+    all, instead of one allocation per context. Attaching a context that needs more grows the buffer and
+    rebinds the contexts attached before (only done while loading, before anything runs)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffer: Tensor | None = None
+        self._contexts: list[Any] = []
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else int(self.buffer.numel())
+
+    def attach(self, context: Any, size: int) -> None:
+        if self.buffer is None or size > self.buffer.numel():
+            self.buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=self.device)
+            for c in self._contexts:
+                c.set_device_memory(self.buffer.data_ptr(), self.nbytes)
+        self._contexts.append(context)
+        context.set_device_memory(self.buffer.data_ptr(), self.nbytes)
+
+
+class TrtSession(Session):
+    """One TensorRT engine on one CUDA device: one execution context per optimization profile.
+
+    `profile_names`: the engine's profile names in index order (engines.json; None: "all", or profile<k>).
+    `scratch`: share the contexts' scratch memory through it (only where `shares_context_memory`).
+    Each `run` takes the first profile whose ranges contain the feeds (`profile_for`).
+    """
+
+    def __init__(
+        self,
+        plan: Path,
+        runtime: Any,
+        trt: Any,
+        device: torch.device,
+        name: str | None = None,
+        profile_names: Sequence[str] | None = None,
+        scratch: DeviceScratch | None = None,
+    ) -> None:
         self.name = name or plan.stem
         self.device = device
         self._trt = trt
-        with torch.cuda.device(device):
+        with _on(device):
             self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
-            if self.engine is None:
+        if self.engine is None:
+            raise EngineError(
+                f"TensorRT {trt.__version__} cannot deserialize {plan} (built with another TensorRT version, "
+                "for another GPU, or damaged); rebuild the engines with ficoco-build"
+            )
+        count = int(self.engine.num_optimization_profiles)
+        if profile_names is None:
+            names = ["all"] if count == 1 else [f"profile{k}" for k in range(count)]
+        else:
+            names = [str(n) for n in profile_names]
+            if len(names) != count:
                 raise EngineError(
-                    f"TensorRT {trt.__version__} cannot deserialize {plan} (built with another TensorRT version, "
-                    "for another GPU, or damaged); rebuild the engines with ficoco-build"
+                    f"{plan} holds {count} optimization profile(s) but engines.json lists {names}; "
+                    "rebuild the engines with ficoco-build"
                 )
-            self.context = self.engine.create_execution_context()
-            if self.context is None:
-                raise SessionError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
         dtypes = _dtype_map(trt)
         inputs: list[TensorSpec] = []
         outputs: list[TensorSpec] = []
         self._host_inputs: set[str] = set()
-        self._profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
+        dynamic: list[str] = []
         for i in range(self.engine.num_io_tensors):
             tname = self.engine.get_tensor_name(i)
             dt = self.engine.get_tensor_dtype(tname)
@@ -280,30 +376,110 @@ class TrtSession(Session):
                 if self.engine.get_tensor_location(tname) == trt.TensorLocation.HOST:
                     self._host_inputs.add(tname)  # a shape tensor read by TensorRT from host memory
                 if any(d < 0 for d in shape):
-                    lo, opt, hi = self.engine.get_tensor_profile_shape(tname, 0)
-                    self._profile[tname] = (tuple(lo), tuple(opt), tuple(hi))
+                    dynamic.append(tname)
             else:
                 outputs.append(spec)
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
-        stream = torch.cuda.current_stream(device)
-        if self.engine.num_optimization_profiles > 1:
-            log.warning("%s: engine has %d profiles; this runtime uses profile 0", self.name, self.engine.num_optimization_profiles)
-        self.context.set_optimization_profile_async(0, stream.cuda_stream)
+        #: per profile index: (name, {dynamic input: (min, opt, max)})
+        self.profiles: tuple[tuple[str, dict[str, ShapeRange]], ...] = tuple(
+            (names[k], {t: self._profile_shape(t, k) for t in dynamic}) for k in range(count)
+        )
+        shared = scratch is not None and shares_context_memory(trt)
+        self.contexts: list[Any] = []
+        with _on(device):
+            stream = _stream(device)
+            for k in range(count):
+                if shared:
+                    ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+                else:
+                    ctx = self.engine.create_execution_context()
+                if ctx is None:
+                    raise SessionError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
+                if shared:
+                    assert scratch is not None
+                    scratch.attach(ctx, int(self.engine.get_device_memory_size_for_profile_v2(k)))
+                if not ctx.set_optimization_profile_async(k, stream):
+                    raise SessionError(f"{self.name}: TensorRT could not select optimization profile {k} ({names[k]})")
+                self.contexts.append(ctx)
+            if device.type == "cuda":  # the profile switches are enqueued; later runs may use another stream
+                torch.cuda.current_stream(device).synchronize()
+        self._null: Tensor | None = None
+
+    def _profile_shape(self, name: str, k: int) -> ShapeRange:
+        lo, opt, hi = self.engine.get_tensor_profile_shape(name, k)
+        return tuple(int(d) for d in lo), tuple(int(d) for d in opt), tuple(int(d) for d in hi)
+
+    @property
+    def profile_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.profiles)
+
+    @property
+    def context(self) -> Any:
+        """The first profile's execution context."""
+        return self.contexts[0]
+
+    def profile_range(self, profile: str | int, name: str) -> ShapeRange | None:
+        """(min, opt, max) of input `name` in a profile (by name or index); None: a static input."""
+        k = self.profile_names.index(profile) if isinstance(profile, str) else int(profile)
+        return self.profiles[k][1].get(name)
+
+    def _hull(self, name: str, which: int) -> tuple[int, ...] | None:
+        shapes = [ranges[name][which] for _, ranges in self.profiles if name in ranges]
+        if not shapes:
+            return None
+        pick = min if which == 0 else max
+        return tuple(pick(dims) for dims in zip(*shapes, strict=True))
 
     def min_shape(self, name: str) -> tuple[int, ...] | None:
-        p = self._profile.get(name)
-        return None if p is None else p[0]
+        """The smallest shape over all profiles (`profile_for` then picks the profile)."""
+        return self._hull(name, 0)
 
     def max_shape(self, name: str) -> tuple[int, ...] | None:
-        p = self._profile.get(name)
-        if p is not None:
-            return p[2]
+        """The largest shape over all profiles (a static input: its one shape)."""
+        hi = self._hull(name, 2)
+        if hi is not None:
+            return hi
         spec = self.input_spec(name)
         return tuple(int(d) for d in spec.shape) if all(d is not None for d in spec.shape) else None  # type: ignore[misc]
 
+    def profile_for(self, feeds: Mapping[str, Tensor]) -> int:
+        """The index of the first profile whose min..max ranges contain every feed's shape.
+
+        A segment engine: `prefill` for an empty past (P = 0), `decode` for one token on a cache (T = 1,
+        P > 0); several tokens on a cache (T > 1, P > 0) fit neither and are refused."""
+        misfits: list[str] = []
+        for k, (pname, ranges) in enumerate(self.profiles):
+            bad = None
+            for name, (lo, _, hi) in ranges.items():
+                shape = tuple(int(d) for d in feeds[name].shape)
+                if len(shape) != len(lo) or any(not a <= d <= b for d, a, b in zip(shape, lo, hi, strict=True)):
+                    bad = f"{pname}: {name} {list(shape)} outside {list(lo)} .. {list(hi)}"
+                    break
+            if bad is None:
+                return k
+            misfits.append(bad)
+        raise SessionError(
+            f"{self.name}: no optimization profile of the engine takes these inputs ({'; '.join(misfits)}); "
+            "rebuild the engines with a larger range (ficoco-build --trt-max-shapes) or change the input"
+        )
+
+    def check_feeds(self, feeds: Mapping[str, Tensor]) -> None:
+        """`Session.check_feeds` against the hull of the profiles, then one profile must take them all."""
+        super().check_feeds(feeds)
+        self.profile_for(feeds)
+
+    def _address(self, t: Tensor) -> int:
+        # TensorRT needs a non-null address even for an empty tensor (the prefill's zero-length past)
+        if t.numel() > 0:
+            return int(t.data_ptr())
+        if self._null is None:
+            self._null = torch.empty(256, dtype=torch.uint8, device=self.device)
+        return int(self._null.data_ptr())
+
     def run(self, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        self.check_feeds(feeds)
-        ctx = self.context
+        super().check_feeds(feeds)
+        k = self.profile_for(feeds)
+        ctx = self.contexts[k]
         keep: list[Tensor] = []
         for spec in self.inputs:
             t = feeds[spec.name]
@@ -313,8 +489,9 @@ class TrtSession(Session):
                 t = t.detach().to(device=self.device, dtype=spec.dtype, non_blocking=True).contiguous()
             keep.append(t)
             if not ctx.set_input_shape(spec.name, tuple(t.shape)):
-                raise SessionError(f"{self.name}: TensorRT rejected shape {list(t.shape)} for input {spec.name}")
-            ctx.set_tensor_address(spec.name, t.data_ptr())
+                raise SessionError(f"{self.name}: TensorRT rejected shape {list(t.shape)} for input {spec.name} "
+                                   f"(profile {self.profiles[k][0]})")
+            ctx.set_tensor_address(spec.name, self._address(t))
         result: dict[str, Tensor] = {}
         for spec in self.outputs:
             shape = tuple(int(d) for d in ctx.get_tensor_shape(spec.name))
@@ -328,112 +505,105 @@ class TrtSession(Session):
                     f"{self.name}: the buffer for {spec.name} is {list(dst.shape)} {dst.dtype} on {dst.device}; "
                     f"the engine writes {list(shape)} {spec.dtype} on {self.device}"
                 )
-            ctx.set_tensor_address(spec.name, dst.data_ptr())
+            ctx.set_tensor_address(spec.name, self._address(dst))
             result[spec.name] = dst
         # the current torch stream: the inputs were produced and the outputs will be read in stream order, and
         # the caching allocator only reuses `keep`'s memory for later work on this same stream
-        stream = torch.cuda.current_stream(self.device)
-        if not ctx.execute_async_v3(stream.cuda_stream):
+        if not ctx.execute_async_v3(_stream(self.device)):
             raise SessionError(f"{self.name}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
         del keep
         return result
 
 
 class TrtStages(SessionStages):
-    """The four engines behind `StagedModel`, with the decoder's KV cache in two preallocated buffer sets.
+    """The bundle's engines behind `StagedModel`, with the decoder's KV cache in two preallocated buffer sets.
 
-    Buffer capacity per layer = the step engine's profile maximum past length + 1 (the present output is
-    one token longer), batch = the step profile's maximum batch; allocated on the first prefill for the
-    batch in use (grown if a later call needs a larger batch), then reused by every generation.
+    One flat device buffer per decoder block and K/V in each of two sets. A buffer's capacity is the
+    longest present its segment engine can write: over the engine's profiles, max past + max tokens (the
+    decode profile's max past + 1; the prefill profile's max tokens, never more). Batch: the batch in use,
+    allocated on the first segment run (grown when a later call needs a larger batch) and then reused by
+    every generation. A segment run with an empty past (a prefill) writes its presents into set 0; one on
+    a cache writes into the set the cache is not in, so each decode step reads one set and writes the
+    other. The last segment writes its [B, V] logits into one preallocated buffer too.
     """
 
-    def __init__(self, sessions: Mapping[str, Session]) -> None:
-        super().__init__(sessions)
-        step = self.sessions[STEP]
-        self._kv_spec: list[tuple[int, int, int]] = []  # per flat past tensor: (heads, capacity, head_dim)
-        for n in self.past_names:
-            spec = step.input_spec(n)
-            hi = step.max_shape(n)
-            if hi is None or spec.shape[1] is None or spec.shape[3] is None:
-                raise SessionError(f"{STEP}: input {n} needs static heads/head_dim and a profile range, got {spec.shape}")
-            self._kv_spec.append((int(spec.shape[1]), int(hi[2]) + 1, int(spec.shape[3])))
-        self._kv_dtype = step.input_spec(self.past_names[0]).dtype
-        self._sets: list[list[Tensor]] = []
+    def __init__(self, sessions: Mapping[str, Session], segments: Sequence[DecoderSegment],
+                 scratch: DeviceScratch | None = None) -> None:
+        super().__init__(sessions, segments)
+        self.scratch = scratch  # the contexts' shared scratch memory, kept alive with the sessions
+        self._kv_spec: dict[str, tuple[int, int, int]] = {}  # present name -> (heads, capacity, head_dim)
+        for seg in self.segments:
+            graph = segment_graph(seg.index)
+            sess = self.sessions[graph]
+            profiles = getattr(sess, "profiles", None)
+            if profiles is None:
+                raise SessionError(f"TrtStages needs TensorRT sessions; {graph} is a {type(sess).__name__}")
+            for past, present in zip(past_names(seg.attention_blocks), present_names(seg.attention_blocks), strict=True):
+                spec = sess.input_spec(past)
+                cap = 0
+                for _, ranges in profiles:
+                    p, t = ranges.get(past), ranges.get("hidden_states")
+                    p_max = int(p[2][2]) if p is not None else int(spec.shape[2] or 0)
+                    t_max = int(t[2][1]) if t is not None else int(sess.input_spec("hidden_states").shape[1] or 0)
+                    cap = max(cap, p_max + t_max)
+                if spec.shape[1] is None or spec.shape[3] is None or cap < 1:
+                    raise SessionError(f"{graph}: input {past} needs static heads/head_dim and a profile range, got {spec.shape}")
+                self._kv_spec[present] = (int(spec.shape[1]), cap, int(spec.shape[3]))
+        last = segment_graph(self.segments[-1].index)
+        logits = next((s for s in self.sessions[last].outputs if s.name == "logits"), None)
+        if logits is None or logits.shape[-1] is None:
+            raise SessionError(f"{last}: needs a logits output with a static vocabulary axis, got {logits}")
+        self._vocab, self._logits_dtype = int(logits.shape[-1]), logits.dtype
+        self._sets: list[dict[str, Tensor]] = []
         self._batch = 0
-        self._logits: Tensor | None = None
+        self._logits_buf: Tensor | None = None
 
-    def _ensure(self, batch: int, vocab: int, logits_dtype: torch.dtype) -> None:
-        if batch <= self._batch and self._logits is not None and self._logits.numel() >= batch * vocab:
+    @property
+    def kv_capacity(self) -> dict[str, int]:
+        """present name -> the longest KV sequence its buffers hold."""
+        return {n: cap for n, (_, cap, _) in self._kv_spec.items()}
+
+    def _ensure(self, batch: int) -> None:
+        if batch <= self._batch and self._sets:
             return
         self._sets = [
-            [torch.empty(batch * h * cap * hd, dtype=self._kv_dtype, device=self.device) for (h, cap, hd) in self._kv_spec]
+            {n: torch.empty(batch * h * cap * hd, dtype=self.kv_dtype, device=self.device) for n, (h, cap, hd) in self._kv_spec.items()}
             for _ in range(2)
         ]
-        self._logits = torch.empty(batch * vocab, dtype=logits_dtype, device=self.device)
+        self._logits_buf = torch.empty(batch * self._vocab, dtype=self._logits_dtype, device=self.device)
         self._batch = batch
-        mib = sum(t.numel() * t.element_size() for s in self._sets for t in s) / 2**20
-        log.info("TensorRT KV cache: 2 x %d layers, batch %d, %.1f MiB", len(self._kv_spec) // 2, batch, mib)
+        mib = sum(t.numel() * t.element_size() for s in self._sets for t in s.values()) / 2**20
+        log.info("TensorRT KV cache: 2 x %d blocks, batch %d, %.1f MiB", len(self._kv_spec) // 2, batch, mib)
 
-    def _views(self, which: int, batch: int, lengths: list[int]) -> dict[str, Tensor]:
+    def _views(self, which: int, batch: int, length: int, names: Sequence[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        for name, buf, (h, cap, hd), n in zip(self.present_names, self._sets[which], self._kv_spec, lengths, strict=True):
-            if n > cap:
-                raise SessionError(f"KV length {n} exceeds the engine's capacity {cap} for {name}; rebuild with a larger range")
-            out[name] = buf[: batch * h * n * hd].view(batch, h, n, hd)
+        for name in names:
+            h, cap, hd = self._kv_spec[name]
+            if length > cap:
+                raise SessionError(f"KV length {length} exceeds the engine's capacity {cap} for {name}; rebuild with a larger range")
+            out[name] = self._sets[which][name][: batch * h * length * hd].view(batch, h, length, hd)
         return out
 
-    def _vocab(self) -> tuple[int, torch.dtype]:
-        spec = next(s for s in self.sessions[PREFILL].outputs if s.name == "logits")
-        if spec.shape[-1] is None:
-            raise SessionError(f"{PREFILL}: logits need a static vocabulary axis, got {spec.shape}")
-        return int(spec.shape[-1]), spec.dtype
+    def _in_set(self, which: int, present: str, t: Tensor) -> bool:
+        return bool(self._sets) and t.numel() > 0 and t.data_ptr() == self._sets[which][present].data_ptr()
 
-    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
-        b = int(embeds.shape[0])
-        vocab, ldt = self._vocab()
-        self._ensure(b, vocab, ldt)
-        sess = self.sessions[PREFILL]
-        feeds = {
-            "inputs_embeds": self._feed(PREFILL, "inputs_embeds", embeds),
-            "visual_tokens": self._feed(PREFILL, "visual_tokens", visual),
-            "image_offset": self._feed(PREFILL, "image_offset", image_offset),
-        }
-        # present lengths: ask the engine (they depend on the schedule), then bind views of buffer set 0
-        shapes = self._present_shapes(sess, feeds)
-        outs = self._views(0, b, [s[2] for s in shapes])
-        assert self._logits is not None
-        outs["logits"] = self._logits[: b * vocab].view(b, vocab)
-        res = sess.run(feeds, outs)
-        return self._logits_host(res["logits"]), [res[n] for n in self.present_names]
-
-    def _present_shapes(self, sess: Session, feeds: Mapping[str, Tensor]) -> list[tuple[int, ...]]:
-        if not isinstance(sess, TrtSession):
-            raise SessionError("TrtStages needs TensorRT sessions")
-        ctx = sess.context
-        for name, t in feeds.items():
-            if not ctx.set_input_shape(name, tuple(t.shape)):
-                raise SessionError(f"{sess.name}: TensorRT rejected shape {list(t.shape)} for input {name}")
-        return [tuple(int(d) for d in ctx.get_tensor_shape(n)) for n in self.present_names]
-
-    def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        b = int(embeds.shape[0])
-        vocab, ldt = self._vocab()
-        self._ensure(b, vocab, ldt)
-        src = 0 if self._sets and past[0].data_ptr() == self._sets[0][0].data_ptr() else 1
-        dst = 1 - src
-        feeds = {
-            "inputs_embeds": self._feed(STEP, "inputs_embeds", embeds),
-            "position": self._feed(STEP, "position", position),
-        }
-        feeds.update({n: self._feed(STEP, n, p) for n, p in zip(self.past_names, past, strict=True)})
-        outs = self._views(dst, b, [int(p.shape[2]) + 1 for p in past])
-        assert self._logits is not None
-        outs["logits"] = self._logits[: b * vocab].view(b, vocab)
-        res = self.sessions[STEP].run(feeds, outs)
-        return self._logits_host(res["logits"]), [res[n] for n in self.present_names]
-
-    def _logits_host(self, logits: Tensor) -> Tensor:
-        return logits.float().cpu()
+    def run_graph(self, graph: str, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Segment graphs write their presents into a KV buffer set and their logits into the logits buffer."""
+        s = segment_index(graph)
+        if s is None:
+            return super().run_graph(graph, feeds)
+        seg = self.segments[s]
+        batch, tokens = int(feeds["hidden_states"].shape[0]), int(feeds["hidden_states"].shape[1])
+        pasts, presents = past_names(seg.attention_blocks), present_names(seg.attention_blocks)
+        past_len = int(feeds[pasts[0]].shape[2])
+        self._ensure(batch)
+        # a cache in set 0 -> write set 1; an empty past (prefill) or a cache elsewhere -> set 0
+        dst = 1 if past_len > 0 and self._in_set(0, presents[0], feeds[pasts[0]]) else 0
+        outs = self._views(dst, batch, past_len + tokens, presents)
+        if seg.is_last:
+            assert self._logits_buf is not None
+            outs["logits"] = self._logits_buf[: batch * self._vocab].view(batch, self._vocab)
+        return self.sessions[graph].run(feeds, outs)
 
 
 def trt_stages(
@@ -442,16 +612,24 @@ def trt_stages(
     device: int = 0,
     verify: bool = True,
     target: GpuTarget | None = None,
+    torch_device: torch.device | None = None,
 ) -> tuple[TrtStages, Path, EngineManifest]:
-    """Load the bundle's engines for this machine. Raises BackendUnavailable / EngineError / EngineMismatch."""
+    """Load the engines of every bundle graph for this machine. Raises BackendUnavailable / EngineError / EngineMismatch.
+
+    `torch_device`: where the tensors live (default cuda:`device`; the tests' fake engines run on the CPU).
+    """
     target = target or local_target(device)
     engine_dir, em = find_engines(bundle, manifest, target, verify=verify)
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
-    dev = torch.device("cuda", device)
-    sessions: dict[str, Session] = {
-        g: TrtSession(engine_dir / em.engines[g]["file"], runtime, trt, dev, name=g) for g in STAGES
-    }
-    log.info("TensorRT %s engines from %s (%s, %s)", trt.__version__, engine_dir, em.gpu_name, platform.machine())
-    return TrtStages(sessions), engine_dir, em
+    dev = torch_device or torch.device("cuda", device)
+    segments = manifest.decoder_segments()
+    scratch = DeviceScratch(dev) if shares_context_memory(trt) else None
+    sessions: dict[str, Session] = {}
+    for g in graph_names(len(segments)):
+        sessions[g] = TrtSession(engine_dir / em.engines[g]["file"], runtime, trt, dev, name=g,
+                                 profile_names=em.profile_names(g), scratch=scratch)
+    log.info("TensorRT %s engines from %s (%s, %s)%s", trt.__version__, engine_dir, em.gpu_name, platform.machine(),
+             f", one {scratch.nbytes / 2**20:.1f} MiB scratch buffer for every context" if scratch else "")
+    return TrtStages(sessions, segments, scratch=scratch), engine_dir, em

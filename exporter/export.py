@@ -1,7 +1,8 @@
-"""Export the four stage graphs of a reduced LLaVA to ONNX (torch.onnx dynamo exporter, opset 18 default).
+"""Export the graphs of a reduced LLaVA to ONNX (torch.onnx dynamo exporter, opset 18 default).
 
-Dynamic axes only where they are real: batch, text length (prefill), and the past length of the decode
-step, whose per-layer values differ by schedule constants (expressed as derived dims of one base dim).
+The graphs are `bundle.names.graph_names`: vision, embed, the decoder splice, its segments and the
+reductions between them (docs/export-notes.md §14). Dynamic axes only where they are real: batch, text
+length, a segment's new tokens and past length (prefill: many tokens, no past; decode: one token).
 Every reduction shape is a build-time constant of the schedule.
 """
 
@@ -20,9 +21,25 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from bundle.names import EMBED, GRAPH_INPUTS, PREFILL, STEP, VISION
-from exporter.wrappers import DecoderPrefill, DecoderStep, EmbedTokens, VisionEncoder
-from ficoco.reduced_llava import ReducedLlava
+from bundle.names import (
+    EMBED,
+    SPLICE,
+    VISION,
+    past_names,
+    reduce_graph,
+    reduce_index,
+    runtime_inputs,
+    segment_graph,
+    segment_index,
+)
+from exporter.wrappers import (
+    DecoderReduceGraph,
+    DecoderSegmentGraph,
+    DecoderSplice,
+    EmbedTokens,
+    VisionEncoder,
+)
+from ficoco.reduced_llava import ReducedLlava, splice
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +144,9 @@ def _export(
             import onnx_ir
 
             onnx_ir.save(prog.model, str(path), external_data=f"{path.name}.data", size_threshold_bytes=EXTERNAL_THRESHOLD)
+            data = path.with_name(f"{path.name}.data")
+            if data.is_file() and data.stat().st_size == 0:  # nothing was large enough (a weightless graph)
+                data.unlink()
 
 
 def _save_without_weights(model: Any, path: Path) -> None:
@@ -173,10 +193,15 @@ def check_graph(path: Path, full: bool = True) -> None:
 
 
 def example_inputs(model: ReducedLlava, opts: ExportOptions, device: str | torch.device = "cpu") -> dict[str, tuple[Tensor, ...]]:
-    """Trace inputs for each stage (batch 2 unless the bundle is batch-1 only, text length 17)."""
+    """Trace inputs for every graph (batch 2 unless the bundle is batch-1 only, text length 17).
+
+    The decoder graphs get what a prefill hands them, segment by segment; a segment also gets a past of
+    two tokens (a traced length of 0 or 1 would be specialised into the graph), as a decode step would.
+    """
     g = model.geometry
     b, t = _example_batch(opts), min(EXAMPLE_TEXT_LEN, opts.max_text_len)
     d, n_v = g.decoder.hidden_size, model.schedule.decoder.span_in
+    kv, hd = g.decoder.num_kv_heads, g.decoder.head_dim
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape: int) -> Tensor:
@@ -186,81 +211,110 @@ def example_inputs(model: ReducedLlava, opts: ExportOptions, device: str | torch
     embeds = randn(b, t, d)
     visual = randn(b, n_v, d)
     offset = torch.full((b,), min(EXAMPLE_OFFSET, t - 2), dtype=torch.long, device=device)
-    with torch.no_grad(), _quiet():
-        past = [x for kv in model.prefill(embeds, visual, offset).cache for x in kv]
-    return {
+    out: dict[str, tuple[Tensor, ...]] = {
         VISION: (randn(b, 3, g.vision.image_size, g.vision.image_size),),
         EMBED: (torch.zeros(b, t, dtype=torch.long, device=device),),
-        PREFILL: (embeds, visual, offset),
-        STEP: (randn(b, 1, d), torch.full((b,), t + n_v, dtype=torch.long, device=device), *past),
+        SPLICE: (embeds, visual, offset),
     }
+    with torch.no_grad(), _quiet():
+        h = splice(embeds, visual, offset)
+        pos = torch.arange(h.shape[1], device=device).unsqueeze(0).expand(b, -1)
+        for seg in model.segments:
+            past = [randn(b, kv, 2, hd) for _ in range(2 * len(seg.attention_blocks))]
+            out[segment_graph(seg.index)] = (h, pos, *past)
+            if seg.is_last:
+                break
+            res = model.run_segment(seg, h, pos, None)
+            assert res.q is not None and res.k is not None
+            out[reduce_graph(seg.index + 1)] = (res.hidden, res.q, res.k, offset, pos)
+            h, pos, _ = model.reduce_between(seg, res.hidden, res.q, res.k, offset, pos)
+    return out
 
 
-def export_stage(model: ReducedLlava, stage: str, path: Path, opts: ExportOptions, examples: dict[str, tuple[Tensor, ...]]) -> None:
-    """Export one of the four stages to `path` (+ `path.data` unless graph-only)."""
+def export_graph(model: ReducedLlava, graph: str, path: Path, opts: ExportOptions, examples: dict[str, tuple[Tensor, ...]]) -> None:
+    """Export one graph of the bundle (`bundle.names.graph_names`) to `path` (+ `path.data` unless graph-only)."""
     batch = _batch_dim(opts)
-    if stage == VISION:
+    text_max = opts.max_text_len
+    segment, reduction = segment_index(graph), reduce_index(graph)
+    if graph == VISION:
         w: nn.Module = VisionEncoder(model)
         dyn: tuple[Any, ...] = (_axes(batch),)
-    elif stage == EMBED:
+    elif graph == EMBED:
         w = EmbedTokens(model)
-        dyn = (_axes(batch, _1=Dim("tokens", min=1, max=opts.max_text_len)),)
-    elif stage == PREFILL:
-        w = DecoderPrefill(model)
-        text = Dim("text_len", min=2, max=opts.max_text_len)
-        dyn = (_axes(batch, _1=text), _axes(batch), _axes(batch))
-    elif stage == STEP:
-        w = DecoderStep(model)
-        s = model.schedule.decoder
-        spans = [s.span_at(i) for i in range(s.num_layers)]
-        low = min(spans)
-        base = Dim("past_len", min=2 + low, max=opts.max_text_len + low + opts.max_new_tokens)
-        past_axes = []
-        for n in spans:
-            length = base if n == low else base + (n - low)
-            past_axes += [_axes(batch, _2=length)] * 2
-        dyn = (_axes(batch), _axes(batch), tuple(past_axes))
+        dyn = (_axes(batch, _1=Dim("tokens", min=1, max=text_max)),)
+    elif graph == SPLICE:
+        w = DecoderSplice()
+        dyn = (_axes(batch, _1=Dim("text_len", min=2, max=text_max)), _axes(batch), _axes(batch))
+    elif segment is not None:
+        seg = model.segments[segment]
+        w = DecoderSegmentGraph(model, seg)
+        tokens = Dim("tokens", min=1, max=text_max + model.schedule.decoder.span_in)
+        past = Dim("past_len", min=0, max=text_max + seg.span + opts.max_new_tokens)
+        dyn = (_axes(batch, _1=tokens), _axes(batch, _1=tokens), tuple(_axes(batch, _2=past) for _ in range(2 * len(seg.attention_blocks))))
+    elif reduction is not None:
+        seg = model.segments[reduction - 1]
+        w = DecoderReduceGraph(model, seg)
+        seq = Dim("seq_len", min=seg.span + 2, max=text_max + seg.span)
+        dyn = (_axes(batch, _1=seq), _axes(batch, _2=seq), _axes(batch, _2=seq), _axes(batch), _axes(batch, _1=seq))
     else:
-        raise ValueError(f"unknown stage {stage!r}")
+        raise ValueError(f"unknown graph {graph!r}")
     w.eval()
     try:
-        _export(w, examples[stage], dyn, list(w.input_names), list(w.output_names), path, opts)
+        _export(w, examples[graph], dyn, list(w.input_names), list(w.output_names), path, opts)
     except ExportError:
         raise
     except Exception as e:
-        raise ExportError(f"exporting {stage} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ExportError(f"exporting {graph} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def trt_profiles(model: ReducedLlava, opts: ExportOptions) -> dict[str, dict[str, dict[str, list[int]]]]:
-    """min/opt/max shapes of every dynamic graph input, for one TensorRT optimisation profile per graph."""
+Profiles = dict[str, dict[str, dict[str, list[int]]]]  # profile name -> input -> {"min", "opt", "max"} shape
+
+
+def trt_profiles(model: ReducedLlava, opts: ExportOptions) -> dict[str, Profiles]:
+    """The TensorRT optimisation profiles of every graph: min/opt/max shapes of each input.
+
+    One profile ("all") per graph, except the decoder segments: "prefill" (T prompt tokens, an empty past)
+    and "decode" (one token, a past up to the longest generation) over the same weights in one engine.
+    """
     g = model.geometry
     d, n_v = g.decoder.hidden_size, model.schedule.decoder.span_in
     mb, mt, opt_t = opts.max_batch_size, opts.max_text_len, min(opts.opt_text_len, opts.max_text_len)
     side = g.vision.image_size
-    kv, hd = g.decoder.num_kv_heads, g.decoder.head_dim
+    kv, hd, heads = g.decoder.num_kv_heads, g.decoder.head_dim, g.decoder.num_heads
+    new = opts.max_new_tokens
 
     def rng(fn: Any) -> dict[str, list[int]]:
-        return {"min": fn(1, 2, 0), "opt": fn(1, opt_t, opts.max_new_tokens // 2), "max": fn(mb, mt, opts.max_new_tokens - 1)}
+        """fn(batch, text_len, generated) -> shape, at the low, typical and high ends."""
+        return {"min": fn(1, 2, 0), "opt": fn(1, opt_t, new // 2), "max": fn(mb, mt, new - 1)}
 
-    step: dict[str, dict[str, list[int]]] = {
-        "inputs_embeds": rng(lambda b, t, n: [b, 1, d]),
-        "position": rng(lambda b, t, n: [b]),
-    }
-    s = model.schedule.decoder
-    for i in range(s.num_layers):
-        span = s.span_at(i)
-        for kvn in ("key", "value"):
-            step[f"past_key_values.{i}.{kvn}"] = rng(lambda b, t, n, span=span: [b, kv, t + span + n, hd])
-    return {
-        VISION: {"pixel_values": rng(lambda b, t, n: [b, 3, side, side])},
-        EMBED: {"input_ids": {"min": [1, 1], "opt": [1, opt_t], "max": [mb, mt]}},
-        PREFILL: {
+    out: dict[str, Profiles] = {
+        VISION: {"all": {"pixel_values": rng(lambda b, t, n: [b, 3, side, side])}},
+        EMBED: {"all": {"input_ids": {"min": [1, 1], "opt": [1, opt_t], "max": [mb, mt]}}},
+        SPLICE: {"all": {
             "inputs_embeds": rng(lambda b, t, n: [b, t, d]),
             "visual_tokens": rng(lambda b, t, n: [b, n_v, d]),
             "image_offset": rng(lambda b, t, n: [b]),
-        },
-        STEP: step,
+        }},
     }
+    for seg in model.segments:
+        span = seg.span
+        prefill = {"hidden_states": rng(lambda b, t, n, s=span: [b, t + s, d]),
+                   "position_ids": rng(lambda b, t, n, s=span: [b, t + s])}
+        decode = {"hidden_states": rng(lambda b, t, n: [b, 1, d]), "position_ids": rng(lambda b, t, n: [b, 1])}
+        for name in past_names(seg.attention_blocks):
+            prefill[name] = rng(lambda b, t, n: [b, kv, 0, hd])
+            decode[name] = rng(lambda b, t, n, s=span: [b, kv, t + s + n, hd])
+        out[segment_graph(seg.index)] = {"prefill": prefill, "decode": decode}
+        if not seg.is_last:
+            seq = {"min": [1, 2 + span], "opt": [1, opt_t + span], "max": [mb, mt + span]}
+            out[reduce_graph(seg.index + 1)] = {"all": {
+                "hidden_states": {k: [v[0], v[1], d] for k, v in seq.items()},
+                "query_states": {k: [v[0], heads, v[1], hd] for k, v in seq.items()},
+                "key_states": {k: [v[0], kv, v[1], hd] for k, v in seq.items()},
+                "image_offset": rng(lambda b, t, n: [b]),
+                "position_ids": seq,
+            }}
+    return out
 
 
 def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -269,7 +323,7 @@ def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
     Weights that a --graph-only graph carries as inputs are not listed.
     """
     model = onnx.load(str(path), load_external_data=False)
-    declared = GRAPH_INPUTS.get(path.stem)
+    declared = runtime_inputs(path.stem)
 
     def describe(vi: onnx.ValueInfoProto) -> dict[str, Any]:
         tt = vi.type.tensor_type

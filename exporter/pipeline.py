@@ -16,8 +16,8 @@ import torch
 
 from bundle import layout as B
 from bundle.manifest import GraphRecord, Manifest, write_manifest
-from bundle.names import STAGES
-from exporter.export import ExportOptions, check_graph, example_inputs, export_stage, graph_io, trt_profiles
+from bundle.names import graph_names
+from exporter.export import ExportOptions, check_graph, example_inputs, export_graph, graph_io, trt_profiles
 from exporter.validate import validate_bundle_graphs
 from ficoco.geometry import LlavaGeometry
 from ficoco.models import LoadedModel, load_config, load_model
@@ -151,21 +151,21 @@ def export_bundle(
         onnx_dir = stage_dir / B.ONNX_DIR
         examples = example_inputs(reduced, opts, device=device)
         graphs: dict[str, Any] = {}
-        for stage in STAGES:
-            notify(stage, "start")
-            path = onnx_dir / f"{stage}.onnx"
+        for name in graph_names(len(reduced.segments)):
+            notify(name, "start")
+            path = onnx_dir / f"{name}.onnx"
             ts = time.perf_counter()
-            export_stage(reduced, stage, path, opts, examples)
+            export_graph(reduced, name, path, opts, examples)
             check_graph(path, full=not opts.graph_only)
-            graphs[stage] = GraphRecord(file=f"{B.ONNX_DIR}/{path.name}", **graph_io(path),
-                                        export_seconds=round(time.perf_counter() - ts, 2))
-            notify(stage, "done")
+            graphs[name] = GraphRecord(file=f"{B.ONNX_DIR}/{path.name}", **graph_io(path),
+                                       export_seconds=round(time.perf_counter() - ts, 2))
+            notify(name, "done")
         lint_report: dict[str, Any] = {"ran": False}
         if lint:
             notify("lint", "start")
             from exporter.lint import format_findings, has_errors, lint_files
 
-            runtime = {stage: g.input_names for stage, g in graphs.items()}
+            runtime = {name: g.input_names for name, g in graphs.items()}
             findings = lint_files(sorted(onnx_dir.glob("*.onnx")), target=lint_target, runtime_inputs=runtime)
             lint_report = {"ran": True, "target": lint_target, "findings": [f.__dict__ for f in findings]}
             if has_errors(findings):
@@ -208,6 +208,12 @@ def export_bundle(
             trt_profiles=trt_profiles(reduced, opts),
             decoder={
                 "num_layers": geometry.decoder.num_layers,
+                "segments": [
+                    {"graph": f"decoder_segment_{seg.index}", "attention_blocks": list(seg.attention_blocks),
+                     "mlp_blocks": list(seg.mlp_blocks), "span": seg.span, "position_offset": seg.position_offset,
+                     "then_reduce_at_block": None if seg.closing_step is None else seg.closing_step.layer}
+                    for seg in reduced.segments
+                ],
                 "position_offsets": reduced.position_offsets,
                 "kv_lengths_rule": "layer l holds text_len + schedule.decoder.span_at(l) + generated tokens",
             },

@@ -40,7 +40,7 @@ def validate_bundle_graphs(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Compare each ORT graph with the PyTorch stage, then greedy decoding; raise ValidationError on mismatch."""
-    ort_model = ort_stages(onnx_dir, provider="cpu", threads=threads)
+    ort_model = ort_stages(onnx_dir, provider="cpu", threads=threads, segments=model.segments)
     torch_model = model.stages()
     b = pixel_values.shape[0]
     offset = torch.full((b,), image_offset, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""One `nn.Module` per exported stage, with explicit tensor inputs and outputs.
+"""One `nn.Module` per exported graph, with explicit tensor inputs and outputs.
 
 transformers' full LLaVA does not export (its placeholder check and mask utilities fail both exporters),
 so each stage wraps the matching method of `ficoco.reduced_llava.ReducedLlava`. The wrappers only
@@ -12,7 +12,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from bundle.names import past_names, present_names
-from ficoco.reduced_llava import ReducedLlava
+from ficoco.reduced_llava import ReducedLlava, splice
+from ficoco.segments import DecoderSegment
 
 
 class VisionEncoder(nn.Module):
@@ -43,39 +44,64 @@ class EmbedTokens(nn.Module):
         return self.model.embed_text(input_ids)
 
 
-class DecoderPrefill(nn.Module):
-    """(inputs_embeds [B, T, D], visual_tokens [B, n_V, D], image_offset [B]) -> logits [B, V] + presents.
+class DecoderSplice(nn.Module):
+    """(inputs_embeds [B, T, D], visual_tokens [B, n_V, D], image_offset [B]) -> hidden_states [B, T + n_V, D].
 
-    The visual tokens are spliced in at image_offset; FiCoCo-L / FastV steps run inside; layer i's
-    present K/V hold T + n_i tokens.
+    The visual tokens go in at image_offset (`ficoco.reduced_llava.splice`); no weights.
     """
 
     input_names = ("inputs_embeds", "visual_tokens", "image_offset")
+    output_names = ("hidden_states",)
 
-    def __init__(self, model: ReducedLlava) -> None:
-        super().__init__()
-        self.model = model
-        self.output_names = ("logits", *present_names(model.geometry.decoder.num_layers))
-
-    def forward(self, inputs_embeds: Tensor, visual_tokens: Tensor, image_offset: Tensor) -> tuple[Tensor, ...]:
-        out = self.model.prefill(inputs_embeds, visual_tokens, image_offset)
-        return (out.logits, *[t for kv in out.cache for t in kv])
+    def forward(self, inputs_embeds: Tensor, visual_tokens: Tensor, image_offset: Tensor) -> Tensor:
+        return splice(inputs_embeds, visual_tokens, image_offset)
 
 
-class DecoderStep(nn.Module):
-    """(inputs_embeds [B, 1, D], position [B], past K/V per layer) -> logits [B, V] + presents (one longer).
+class DecoderSegmentGraph(nn.Module):
+    """Decoder segment s (`ficoco.segments`): (hidden_states [B, T, D], position_ids [B, T], past K/V
+    [B, H_kv, P, d] of its blocks) -> its output and present K/V [B, H_kv, P + T, d].
 
-    No reduction ops; each layer's RoPE position is `position` minus that layer's constant offset.
+    One graph for prefill (P = 0) and decode (T = 1) alike. The last segment outputs `logits` [B, V] at
+    the last position; every other one `hidden_out` (the hidden states after its closing block's attention)
+    and that block's `query_states` [B, H, T, d] for the reduction that follows, which also reads the
+    block's `present.{l}.key` (its keys).
     """
 
-    def __init__(self, model: ReducedLlava) -> None:
+    def __init__(self, model: ReducedLlava, segment: DecoderSegment) -> None:
         super().__init__()
         self.model = model
-        n = model.geometry.decoder.num_layers
-        self.input_names = ("inputs_embeds", "position", *past_names(n))
-        self.output_names = ("logits", *present_names(n))
+        self.segment = segment
+        blocks = segment.attention_blocks
+        self.input_names = ("hidden_states", "position_ids", *past_names(blocks))
+        head = ("logits",) if segment.is_last else ("hidden_out", "query_states")
+        self.output_names = (*head, *present_names(blocks))
 
-    def forward(self, inputs_embeds: Tensor, position: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, hidden_states: Tensor, position_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, new_cache = self.model.decode_step(inputs_embeds, position, cache)
-        return (logits, *[t for kv in new_cache for t in kv])
+        out = self.model.run_segment(self.segment, hidden_states, position_ids, cache)
+        presents = [t for kv in out.present for t in kv]
+        if self.segment.is_last:
+            return (out.hidden, *presents)
+        assert out.q is not None
+        return (out.hidden, out.q, *presents)
+
+
+class DecoderReduceGraph(nn.Module):
+    """The reduction after segment s - 1 (its closing step): (hidden_states [B, L, D], query_states
+    [B, H, L, d], key_states [B, H_kv, L, d] (the closing block's present key), image_offset [B],
+    position_ids [B, L]) -> hidden_out, position_ids_out of length L - r. No weights; prefill only."""
+
+    input_names = ("hidden_states", "query_states", "key_states", "image_offset", "position_ids")
+    output_names = ("hidden_out", "position_ids_out")
+
+    def __init__(self, model: ReducedLlava, segment: DecoderSegment) -> None:
+        super().__init__()
+        if segment.closing_step is None:
+            raise ValueError(f"decoder segment {segment.index} is the last; no reduction follows it")
+        self.model = model
+        self.segment = segment
+
+    def forward(self, hidden_states: Tensor, query_states: Tensor, key_states: Tensor, image_offset: Tensor,
+                position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        h, pos, _ = self.model.reduce_between(self.segment, hidden_states, query_states, key_states, image_offset, position_ids)
+        return h, pos

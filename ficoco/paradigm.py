@@ -211,7 +211,8 @@ def select_targets(
       excluded); a target with C_ij < tau_i (or <= for strict) gets weight 0, so each source flows into
       0..K targets.
     over="all": targets = the top-K columns of the whole row; after the softmax, weights of targets
-      that are themselves sources are set to 0 (the official FiCoCo-L code's behaviour).
+      that are themselves sources, or columns where `column_ok` is False, are set to 0 (the official
+      FiCoCo-L and FiCoCo-V codes' choice of targets; their shares of the softmax are lost).
     alpha_ij = softmax over the source's valid targets of C_ij.
     Returns targets [B, r, K] (indices into kept) and weights [B, r, K] float32.
     """
@@ -237,6 +238,8 @@ def select_targets(
         smask = source_mask(sources, n)  # [B, n]
         flat = order.reshape(order.shape[0], -1)
         is_kept_target = (torch.gather(smask, 1, flat) == 0).reshape(order.shape)
+        if column_ok is not None:  # e.g. [CLS] in FiCoCo-V: may be picked, receives nothing
+            is_kept_target = is_kept_target & torch.gather(column_ok, 1, flat).reshape(order.shape)
         targets = torch.gather(kept_rank(sources, n), 1, flat).reshape(order.shape)
     else:
         raise ValueError(f"over must be 'kept' or 'all', not {over!r}")

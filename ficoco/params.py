@@ -29,6 +29,7 @@ class FiCoCoParams:
     v_l2_normalize: bool = False  # official: L2-normalise both terms over the patches first
     v_penalty: float = 2.0  # local-penalty coefficient on 2x2 windows (1 = no penalty)
     v_cls_is_target: bool = False  # may [CLS] receive recycled tokens?
+    v_targets: Literal["kept", "all"] = "kept"  # top-K over kept patches (paper) or all columns, self included (official)
     v_start: int = 12  # first 0-based CLIP block with a step
     # --- FiCoCo-L (decoder) ---
     l_beta: float = 0.6  # β, weight of the visual redundancy term in s^l (Eq. 3)
@@ -48,6 +49,7 @@ OFFICIAL = replace(
     v_lambda=0.65,
     v_cls_weight=0.35,
     v_l2_normalize=True,
+    v_targets="all",
     l_filter_reduce="sum",
     l_task_term="vision_to_text",
     l_indirect_scale="sum",

@@ -31,6 +31,7 @@ from ficoco.methods.ficoco_l import visual_index
 from ficoco.paradigm import MergePlan, gather_tokens
 from ficoco.sampling import SamplingConfig
 from ficoco.schedule import ReductionStep, Schedule
+from ficoco.segments import DecoderSegment, decoder_segments
 
 KVCache = list[tuple[Tensor, Tensor]]  # per decoder layer: key, value [B, H_kv, L_l, d]
 
@@ -40,6 +41,14 @@ class PrefillOutput:
     logits: Tensor  # [B, V] at the last prompt position
     cache: KVCache
     plans: dict[int, MergePlan] = field(default_factory=dict)  # decoder block -> its reduction plan
+
+
+@dataclass
+class SegmentOutput:
+    hidden: Tensor  # [B, T, D] after the closing block's attention; the last segment: logits [B, V]
+    present: KVCache  # per attention block of the segment: key, value [B, H_kv, P + T, d]
+    q: Tensor | None = None  # the closing block's queries [B, H, T, d] (RoPE applied)
+    k: Tensor | None = None  # the closing block's keys [B, H_kv, P + T, d] (RoPE applied; its present key)
 
 
 @dataclass
@@ -80,6 +89,12 @@ def resplice(seq: Tensor, visual: Tensor, image_offset: Tensor, n_old: int) -> T
     from_vis = gather_tokens(visual, vis_idx.expand(seq.shape[0], -1))
     mask = is_visual.reshape(is_visual.shape + (1,) * (seq.dim() - 2))
     return torch.where(mask, from_vis, from_seq)
+
+
+def causal_mask(t: int, length: int, device: torch.device) -> Tensor:
+    """[t, length] bool: new token t (absolute length - t_total + t) sees keys 0..its own position."""
+    past = length - t
+    return torch.arange(length, device=device).unsqueeze(0) <= (past + torch.arange(t, device=device)).unsqueeze(1)
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -137,7 +152,7 @@ class ReducedLlava(nn.Module):
         self._check_schedule()
         self.reduce_vision = VisionReduction()
         self.reduce_decoder = DecoderReduction()
-        self.position_offsets = self.layer_position_offsets()
+        self.segments = decoder_segments(schedule.decoder, schedule.positions)
 
     def _check_schedule(self) -> None:
         g, s = self.geometry, self.schedule
@@ -179,7 +194,7 @@ class ReducedLlava(nn.Module):
             tokens, plans[i] = self.reduce_vision(
                 self.schedule.vision.method,
                 self.params,
-                VisionTokens(h, tokens.pos, tokens.size),
+                VisionTokens(h, tokens.pos, tokens.size, tokens.order),
                 q,
                 k,
                 step,
@@ -189,7 +204,7 @@ class ReducedLlava(nn.Module):
             )
             h = tokens.hidden
         h = h + layer.mlp(layer.layer_norm2(h))
-        return VisionTokens(h, tokens.pos, tokens.size)
+        return VisionTokens(h, tokens.pos, tokens.size, tokens.order)
 
     def encode_image(self, pixel_values: Tensor) -> VisionOutput:
         """pixel_values [B, 3, H, W] -> projected visual tokens [B, n_V, D_text]."""
@@ -228,59 +243,98 @@ class ReducedLlava(nn.Module):
 
         Block l sees L_l = T + n_l tokens; its cache holds all of them. With `compact` positions every block
         numbers its sequence 0..L_l-1; with `original` positions kept tokens keep their input positions.
+        The decoder runs as its segments (`ficoco.segments`) with each step's reduction between two.
         """
-        stage = self.schedule.decoder
         h = splice(text_embeds, visual, image_offset)
         b, length, _ = h.shape
         position_ids = torch.arange(length, device=h.device).unsqueeze(0).expand(b, -1)
         cache: KVCache = []
         plans: dict[int, MergePlan] = {}
-        for i, layer in enumerate(self.lm.layers):
-            attn = layer.self_attn
-            groups = attn.num_key_value_groups
-            q, k, v = self._attention_inputs(layer, layer.input_layernorm(h), position_ids)
-            cache.append((k, v))
-            k_rep, v_rep = repeat_kv(k, groups), repeat_kv(v, groups)
-            o = F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=attn.scaling)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, h.shape[1], -1))
-            step = stage.step_at(i)
-            if step is not None:
-                h, position_ids, plans[i] = self.reduce_decoder(
-                    stage.method, self.params, h, q, k_rep, image_offset, step, attn.scaling, position_ids,
-                    self.schedule.positions,
-                )
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.lm_head(self.lm.norm(h[:, -1:]))[:, 0]
-        return PrefillOutput(logits, cache, plans)
+        for seg in self.segments:
+            out = self.run_segment(seg, h, position_ids, None)
+            cache.extend(out.present)
+            if seg.closing_step is None:
+                return PrefillOutput(out.hidden, cache, plans)
+            h, position_ids, plans[seg.closing_step.layer] = self.reduce_between(
+                seg, out.hidden, out.q, out.k, image_offset, position_ids
+            )
+        raise AssertionError("the last segment returns")  # pragma: no cover
 
-    def layer_position_offsets(self) -> list[int]:
-        """Per decoder block, what to subtract from a decode token's input position (A8).
+    def reduce_between(
+        self, seg: DecoderSegment, h: Tensor, q: Tensor, k: Tensor, image_offset: Tensor, position_ids: Tensor
+    ) -> tuple[Tensor, Tensor, MergePlan]:
+        """The weightless reduction after segment `seg`: its closing step on the closing block's q and k
+        (k [B, H_kv, L, d] as the block's cache holds it; its KV heads are repeated here)."""
+        step = seg.closing_step
+        assert step is not None
+        attn = self.lm.layers[step.layer].self_attn
+        k_rep = repeat_kv(k, attn.num_key_value_groups)
+        return self.reduce_decoder(
+            self.schedule.decoder.method, self.params, h, q, k_rep, image_offset, step, attn.scaling, position_ids,
+            self.schedule.positions,
+        )
 
-        `compact`: n_0 - n_l, the visual tokens removed before block l's attention; `original`: 0.
+    def run_segment(self, seg: DecoderSegment, h: Tensor, position_ids: Tensor, past: KVCache | None) -> SegmentOutput:
+        """One decoder segment over T new tokens: h [B, T, D], position_ids [B, T], past: one (key, value)
+        [B, H_kv, P, d] per attention block of the segment (None: P = 0, a prefill).
+
+        Token t (absolute P + t) attends the keys 0..P + t, so the same code is a prefill (P = 0), a decode
+        step (T = 1) or a cache extension by several tokens. The last segment returns logits [B, V] at the
+        last position as `hidden`; any other returns the hidden states after its closing block's attention
+        and that block's q and k (RoPE applied), which the step between segments plans on.
         """
-        stage = self.schedule.decoder
-        if self.schedule.positions == "original":
-            return [0] * stage.num_layers
-        return [stage.span_in - stage.span_at(i) for i in range(stage.num_layers)]
+        layers = self.lm.layers
+        b, t, _ = h.shape
+        if seg.opening_mlp is not None:
+            layer = layers[seg.opening_mlp]
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        present: KVCache = []
+        q = k = None
+        closing = None if seg.closing_step is None else seg.closing_step.layer
+        for j, i in enumerate(seg.attention_blocks):
+            layer = layers[i]
+            attn = layer.self_attn
+            q, k, v = self._attention_inputs(layer, layer.input_layernorm(h), position_ids)
+            if past is not None:
+                k = torch.cat([past[j][0], k], dim=2)
+                v = torch.cat([past[j][1], v], dim=2)
+            present.append((k, v))
+            groups = attn.num_key_value_groups
+            k_rep, v_rep = repeat_kv(k, groups), repeat_kv(v, groups)
+            o = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=causal_mask(t, k.shape[2], h.device),
+                                               scale=attn.scaling)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            if i != closing:
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if closing is None:
+            return SegmentOutput(self.lm_head(self.lm.norm(h[:, -1:]))[:, 0], present)
+        return SegmentOutput(h, present, q, k)
+
+    @property
+    def position_offsets(self) -> list[int]:
+        """Per decoder block, what its segment subtracts from a decode token's input position (A8)."""
+        return [seg.position_offset for seg in self.segments for _ in seg.attention_blocks]
 
     def decode_step(self, token_embeds: Tensor, position: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
         """One token: token_embeds [B, 1, D], position [B] (its position in the unreduced prompt numbering,
         = prompt length T + n_0 for the first generated token) -> logits [B, V] and the grown cache."""
-        h = token_embeds
-        b = h.shape[0]
+        return self.extend(token_embeds, position, cache)
+
+    def extend(self, embeds: Tensor, position: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
+        """Extend the cache by T tokens: embeds [B, T, D], position [B] the unreduced position of the first
+        -> logits [B, V] at the last of them and the cache grown by T per layer (segment s numbers its
+        tokens position + t - offset_s, docs/method-spec.md A8)."""
+        b, t, _ = embeds.shape
+        h = embeds
         new_cache: KVCache = []
-        for i, layer in enumerate(self.lm.layers):
-            attn = layer.self_attn
-            pos_i = (position - self.position_offsets[i]).reshape(b, 1)
-            q, k, v = self._attention_inputs(layer, layer.input_layernorm(h), pos_i)
-            k = torch.cat([cache[i][0], k], dim=2)
-            v = torch.cat([cache[i][1], v], dim=2)
-            new_cache.append((k, v))
-            groups = attn.num_key_value_groups
-            o = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), scale=attn.scaling)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.lm_head(self.lm.norm(h))[:, 0], new_cache
+        for seg in self.segments:
+            first = seg.attention_blocks[0] if seg.attention_blocks else 0
+            past = cache[first:first + len(seg.attention_blocks)]
+            pos = position.reshape(b, 1) + torch.arange(t, device=h.device).unsqueeze(0) - seg.position_offset
+            out = self.run_segment(seg, h, pos, past)
+            new_cache.extend(out.present)
+            h = out.hidden
+        return h, new_cache
 
     # ------------------------------------------------------------------------------------------------
     # Generation

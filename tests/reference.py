@@ -10,7 +10,8 @@ readings of the spec.
 
 Conventions (the same ones the static code documents):
 
-* top-k ties go to the lower index: a top-k is `sorted(candidates, key=lambda j: (-score[j], j))[:k]`.
+* top-k ties go to the lower index: a top-k is `sorted(candidates, key=lambda j: (-score[j], j))[:k]`
+  (ToMe: the earlier place in ToMe's own sequence order, which it carries from step to step).
 * local-penalty window ties: the first token in row-major order inside the 2x2 window.
 * vision spans have [CLS] at slot 0, never a source; kept tokens stay in ascending original order.
 * EViT removes r + 1 patches and appends one fused token (key `EVIT_FUSED` in the target maps).
@@ -185,9 +186,13 @@ def _ficoco_v_plan(
     s = _local_penalty_literal(_ficoco_v_scores(ell, params), pos, grid_side, params.v_penalty)
     sources = sorted(_top(list(range(1, n)), s, step.r))
     kept = _complement(sources, n)
-    candidates = [j for j in kept if params.v_cls_is_target or j != 0]
+    if params.v_targets == "kept":  # paper: the kept patches are the only candidates
+        candidates, drop = [j for j in kept if params.v_cls_is_target or j != 0], set()
+    else:  # official: every column of the row competes (self, [CLS], other sources); non-receivers get nothing
+        candidates = list(range(n))
+        drop = set(sources) | (set() if params.v_cls_is_target else {0})
     targets = {
-        i: _correlate(ell[i], candidates, step.targets_per_source, params.epsilon, params.strict_threshold, set())
+        i: _correlate(ell[i], candidates, step.targets_per_source, params.epsilon, params.strict_threshold, drop)
         for i in sources
     }
     return sources, kept, targets, s
@@ -198,26 +203,77 @@ def _ficoco_v_plan(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _tome_plan(k_heads: Tensor, step: ReductionStep):
-    """Bipartite soft matching: A = even slots ([CLS] at 0 protected), B = odd slots, K = 1."""
+def _tome_plan(k_heads: Tensor, step: ReductionStep, sequence: list[int] | None = None):
+    """Bipartite soft matching over ToMe's own sequence order, K = 1.
+
+    `sequence` lists the current span indices in the order facebookresearch/ToMe would hold them (None: the
+    ascending order, as before any ToMe step); A = its even places ([CLS] first, protected), B = its odd
+    places. Ties go to the earlier place of that order (B for the match, A for the top-r). Also returns the
+    sequence after the step, as indices into `kept`: the unmerged A tokens in their A order, then all of B
+    (ToMe concatenates them so; a step without merges leaves the order alone).
+    """
     n = step.n
+    seq = list(range(n)) if sequence is None else list(sequence)
+    assert sorted(seq) == list(range(n)) and seq[0] == 0, "ToMe's order: a permutation with [CLS] first"
     kbar = k_heads.double().mean(dim=0)  # [n, d]
     kbar = kbar / kbar.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     cos = (kbar @ kbar.T).tolist()
-    a_set = list(range(2, n, 2))  # slot 0 ([CLS]) can never be a source
-    b_set = list(range(1, n, 2))
+    a_places, b_places = seq[0::2], seq[1::2]
     best: dict[int, int] = {}
-    node_max: dict[int, float] = {}
-    for i in a_set:
-        row = cos[i]
-        j_best = max(b_set, key=lambda j, row=row: (row[j], -j))  # first maximum on ties
-        best[i], node_max[i] = j_best, row[j_best]
     score = [-math.inf] * n
-    for i in a_set:
-        score[i] = node_max[i]
-    sources = sorted(_top(a_set, score, step.r))
+    for i in a_places[1:]:  # the first A place is [CLS]: never a source
+        j_best = b_places[0]
+        for j in b_places[1:]:  # first maximum in B order
+            if cos[i][j] > cos[i][j_best]:
+                j_best = j
+        best[i], score[i] = j_best, cos[i][j_best]
+    ranked = sorted(range(1, len(a_places)), key=lambda p: (-score[a_places[p]], p))[: step.r]
+    sources = sorted(a_places[p] for p in ranked)
     kept = _complement(sources, n)
-    return sources, kept, {i: {best[i]: 1.0} for i in sources}, score
+    slot_of = {j: t for t, j in enumerate(kept)}
+    if step.r == 0:
+        after = [slot_of[j] for j in seq]
+    else:
+        leaving = set(sources)
+        after = [slot_of[j] for j in a_places if j not in leaving] + [slot_of[j] for j in b_places]
+    return sources, kept, {i: {best[i]: 1.0} for i in sources}, score, after
+
+
+def reference_tome_steps(
+    hidden: Tensor, size: Tensor, keys: list[Tensor], steps: list[ReductionStep], *, follow_order: bool = True
+) -> tuple[Tensor, Tensor, list[list[frozenset[int]]]]:
+    """Consecutive ToMe steps on one batch, per sample: (hidden', size', groups).
+
+    keys[t]: [B, H, n_t, d] keys of step t, rows in ascending span order (the order the static code keeps).
+    groups[b][j]: the input span indices merged into output token j (ascending output order). With
+    `follow_order=False` every step splits A/B over the ascending order instead (the earlier variant).
+    """
+    out_x, out_m, out_groups = [], [], []
+    for b in range(hidden.shape[0]):
+        x, m = hidden[b].double(), size[b].double()
+        groups = [frozenset([j]) for j in range(x.shape[0])]
+        sequence = None
+        for k, step in zip(keys, steps, strict=True):
+            sources, kept, targets, _, after = _tome_plan(k[b], step, sequence)
+            sequence = after if follow_order else None
+            into: dict[int, list[int]] = {j: [] for j in kept}  # I_j
+            for i, flows in targets.items():
+                for j in flows:
+                    into[j].append(i)
+            rows, masses, new_groups = [], [], []
+            for j in kept:
+                mass, acc, members = m[j, 0].clone(), m[j, 0] * x[j], set(groups[j])
+                for i in into[j]:
+                    mass, acc = mass + m[i, 0], acc + m[i, 0] * x[i]
+                    members |= groups[i]
+                rows.append(acc / mass)
+                masses.append(mass)
+                new_groups.append(frozenset(members))
+            x, m, groups = torch.stack(rows), torch.stack(masses).reshape(-1, 1), new_groups
+        out_x.append(x)
+        out_m.append(m)
+        out_groups.append(groups)
+    return torch.stack(out_x).to(hidden.dtype), torch.stack(out_m).to(size.dtype), out_groups
 
 
 def _evit_plan(attn: list[float], step: ReductionStep):
@@ -307,7 +363,7 @@ def reference_vision_plan(
             plans.append(_ficoco_v_plan(ell[b].tolist(), pos[b].tolist(), step, params.ficoco, grid_side))
     elif method == "tome":
         for b in range(batch):
-            plans.append(_tome_plan(k[b], step))
+            plans.append(_tome_plan(k[b], step)[:4])
     elif method == "evit":
         attn = _attention_row64(q[:, :, 0], k, scale, size_bias)
         for b in range(batch):

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from bundle.manifest import SCHEMA_VERSION
 from commands.run import main as run_main
 from ficoco.preprocess import MAX_ASPECT, MAX_PIXELS, ImageError, load_image, preprocess_image
 
@@ -200,7 +201,10 @@ MANIFEST_CASES = [
     ("not JSON", lambda b: (b / "manifest.json").write_text("{ nope"), "not valid JSON"),
     ("schema 2", lambda b: _edit_with_digest(b, lambda m: m.__setitem__("schema_version", 2)), "has schema version 2"),
     ("a schema-2 key", lambda b: _edit_with_digest(b, lambda m: m.__setitem__("plan_request", m.pop("schedule_request"))),
-     "does not match schema 3"),
+     f"does not match schema {SCHEMA_VERSION}"),
+    # schema 4 was the last layout with decoder_prefill + decoder_step, each holding every decoder weight
+    ("the old two-graph layout", lambda b: _edit_with_digest(b, lambda m: m.__setitem__("schema_version", 4)),
+     "has schema version 4; this ficoco-export reads version 5. Re-export"),
 ]
 
 

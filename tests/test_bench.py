@@ -246,11 +246,17 @@ def test_worker_times_and_profiles_the_tiny_bundle(tiny_bundle: Path, tmp_path: 
         assert sum(p["top_ops_ms"].values()) <= p["total_node_ms"] * (1 + eps)
         if len(p["top_ops_ms"]) < 8:  # every op type listed: they add up to the total
             assert sum(p["top_ops_ms"].values()) == pytest.approx(p["total_node_ms"])
-        # the trace holds the warm-up pass and the measured one; the figures are the measured pass's alone
-        events = load_trace(p["trace"])
-        assert sum(1 for e in events if e.get("cat") == "Session" and e.get("name") == "model_run") == 2
-        last = node_times(events, last_runs=1)
-        assert len(last) == p["nodes_profiled"] and len(node_times(events, last_runs=2)) == 2 * len(last), stage
+        # each graph's trace holds the warm-up pass and the measured one; the figures are the measured pass's
+        # alone, summed over the stage's graphs (prefill: the splice, 5 segments and 4 reductions)
+        assert len(p["traces"]) == (10 if stage == "decoder_prefill" else 1)
+        last: list = []
+        for trace in p["traces"]:
+            events = load_trace(trace)
+            assert sum(1 for e in events if e.get("cat") == "Session" and e.get("name") == "model_run") == 2
+            mine = node_times(events, last_runs=1)
+            assert len(node_times(events, last_runs=2)) == 2 * len(mine), stage
+            last += mine
+        assert len(last) == p["nodes_profiled"]
         assert sum(d for _, _, d in last) / 1e3 == pytest.approx(p["total_node_ms"])
     for stage in ("vision_encoder", "decoder_prefill"):
         p = res["profile"][stage]

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bundle import layout as B
 from bundle.manifest import load_manifest
-from bundle.names import EMBED, PREFILL, STEP, VISION
+from bundle.names import EMBED, PREFILL, SPLICE, VISION, reduce_index, segment_index
 from calibration import graphs as G
 from calibration import quantize as Q
 from calibration.selection import selection_steps, set_differences
@@ -42,21 +42,46 @@ def _graph(bundle: Path, stage: str) -> onnx.ModelProto:
     return onnx.load(str(bundle / B.ONNX_DIR / f"{stage}.onnx"), load_external_data=False)
 
 
+def _graph_names(bundle: Path) -> tuple[str, ...]:
+    return load_manifest(bundle, verify=False).graph_names()
+
+
+def _segments(bundle: Path) -> list[str]:
+    """The decoder segment graphs (the decoder's weights, each once), in running order."""
+    return [g for g in _graph_names(bundle) if segment_index(g) is not None]
+
+
+def _reductions(bundle: Path) -> list[str]:
+    return [g for g in _graph_names(bundle) if reduce_index(g) is not None]
+
+
 def test_quantized_bundle_manifest_checker_and_lint(w4a8_bundle: Path, tiny_bundle: Path) -> None:
     manifest = load_manifest(w4a8_bundle, verify=True)  # hashes recomputed
     source = load_manifest(tiny_bundle, verify=False)
     assert set(source.to_dict()) <= set(manifest.to_dict())  # every source key kept (ficoco-check rebuilds PyTorch from them)
     assert manifest.schedule == source.schedule and manifest.source_model == source.source_model
     q = manifest.quantization
-    assert set(q["graphs"]) == {VISION, PREFILL, STEP} and q["unquantized"] == [EMBED]
+    segments, reductions = _segments(tiny_bundle), _reductions(tiny_bundle)
+    steps = len(source.schedule["decoder"]["steps"])
+    assert steps > 0 and len(segments) == steps + 1 and len(reductions) == steps  # a reduction between two segments
+    # the decoder mode on every segment (each weight once); the weightless splice and reductions stay as they were
+    assert set(q["graphs"]) == {VISION, *segments}
+    assert q["unquantized"] == [g for g in manifest.graph_names() if g not in q["graphs"]]
+    assert set(q["unquantized"]) == {EMBED, SPLICE, *reductions}
+    assert set(manifest.graphs) == set(manifest.graph_names()) == set(source.graphs)
     for rec in q["graphs"].values():
         assert rec["tool"] == "onnxruntime.quantization" and rec["tool_version"] == Q.tool_version()
         assert rec["excluded_nodes"] > 0 and rec["quantized_nodes"] > 0 and rec["ort_cpu_runnable"]
     assert q["graphs"][VISION]["mode"] == "int8" and q["graphs"][VISION]["calib_size"] == 1
-    assert q["graphs"][PREFILL]["mode"] == "int4-weight" and q["graphs"][PREFILL]["method"] == "rtn"
-    assert manifest.opset == 21 and manifest.graphs[PREFILL].opset == 21
-    for stage in (VISION, EMBED, PREFILL, STEP):
-        onnx.checker.check_model(str(w4a8_bundle / B.ONNX_DIR / f"{stage}.onnx"))
+    for seg in segments:
+        assert q["graphs"][seg]["mode"] == "int4-weight" and q["graphs"][seg]["method"] == "rtn"
+        assert manifest.graphs[seg].opset == 21
+    assert manifest.opset == 21
+    for g in manifest.graph_names():
+        onnx.checker.check_model(str(w4a8_bundle / B.ONNX_DIR / f"{g}.onnx"))
+        if g in q["unquantized"]:  # copied byte for byte, no opset override
+            assert manifest.graphs[g].opset is None
+            assert (w4a8_bundle / B.ONNX_DIR / f"{g}.onnx").read_bytes() == (tiny_bundle / B.ONNX_DIR / f"{g}.onnx").read_bytes()
     runtime = {g: [i["name"] for i in manifest.graphs[g].inputs] for g in manifest.graphs}
     findings = lint_files(sorted((w4a8_bundle / B.ONNX_DIR).glob("*.onnx")), runtime_inputs=runtime)
     assert not has_errors(findings)
@@ -72,25 +97,34 @@ def test_qdq_nodes_are_tensorrt_shaped(w4a8_bundle: Path) -> None:
         assert n.input[1] in inits and n.input[2] in inits
         zp = inits[n.input[2]]
         assert zp.data_type == TensorProto.INT8 and not numpy_helper.to_array(zp).any()
-    prefill = _graph(w4a8_bundle, PREFILL)
-    pinits = {t.name: t for t in prefill.graph.initializer}
-    dqs = [n for n in prefill.graph.node if n.op_type == "DequantizeLinear"]
-    assert dqs and all(pinits[n.input[0]].data_type == TensorProto.INT4 for n in dqs)
-    block = {helper.get_attribute_value(a) for n in dqs for a in n.attribute if a.name == "block_size"}
-    assert len(block) == 1 and next(iter(block)) in (16, 32, 64, 128)
-    assert not any(n.op_type == "MatMulNBits" or n.domain == "com.microsoft" for n in prefill.graph.node)
+    blocks = set()
+    for seg in _segments(w4a8_bundle):
+        graph = _graph(w4a8_bundle, seg)
+        pinits = {t.name: t for t in graph.graph.initializer}
+        dqs = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
+        assert dqs and all(pinits[n.input[0]].data_type == TensorProto.INT4 for n in dqs), seg
+        assert not any(n.op_type == "QuantizeLinear" for n in graph.graph.node), seg  # weight-only
+        blocks |= {helper.get_attribute_value(a) for n in dqs for a in n.attribute if a.name == "block_size"}
+        assert not any(n.op_type == "MatMulNBits" or n.domain == "com.microsoft" for n in graph.graph.node)
+    assert len(blocks) == 1 and next(iter(blocks)) in (16, 32, 64, 128)
+    for g in (SPLICE, *_reductions(w4a8_bundle)):  # weightless: nothing to quantize
+        assert not any(n.op_type in G.QDQ_OPS for n in _graph(w4a8_bundle, g).graph.node), g
 
 
 def test_reduction_nodes_never_read_quantized_tensors(w4a8_bundle: Path, tiny_bundle: Path) -> None:
-    for stage in (VISION, PREFILL):
+    # the vision graph holds its reduction steps; the decoder's live in the (unquantized) reduction graphs
+    for stage in (VISION, *_reductions(tiny_bundle)):
         fp32 = _graph(tiny_bundle, stage)
         quant = _graph(w4a8_bundle, stage)
         red = reduction_node_names(fp32)
         assert red and red <= {n.name for n in quant.graph.node}  # the reduction is all still there
         assert reduction_node_names(quant) == red  # and still attributable (metadata kept)
         assert G.qdq_feeding(quant, red) == {}
-        # every dequantized tensor feeds only the weight GEMMs
-        assert set(G.qdq_consumers(quant)) <= {"MatMul", "Conv", "Gemm"}
+    for stage in (VISION, *_segments(tiny_bundle)):
+        quant = _graph(w4a8_bundle, stage)
+        assert set(G.qdq_consumers(quant)) <= {"MatMul", "Conv", "Gemm"}, stage  # dequantized tensors feed weight GEMMs only
+    for seg in _segments(tiny_bundle):
+        assert not reduction_node_names(_graph(tiny_bundle, seg)), seg  # no reduction node inside a segment
 
 
 def _vision_tokens(bundle: Path, pixel_values: np.ndarray) -> np.ndarray:
@@ -109,16 +143,20 @@ def test_report_and_selection_differences(w4a8_bundle: Path, tiny_bundle: Path) 
     ev = report["evaluation"]
     assert ev["images"] == [TEST_IMAGES[0]]  # --eval-images 1
     assert ev["options"] == {"images": 1, "new_tokens": 4, "repeats": 1, "question": "What is in the picture?", "threads": None}
-    # sizes are the files on disk; the embedding is copied unquantized, the other three shrink
-    for g in (VISION, EMBED, PREFILL, STEP):
+    # sizes are the files on disk, every graph of the bundle; the embedding, splice and reductions are copied
+    # unquantized, the vision graph and every decoder segment shrink
+    names = _graph_names(tiny_bundle)
+    assert list(ev["sizes"]) == list(names)
+    for g in names:
         a, b = Q.graph_bytes(tiny_bundle / B.ONNX_DIR / f"{g}.onnx"), Q.graph_bytes(w4a8_bundle / B.ONNX_DIR / f"{g}.onnx")
         assert ev["sizes"][g] == {"fp32_bytes": a, "quantized_bytes": b, "ratio": round(b / a, 4)}
-        assert (b == a) if g == EMBED else (b < a), g
+        assert (b < a) if g == VISION or segment_index(g) is not None else (b == a), g
+    assert set(ev["latency_ort_cpu"]) == {VISION, PREFILL}  # stages, not graphs
     # selection: one entry per reduction step of the schedule, |T| = n - r kept, the counts add up
     schedule = load_manifest(tiny_bundle, verify=False).schedule
     kept = {VISION: [s["n"] - s["r"] for s in schedule["vision"]["steps"]],
             PREFILL: [s["n"] - s["r"] for s in schedule["decoder"]["steps"]]}
-    assert len(kept[VISION]) == 11 and len(kept[PREFILL]) == 8
+    assert len(kept[VISION]) == 11 and len(kept[PREFILL]) == len(_reductions(tiny_bundle)) > 0
     for key, stage in ((VISION, VISION), (f"{PREFILL}:isolated", PREFILL), (f"{PREFILL}:end_to_end", PREFILL)):
         steps = ev["selection"][key]["steps"]
         assert [s["step"] for s in steps] == list(range(len(kept[stage])))
@@ -126,6 +164,8 @@ def test_report_and_selection_differences(w4a8_bundle: Path, tiny_bundle: Path) 
         for s in steps:
             assert len(s["differ_per_sample"]) == 1 and s["differ"] == s["differ_per_sample"][0] <= s["kept"]
             assert s["max_fraction"] == s["differ"] / s["kept"]
+        if stage == PREFILL:  # decoder step i is read out of reduction graph i + 1
+            assert [s["node"].split("/")[0] for s in steps] == _reductions(tiny_bundle)
         assert ev["selection"][key]["summary"] == {
             "steps": len(steps), "steps_with_differences": sum(1 for s in steps if s["differ"]),
             "differ_total": sum(s["differ"] for s in steps),
@@ -161,7 +201,8 @@ def test_quantized_bundle_runs_in_onnxruntime(w4a8_bundle: Path) -> None:
     assert len(answer.token_ids) == 4
     plan = plan_build(w4a8_bundle, BuildOptions())  # no TensorRT needed: typing and Q/DQ scan
     assert plan.strongly_typed and plan.flags == ()
-    assert plan.qdq[VISION] == {"int8"} and plan.qdq[PREFILL] == {"int4"}
+    assert plan.qdq[VISION] == {"int8"} and all(plan.qdq[g] == {"int4"} for g in _segments(w4a8_bundle))
+    assert all(plan.qdq[g] == set() for g in (EMBED, SPLICE, *_reductions(w4a8_bundle)))
 
 
 def test_bad_input_exits_2(tmp_path: Path, tiny_bundle: Path, w4a8_bundle: Path) -> None:
@@ -182,7 +223,7 @@ def test_bad_input_exits_2(tmp_path: Path, tiny_bundle: Path, w4a8_bundle: Path)
 def test_modified_quantized_bundle_is_refused(w4a8_bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(w4a8_bundle, copy)
-    with open(copy / B.ONNX_DIR / f"{PREFILL}.onnx", "ab") as f:
+    with open(copy / B.ONNX_DIR / f"{_segments(copy)[-1]}.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(B.BundleError, match="modified"):
         load_manifest(copy, verify=True)
@@ -229,6 +270,56 @@ def test_selection_helpers(tiny_bundle: Path) -> None:
     assert set_differences(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[3, 2, 1], [4, 5, 7]])) == [0, 1]
     steps = selection_steps(_graph(tiny_bundle, VISION))
     assert len(steps) == 11 and all(s.node for s in steps)
+    for g in _reductions(tiny_bundle):  # one decoder step per reduction graph
+        assert len(selection_steps(_graph(tiny_bundle, g))) == 1, g
+    for g in (SPLICE, *_segments(tiny_bundle)):
+        assert selection_steps(_graph(tiny_bundle, g)) == [], g
+
+
+def test_stage_modes_put_the_decoder_mode_on_every_segment() -> None:
+    from bundle.names import graph_names
+
+    names = graph_names(3)  # vision, embed, splice, segment 0, reduce 1, segment 1, reduce 2, segment 2
+    assert Q.stage_modes("int8", "int4-weight", names) == {
+        VISION: "int8", "decoder_segment_0": "int4-weight", "decoder_segment_1": "int4-weight",
+        "decoder_segment_2": "int4-weight"}
+    assert Q.stage_modes("none", "int8", graph_names(1)) == {"decoder_segment_0": "int8"}
+    assert Q.stage_modes("fp8", "none", names) == {VISION: "fp8"}
+
+
+def test_calibration_feeds_per_segment_in_prefill_and_decode(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Every decoder segment is calibrated on what it sees in both phases: the prompt with an empty past,
+    then one token with the cache; the feeds are exactly its graph's inputs."""
+    import onnxruntime as ort
+
+    from calibration import data as D
+    from ficoco.images import test_images
+
+    segments = _segments(tiny_bundle)
+    calib = D.collect(tiny_bundle, test_images()[:1], ["What is in the picture?"], 1, step_samples=2)
+    assert set(calib.samples) == {VISION, *segments} and calib.size(VISION) == 1
+    manifest = load_manifest(tiny_bundle, verify=False)
+    text_len = set()
+    for seg, plan in zip(segments, manifest.decoder_segments(), strict=True):
+        feeds = calib.feeds(seg)
+        assert len(feeds) == 3, seg  # 1 prefill + 2 decode steps
+        assert all(set(f) == set(manifest.graphs[seg].input_names) for f in feeds)
+        pre, *dec = feeds
+        t = pre["hidden_states"].shape[1]
+        text_len.add(t - plan.span)  # the prompt: the text and the visual tokens this segment's blocks see
+        past = [k for k in pre if k.startswith("past_key_values.")]
+        assert past and all(pre[k].shape[2] == 0 for k in past)  # prefill: an empty past
+        for i, f in enumerate(dec):  # decode: one token, the cache of the prompt and earlier tokens
+            assert f["hidden_states"].shape[1] == 1 and f["position_ids"].shape == (1, 1)
+            assert all(f[k].shape[2] == t + i for k in past), seg
+        sess = ort.InferenceSession(str(tiny_bundle / B.ONNX_DIR / f"{seg}.onnx"), providers=["CPUExecutionProvider"])
+        for f in feeds:  # each feed runs the graph as it is
+            sess.run(None, f)
+    assert len(text_len) == 1
+    calib.save(tmp_path / "calib")
+    back = D.CalibrationSet.load(tmp_path / "calib")
+    assert {g: back.size(g) for g in back.samples} == {g: calib.size(g) for g in calib.samples}
+    assert back.feeds(segments[0])[0]["past_key_values.0.key"].shape[2] == 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,7 +339,8 @@ def test_smol_w4a8_bundle(smol, tmp_path: Path) -> None:
                         ExportOptions(max_batch_size=1, max_text_len=64, max_new_tokens=16))
     out = _quantize(src, tmp_path / "smol-w4a8", "--calib-size", "4", "--eval-images", "3", "--eval-tokens", "16")
     manifest = load_manifest(out, verify=True)
-    assert manifest.quantization["graphs"][PREFILL]["quantized_nodes"] > 0
+    assert all(manifest.quantization["graphs"][g]["quantized_nodes"] > 0 for g in manifest.graph_names()
+               if segment_index(g) is not None)
     runtime = {g: [i["name"] for i in manifest.graphs[g].inputs] for g in manifest.graphs}
     assert not has_errors(lint_files(sorted((out / B.ONNX_DIR).glob("*.onnx")), runtime_inputs=runtime))
     report = json.loads((out / "reports" / "quantize.json").read_text())["evaluation"]

@@ -20,10 +20,12 @@ from click.testing import CliRunner
 
 from bundle.compare import ALLCLOSE, OutputGates, compare_output
 from bundle.layout import BundleError
-from bundle.manifest import load_manifest
-from bundle.names import PREFILL, STAGES, STEP, VISION
+from bundle.manifest import SCHEMA_VERSION, load_manifest
+from bundle.names import EMBED, SPLICE, VISION, graph_names, segment_graph, segment_index
+from bundle.ort import OrtSession
+from bundle.session import SessionStages
 from commands.export import main as export_main
-from exporter.export import ExportOptions, example_inputs, export_stage
+from exporter.export import ExportOptions, example_inputs, export_graph
 from exporter.lint import has_errors, lint_files
 from exporter.pipeline import export_bundle
 from ficoco.models import LoadedModel
@@ -42,27 +44,52 @@ def vl_bundle(tiny_bundle: Path) -> Path:
 
 def test_bundle_layout_and_manifest(vl_bundle: Path, tiny: LoadedModel) -> None:
     m = load_manifest(vl_bundle)  # verifies every sha256
-    for stage in STAGES:
-        assert (vl_bundle / "onnx" / f"{stage}.onnx").is_file()
-        assert (vl_bundle / "onnx" / f"{stage}.onnx.data").is_file()
+    names = m.graph_names()
+    assert names[:4] == (VISION, EMBED, SPLICE, segment_graph(0)) and len(names) == 3 + 2 * 4 + 1  # 4 decoder steps
+    assert set(m.graphs) == set(names)
+    for name in names:
+        assert (vl_bundle / "onnx" / f"{name}.onnx").is_file() and f"onnx/{name}.onnx" in m.files
     assert (vl_bundle / "tokenizer").is_dir() and (vl_bundle / "preprocessor_config.json").is_file()
     assert m.variant == "VL" and m.method == "ficoco" and m.opset == 18
     assert m.visual_tokens == {"in": 576, "to_decoder": 288, "final": 144}
     assert m.source_model["revision"] == tiny.revision
-    assert set(m.files) >= {f"onnx/{s}.onnx" for s in STAGES}
-    step_inputs = [i["name"] for i in m.graphs[STEP].inputs]
-    assert step_inputs[:4] == ["inputs_embeds", "position", "past_key_values.0.key", "past_key_values.0.value"]
-    assert [o["name"] for o in m.graphs[PREFILL].outputs][:2] == ["logits", "present.0.key"]
+    first = [i["name"] for i in m.graphs[segment_graph(0)].inputs]
+    assert first[:4] == ["hidden_states", "position_ids", "past_key_values.0.key", "past_key_values.0.value"]
+    assert [o["name"] for o in m.graphs[segment_graph(0)].outputs][:3] == ["hidden_out", "query_states", "present.0.key"]
+    assert [o["name"] for o in m.graphs[segment_graph(4)].outputs][0] == "logits"
     # per-layer KV lengths: the manifest's decode offsets are the schedule's removed counts
-    s = plan(tiny.geometry, "VL", ratio=0.25, l_end=11)
+    s = plan(tiny.geometry, "VL", ratio=0.25, l_end=7)
     assert Schedule.from_dict(m.schedule) == s
     assert m.decoder["position_offsets"] == [s.decoder.span_in - s.decoder.span_at(i) for i in range(32)]
     assert m.decoder["position_offsets"][-1] == 288 - 144
-    prof = m.trt_profiles[STEP]["past_key_values.31.key"]
-    assert prof["min"][2] == 2 + 144 and prof["max"][2] == 128 + 144 + 31
+    assert [seg["then_reduce_at_block"] for seg in m.decoder["segments"]] == [4, 5, 6, 7, None]
+    last = m.trt_profiles[segment_graph(4)]
+    assert set(last) == {"prefill", "decode"}
+    assert last["decode"]["past_key_values.31.key"]["min"][2] == 2 + 144
+    assert last["decode"]["past_key_values.31.key"]["max"][2] == 128 + 144 + 31
+    assert last["prefill"]["past_key_values.31.key"]["max"][2] == 0
     v = m.validation
     assert v["ran"] and v["greedy"]["identical"] and v["greedy"]["steps"] == 16 and v["batch"] == 2
     assert all(st["passed"] for st in v["stages"].values())
+
+
+def test_decoder_weights_are_stored_once(vl_bundle: Path, tiny: LoadedModel) -> None:
+    """Every decoder weight (each block's projections and norms, the final norm, the LM head) is an
+    initializer of exactly one segment graph, and no other graph holds one."""
+    m = load_manifest(vl_bundle, verify=False)
+    reduced = ReducedLlava(tiny.model, Schedule.from_dict(m.schedule))
+    decoder = {f"model.{n}" for n, _ in reduced.named_parameters()
+               if (n.startswith("lm.") and not n.startswith("lm.embed_tokens")) or n.startswith("lm_head.")}
+    owner: dict[str, list[str]] = {}
+    for name in m.graph_names():
+        model = onnx.load(str(vl_bundle / "onnx" / f"{name}.onnx"), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.name in decoder:
+                owner.setdefault(t.name, []).append(name)
+    assert set(owner) == decoder
+    twice = {w: g for w, g in owner.items() if len(g) > 1}
+    assert not twice
+    assert all(segment_index(g[0]) is not None for g in owner.values())
 
 
 def test_graphs_pass_checker_and_lint(vl_bundle: Path) -> None:
@@ -93,8 +120,9 @@ def _static_except_batch(model: onnx.ModelProto, ops: tuple[str, ...]) -> list[s
 
 def test_reduction_nodes_have_static_shapes(vl_bundle: Path) -> None:
     """TopK / ArgMax / ScatterElements (the selection machinery) have static shapes apart from the batch."""
-    for stage in (VISION, PREFILL):
-        model = onnx.load(str(vl_bundle / "onnx" / f"{stage}.onnx"), load_external_data=False)
+    names = load_manifest(vl_bundle, verify=False).graph_names()
+    for name in [VISION, *(n for n in names if n.startswith("decoder_reduce_"))]:
+        model = onnx.load(str(vl_bundle / "onnx" / f"{name}.onnx"), load_external_data=False)
         assert _static_except_batch(model, ("TopK", "ArgMax", "ScatterElements")) == []
         # and every TopK's K is a constant (no data-dependent K)
         assert not any(n.op_type == "NonZero" for n in model.graph.node)
@@ -104,11 +132,11 @@ def test_tampered_bundle_is_refused(vl_bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(vl_bundle, copy)
     load_manifest(copy)
-    data = copy / "onnx" / "decoder_step.onnx.data"
+    data = max((copy / "onnx").glob("decoder_segment_*.onnx.data"), key=lambda f: f.stat().st_size)  # the LM head's
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
     data.write_bytes(bytes(raw))
-    with pytest.raises(BundleError, match="decoder_step.onnx.data was modified"):
+    with pytest.raises(BundleError, match=f"{data.name} was modified"):
         load_manifest(copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(BundleError, match="manifest.json is missing"):
@@ -121,31 +149,47 @@ def test_lint_only_cli(vl_bundle: Path) -> None:
     assert "lint passed" in r.stderr
 
 
-def _compare_stage(model: ReducedLlava, stage: str, tmp_path: Path) -> bool:
-    """Export one stage, lint it, run it in ONNX Runtime at another batch / text length than the trace's,
-    and compare with PyTorch elementwise (|err| <= 1e-3 + 1e-3 |ref|: random unit-variance inputs through
-    32 fp32 layers drift more than real prompts, which the export validation checks at atol 1e-4)."""
+def _compare_vision(model: ReducedLlava, tmp_path: Path) -> bool:
+    """Export the vision graph, lint it, run it in ONNX Runtime at another batch than the trace's, and compare
+    with PyTorch elementwise (|err| <= 1e-3 + 1e-3 |ref|: random unit-variance inputs drift more than real
+    prompts, which the export validation checks at atol 1e-4)."""
     ex = example_inputs(model, FAST)
-    path = tmp_path / f"{stage}.onnx"
-    export_stage(model, stage, path, FAST, ex)
+    path = tmp_path / f"{VISION}.onnx"
+    export_graph(model, VISION, path, FAST, ex)
     assert not has_errors(lint_files([path]))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # fresh inputs of another batch size than the trace's
-    if stage == VISION:
-        feeds = {"pixel_values": torch.randn(1, 3, 336, 336)}
-        with torch.no_grad():
-            ref = [model.encode_image(feeds["pixel_values"]).visual]
-    else:
-        b, t = 1, 23
-        d, n = model.geometry.decoder.hidden_size, model.schedule.decoder.span_in
-        feeds = {"inputs_embeds": torch.randn(b, t, d), "visual_tokens": torch.randn(b, n, d), "image_offset": torch.tensor([5])}
-        with torch.no_grad():
-            out = model.prefill(feeds["inputs_embeds"], feeds["visual_tokens"], feeds["image_offset"])
-        ref = [out.logits, *[x for kv in out.cache for x in kv]]
-    got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
-    assert len(got) == len(ref)
+    px = torch.randn(1, 3, 336, 336)
+    with torch.no_grad():
+        ref = model.encode_image(px).visual
+    got = sess.run(None, {"pixel_values": px.numpy()})
     gates = OutputGates(atol=1e-3, rtol=1e-3, check_error_stat=ALLCLOSE)
-    results = [compare_output(f"{stage}:{i}", g, r, gates) for i, (g, r) in enumerate(zip(got, ref, strict=True))]
+    return compare_output(f"{VISION}:visual_tokens", got[0], ref, gates).passed
+
+
+def _compare_prefill(model: ReducedLlava, tmp_path: Path, front: Path) -> bool:
+    """Export the decoder graphs, lint them, run a prefill through them (`SessionStages`, ONNX Runtime) at
+    another batch and text length than the trace's, and compare the logits and every present K/V with
+    PyTorch. The vision and embed sessions (never run here) come from the session bundle `front`."""
+    ex = example_inputs(model, FAST)
+    sessions = {}
+    for name in graph_names(len(model.segments)):
+        if name in (VISION, EMBED):
+            sessions[name] = OrtSession(front / "onnx" / f"{name}.onnx")
+            continue
+        path = tmp_path / f"{name}.onnx"
+        export_graph(model, name, path, FAST, ex)
+        assert not has_errors(lint_files([path]))
+        sessions[name] = OrtSession(path)
+    stages = SessionStages(sessions, model.segments)
+    b, t = 1, 23
+    d, n = model.geometry.decoder.hidden_size, model.schedule.decoder.span_in
+    embeds, visual, offset = torch.randn(b, t, d), torch.randn(b, n, d), torch.tensor([5])
+    with torch.no_grad():
+        out = model.prefill(embeds, visual, offset)
+    logits, presents = stages.prefill(embeds, visual, offset)
+    ref = [out.logits, *[x for kv in out.cache for x in kv]]
+    gates = OutputGates(atol=1e-3, rtol=1e-3, check_error_stat=ALLCLOSE)
+    results = [compare_output(f"prefill:{i}", g, r, gates) for i, (g, r) in enumerate(zip([logits, *presents], ref, strict=True))]
     return all(c.passed for c in results)
 
 
@@ -156,12 +200,13 @@ def _compare_stage(model: ReducedLlava, stage: str, tmp_path: Path) -> bool:
 )
 def test_other_vision_methods_export_and_match(tiny: LoadedModel, method: str, tmp_path: Path) -> None:
     model = ReducedLlava(tiny.model, plan(tiny.geometry, "V", method=method, ratio=0.25)).eval()
-    assert _compare_stage(model, VISION, tmp_path)
+    assert _compare_vision(model, tmp_path)
 
 
-def test_fastv_prefill_exports_and_matches(tiny: LoadedModel, tmp_path: Path) -> None:
+def test_fastv_prefill_exports_and_matches(tiny: LoadedModel, tiny_bundle: Path, tmp_path: Path) -> None:
     model = ReducedLlava(tiny.model, plan(tiny.geometry, "L", method="fastv", ratio=0.25)).eval()
-    assert _compare_stage(model, PREFILL, tmp_path)
+    assert len(model.segments) == 2  # one step: splice, segment 0, reduce 1, segment 1
+    assert _compare_prefill(model, tmp_path, tiny_bundle)
 
 
 @pytest.mark.slow
@@ -213,7 +258,7 @@ def test_graph_only_llava_7b(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     m = load_manifest(tmp_path / "g7b")
     assert m.graph_only and m.lint["ran"] and m.geometry["decoder"]["hidden_size"] == 4096
-    assert not (tmp_path / "g7b" / "onnx" / "decoder_prefill.onnx.data").exists()
+    assert not list((tmp_path / "g7b" / "onnx").glob("decoder_segment_*.onnx.data"))
     assert not has_errors(lint_files(sorted((tmp_path / "g7b" / "onnx").glob("*.onnx"))))
 
 
@@ -305,7 +350,7 @@ def test_interrupted_export_leaves_no_bundle(tmp_path: Path, sig: signal.Signals
 
 def test_manifest_is_json_with_tool_versions(vl_bundle: Path) -> None:
     m = json.loads((vl_bundle / "manifest.json").read_text())
-    assert m["schema_version"] == 3 and "onnxruntime" in m["tool_versions"] and m["precision"] == "fp32"
+    assert m["schema_version"] == SCHEMA_VERSION and "onnxruntime" in m["tool_versions"] and m["precision"] == "fp32"
     assert len(m["integrity"]["sha256"]) == 64 and m["schedule_request"]["variant"] == m["variant"]
 
 

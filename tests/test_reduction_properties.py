@@ -241,11 +241,15 @@ def check_vision_step(
         assert bool((own > 0).all())
         if method == "ficoco":
             # own weight 1 / (1 + sum alpha); alpha_ij = mix[j, i] / own_j; per source sum in {0, 1}
+            # (official, targets over all columns: in [0, 1], the shares of self / [CLS] / source picks are lost)
             alpha = mix[b][:, sources] / own[:, None]  # [n - r, r]
             incoming = alpha.sum(dim=-1)
             assert torch.allclose(own, 1 / (1 + incoming), atol=1e-5)
             per_source = alpha.sum(dim=0)
-            assert bool(((per_source - 1).abs() <= 1e-4).logical_or(per_source.abs() <= 1e-6).all())
+            if params.ficoco.v_targets == "kept":
+                assert bool(((per_source - 1).abs() <= 1e-4).logical_or(per_source.abs() <= 1e-6).all())
+            else:
+                assert bool((per_source <= 1 + 1e-4).all())
             # [CLS] (paper and official: v_cls_is_target = False) receives nothing
             assert float(mix[b, 0, 0]) == 1.0
         elif method == "random":  # pruned: the kept tokens verbatim, the sources nowhere
@@ -261,7 +265,7 @@ def check_vision_step(
                 kept[j] % 2 == 1 for j in torch.nonzero(mix[b][:, sources].sum(dim=-1)).flatten().tolist()
             )
     if method == "ficoco":
-        _check_weights(plan, sums="exact")
+        _check_weights(plan, sums="exact" if params.ficoco.v_targets == "kept" else "at_most")
         for b in range(batch):  # targets are kept tokens, never [CLS]
             for flows in _flow(plan, b).values():
                 assert all(plan.kept[b, slot] != 0 for slot, w in flows.items() if w > 0)
@@ -380,7 +384,8 @@ def exact_above(v: float, tau: Fraction | float, strict: bool) -> bool:
 )
 def test_select_targets_properties(n, batch, epsilon, strict, over, quantised, self_inf, seed, data) -> None:
     """Targets are the top-K kept columns (`all`: top-K columns, source targets weightless) with
-    C_ij >= tau_i (> if strict), decided exactly; alphas are >= 0 and sum to 1 or 0 (`all`: <= 1)."""
+    C_ij >= tau_i (> if strict), decided exactly; alphas are >= 0 and sum to 1 or 0 (`all`: <= 1).
+    With column 0 not ok (FiCoCo-V's [CLS]): `kept` never picks it, `all` may pick it but gives it nothing."""
     if n > 90:  # the real span lengths: fewer, cheaper rows (small n covers every r)
         batch, r = 1, data.draw(st.sampled_from([1, 2, 40, n - 250]))
     else:
@@ -392,18 +397,24 @@ def test_select_targets_properties(n, batch, epsilon, strict, over, quantised, s
     corr = _randn(g, (batch, r, n), quantised)
     if self_inf:  # C_ii = -inf as in FiCoCo-L
         corr = corr.scatter(-1, sources[..., None], -math.inf)
-    targets, weights = select_targets(corr, sources, kept, k, epsilon, strict=strict, over=over)
+    cls_excluded = data.draw(st.booleans())
+    column_ok = (torch.arange(n) > 0).expand(batch, n) if cls_excluded else None
+    targets, weights = select_targets(corr, sources, kept, k, epsilon, strict=strict, over=over, column_ok=column_ok)
     assert targets.shape == weights.shape == (batch, r, k)
     plan = MergePlan(kept=kept, sources=sources, targets=targets, weights=weights)
     _check_weights(plan, sums="exact" if over == "kept" else "at_most")
 
     for b in range(batch):
         src_set = set(sources[b].tolist())
+        if cls_excluded:
+            src_set.add(0)  # receives nothing, like a source
         kept_b = kept[b].tolist()
         flows_b = _flow(plan, b)
         for t, i in enumerate(sources[b].tolist()):
             row = corr[b, t].tolist()
             cand = kept_b if over == "kept" else list(range(n))
+            if over == "kept" and cls_excluded:
+                cand = [j for j in cand if j != 0]
             top = sorted(cand, key=lambda j, row=row: (-row[j], j))[:k]  # ties -> lower index
             got = {kept_b[slot]: w for slot, w in flows_b[i].items() if w > 0}
             tau = exact_quantile(row, epsilon)

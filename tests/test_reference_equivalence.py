@@ -18,6 +18,7 @@ from reference import (
     reference_decoder_apply,
     reference_decoder_plan,
     reference_decoder_step,
+    reference_tome_steps,
     reference_vision_apply,
     reference_vision_plan,
     reference_vision_step,
@@ -365,6 +366,68 @@ def test_tome_r0_with_sizes_is_identity_to_rounding() -> None:
     )
     torch.testing.assert_close(out.hidden, hidden, atol=0.0, rtol=2.5e-7)
     assert torch.equal(out.size, size) and torch.equal(out.pos, pos)
+
+
+# ToMe over consecutive steps: the A/B split follows ToMe's own sequence order (docs/method-spec.md A10).
+# (n, removals per step, key mode, whether the ascending split must give other groups): LLaVA-1.5's first
+# blocks, exact ties, r = 0 first, and maximal first steps (every A token but [CLS] merged: ToMe's order is
+# then [CLS], B..., ascending again, so both splits agree).
+TOME_CHAINS = [
+    (577, (41, 41, 41), "random", True),
+    (577, (288, 100), "random", False),
+    (40, (7, 5, 3), "random", True),
+    (40, (19, 10, 5), "random", False),
+    (13, (6, 3, 1), "random", False),
+    (40, (6, 6, 6), "tome_palette", True),
+    (9, (0, 2, 2), "random", True),
+]
+
+
+def _static_tome_chain(hidden, pos, size, keys, steps):
+    """Consecutive static ToMe steps: (tokens after the last step, merge groups per sample)."""
+    params = MethodParams.for_preset("paper")
+    tokens = VisionTokens(hidden, pos, size)
+    groups = [[frozenset([j]) for j in range(hidden.shape[1])] for _ in range(hidden.shape[0])]
+    for k, step in zip(keys, steps, strict=True):
+        tokens, plan = vision_step("tome", params, tokens, k, k, step, grid_side=24, scale=0.25)
+        for b in range(hidden.shape[0]):
+            kept = plan.kept[b].tolist()
+            new = [set(groups[b][j]) for j in kept]
+            for src, (slot,), w in zip(plan.sources[b].tolist(), plan.targets[b].tolist(), plan.weights[b].tolist(), strict=True):
+                assert w == [1.0]
+                new[slot] |= groups[b][src]
+            groups[b] = [frozenset(g) for g in new]
+    return tokens, groups
+
+
+@pytest.mark.parametrize("n, removals, mode, orders_differ", TOME_CHAINS)
+def test_tome_consecutive_steps_follow_tome_order(n: int, removals: tuple[int, ...], mode: str, orders_differ: bool) -> None:
+    """Two or three ToMe steps in a row: the static code (ascending output, ToMe's order carried as a key)
+    merges exactly the groups of the reference, which re-splits A/B over ToMe's own output order
+    (unmerged A, then B), and gives the same tokens and sizes. The ascending-order split (the earlier
+    variant) would give other groups: the cases below tell the two apart."""
+    batch = 3
+    differ = 0
+    for seed in range(2):
+        hidden, pos, size, _, _, _ = vision_inputs(7000 + seed, batch, n)
+        steps, keys, m = [], [], n
+        for t, r in enumerate(removals):
+            keys.append(vision_inputs(7100 + 10 * seed + t, batch, m, mode=mode)[4])
+            steps.append(ReductionStep(layer=12 + t, n=m, r=r, targets_per_source=1))
+            m -= r
+        tokens, groups = _static_tome_chain(hidden, pos, size, keys, steps)
+        rx, rsize, rgroups = reference_tome_steps(hidden, size, keys, steps)
+        assert groups == rgroups, f"n={n} {removals} seed={seed}: merge groups differ from ToMe's order"
+        torch.testing.assert_close(tokens.hidden, rx, atol=OUT_ATOL, rtol=0.0)
+        torch.testing.assert_close(tokens.size, rsize, atol=OUT_ATOL, rtol=0.0)
+        for b in range(batch):  # outputs stay ascending; each token's pos is one of its group's
+            out_pos = tokens.pos[b].tolist()
+            assert out_pos[0] == -1 and all(p < q for p, q in zip(out_pos[1:], out_pos[2:], strict=False))
+            assert all(p in {int(pos[b, i]) for i in g} for p, g in zip(out_pos, groups[b], strict=True))
+        _, _, ascending = reference_tome_steps(hidden, size, keys, steps, follow_order=False)
+        differ += sum(a != g for a, g in zip(ascending, rgroups, strict=True))
+    if orders_differ:
+        assert differ > 0, "the ascending-order split never differed: the test would not see the order"
 
 
 # ----------------------------------------------------------------------------------------------------

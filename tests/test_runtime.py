@@ -261,8 +261,8 @@ def test_engine_version_and_sm_check(bundle: Path, tmp_path: Path, monkeypatch: 
     d, em = find_engines(b, manifest, GpuTarget("10.0.1", 89))
     assert d.name == "trt-10.0.1-sm89" and em.gpu_name == "NVIDIA L4"
     # a plan changed after the build, and engines built from an earlier export, are refused too
-    (d / "decoder_step.plan").write_bytes(b"changed")
-    with pytest.raises(EngineError, match="decoder_step.plan was modified after the build"):
+    (d / "decoder_segment_0.plan").write_bytes(b"changed")
+    with pytest.raises(EngineError, match="decoder_segment_0.plan was modified after the build"):
         find_engines(b, manifest, GpuTarget("10.0.1", 89))
     shutil.rmtree(d)
     fake_engines(b, "10.0.1", 89, source_sha="0" * 64)

@@ -147,46 +147,62 @@ def reduction_share(
     }
 
 
+def _merge_shares(parts: Sequence[dict[str, Any]], top: int = 8) -> dict[str, Any]:
+    """One stage's attribution from its graphs' (`reduction_share` of each): times and counts summed."""
+    out: dict[str, Any] = {}
+    for key in ("reduction_ms", "total_node_ms", "unattributed_ms", "nodes_profiled", "reduction_nodes_in_graph",
+                "reduction_nodes_profiled"):
+        out[key] = sum(p[key] for p in parts)
+    out["share"] = out["reduction_ms"] / out["total_node_ms"] if out["total_node_ms"] > 0 else 0.0
+    ops: dict[str, float] = {}
+    for p in parts:
+        for op, ms in p["top_ops_ms"].items():
+            ops[op] = ops.get(op, 0.0) + ms
+    out["top_ops_ms"] = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:top])
+    return out
+
+
 def profile_bundle(onnx_dir: Path, px: Any, ids: Any, offsets: Any, threads: int, *, warm: bool, trace_dir: Path) -> dict[str, Any]:
     """Profile vision, embed and prefill once more (a warm-up pass first if `warm`, then the measured pass);
-    the reduction share per stage, from the measured pass's node events."""
-    import numpy as np
+    the reduction share per stage, from the measured pass's node events. The prefill stage is the decoder
+    splice, every segment and every reduction graph (`bundle.session.SessionStages.prefill`), its figures
+    the sum over those graphs."""
     import onnx
-    import onnxruntime as ort
 
-    from bundle.ort import session_options
+    from bundle.manifest import load_manifest
+    from bundle.names import EMBED, VISION
+    from bundle.ort import OrtSession, session_options
+    from bundle.session import SessionStages
     from exporter.regions import has_namespaces, reduction_node_names
 
     trace_dir.mkdir(parents=True, exist_ok=True)
-    sessions: dict[str, Any] = {}
+    segments = load_manifest(onnx_dir.parent, verify=False).decoder_segments()
+    sessions: dict[str, OrtSession] = {}
     graphs: dict[str, tuple[set[str], set[str], bool]] = {}
-    for stage in PROFILED_STAGES:
-        path = onnx_dir / f"{stage}.onnx"
+    for path in sorted(onnx_dir.glob("*.onnx")):
         proto = onnx.load(str(path), load_external_data=False)
-        graphs[stage] = (reduction_node_names(proto), {n.name for n in proto.graph.node}, has_namespaces(proto))
+        graphs[path.stem] = (reduction_node_names(proto), {n.name for n in proto.graph.node}, has_namespaces(proto))
         del proto
         so = session_options(threads)
         so.enable_profiling = True
-        so.profile_file_prefix = str(trace_dir / stage)
-        sessions[stage] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-    def feed(stage: str, values: dict[str, Any]) -> dict[str, Any]:
-        types = {i.name: i.type for i in sessions[stage].get_inputs()}
-        np_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-        return {k: np.ascontiguousarray(np.asarray(v), dtype=np_types.get(types[k], None)) for k, v in values.items()}
-
-    px_np, ids_np, off_np = px.numpy(), ids.numpy(), offsets.numpy()
-    passes = 2 if warm else 1
-    for _ in range(passes):
-        visual = sessions["vision_encoder"].run(None, feed("vision_encoder", {"pixel_values": px_np}))[0]
-        embeds = sessions["embed_tokens"].run(None, feed("embed_tokens", {"input_ids": ids_np}))[0]
-        sessions["decoder_prefill"].run(None, feed("decoder_prefill", {"inputs_embeds": embeds, "visual_tokens": visual, "image_offset": off_np}))
-    out: dict[str, Any] = {}
-    for stage in PROFILED_STAGES:
-        trace = sessions[stage].end_profiling()
-        nodes = node_times(load_trace(trace), last_runs=1)
-        reduction, names, namespaced = graphs[stage]
-        out[stage] = {**reduction_share(nodes, reduction, names), "namespaces": namespaced, "trace": str(trace)}
+        so.profile_file_prefix = str(trace_dir / path.stem)
+        sessions[path.stem] = OrtSession(path, options=so)
+    stages = SessionStages(sessions, segments)
+    for _ in range(2 if warm else 1):
+        visual = stages.encode_image(px)
+        stages.prefill(stages.embed(ids), visual, offsets)
+    parts: dict[str, list[dict[str, Any]]] = {stage: [] for stage in PROFILED_STAGES}
+    traces: dict[str, list[str]] = {stage: [] for stage in PROFILED_STAGES}
+    namespaced: dict[str, bool] = dict.fromkeys(PROFILED_STAGES, True)
+    for graph, sess in sessions.items():
+        stage = graph if graph in (VISION, EMBED) else PROFILED_STAGES[2]
+        trace = sess.session.end_profiling()
+        reduction, names, spaced = graphs[graph]
+        parts[stage].append(reduction_share(node_times(load_trace(trace), last_runs=1), reduction, names))
+        traces[stage].append(str(trace))
+        namespaced[stage] = namespaced[stage] and spaced
+    out = {stage: {**_merge_shares(parts[stage]), "namespaces": namespaced[stage], "traces": traces[stage]}
+           for stage in PROFILED_STAGES}
     sessions.clear()
     return out
 

@@ -53,7 +53,6 @@ from typing import Any
 
 from bundle.layout import MANIFEST, ONNX_DIR, BundleError
 from bundle.manifest import Manifest, load_manifest
-from bundle.names import STEP
 from engines.bench.common import (
     SWEEP_VARIANTS,
     BenchFailed,
@@ -335,8 +334,10 @@ def run_bench(opts: BenchOptions, say: Callable[[str], None] | None = None) -> t
         med = summarize([r["ttft_ms"] for r in results[cfg.label]["runs"]]).get("median", float("nan"))
         say(f"{cfg.label}: TTFT median {med:.0f} ms ({time.perf_counter() - t0:.0f} s)")
         if cfg.kind == "bundle" and cfg.bundle:
-            proto = onnx.load(str(Path(cfg.bundle) / ONNX_DIR / f"{STEP}.onnx"), load_external_data=False)
-            step_nodes[cfg.bundle] = len(reduction_node_names(proto))
+            # reduction nodes a decode step runs: those of the segment graphs (the reductions are prefill-only)
+            step_nodes[cfg.bundle] = sum(
+                len(reduction_node_names(onnx.load(str(path), load_external_data=False)))
+                for path in (Path(cfg.bundle) / ONNX_DIR).glob("decoder_segment_*.onnx"))
     report = build_report(configs, results, errors, manifest, opts, geometry, step_nodes)
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     paths = write_reports(report, opts.resolved_report_dir())

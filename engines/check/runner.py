@@ -3,7 +3,7 @@
 For a handful of (image, prompt) pairs, the bundle's backend (`Pipeline.from_bundle`, ONNX Runtime or
 TensorRT) is compared with the reduced PyTorch model rebuilt from the manifest (`reference_for_bundle`):
 
-1. **stages** (`bundle.compare.compare_stages`): every graph on the PyTorch inputs of that graph, so each
+1. **stages** (`bundle.compare.compare_stages`): every stage on the PyTorch inputs of that stage, so each
    stage's error is its own (vision_encoder visual tokens; embed_tokens; decoder_prefill logits and every
    present K/V; one decoder_step's logits and presents). Each output is judged with `--atol/--rtol/
    --check-error-stat` (Polygraphy's semantics) and its cosine similarity.

@@ -179,7 +179,7 @@ def lint_model(
 def lint_files(
     paths: Iterable[str | Path], target: str = "trt10", runtime_inputs: dict[str, Iterable[str]] | None = None
 ) -> list[LintFinding]:
-    """Lint several files; ``runtime_inputs`` maps a file's stem (e.g. "decoder_step") to its runtime inputs."""
+    """Lint several files; ``runtime_inputs`` maps a file's stem (e.g. "decoder_segment_0") to its runtime inputs."""
     findings: list[LintFinding] = []
     for p in paths:
         runtime = None if runtime_inputs is None else runtime_inputs.get(Path(p).stem)

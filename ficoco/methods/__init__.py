@@ -37,11 +37,14 @@ class MethodParams:
 @dataclass(frozen=True)
 class VisionTokens:
     """What a vision step changes: hidden states [B, n, D], original patch index pos [B, n] ([CLS] = -1,
-    an EViT fused token = -1), and token sizes [B, n, 1] (ToMe's m; ones otherwise)."""
+    an EViT fused token = -1), token sizes [B, n, 1] (ToMe's m; ones otherwise), and ToMe's sequence order
+    [B, n] int64 (the slot of each token in facebookresearch/ToMe's own output order, which its next A/B
+    split alternates over; None = ascending, i.e. before any ToMe step; `ficoco.methods.tome`)."""
 
     hidden: Tensor
     pos: Tensor
     size: Tensor
+    order: Tensor | None = None
 
 
 def vision_step(
@@ -62,9 +65,9 @@ def vision_step(
         merge = ficoco_v.plan(q, k, pos, step, params.ficoco, grid_side, scale)
         return VisionTokens(ficoco_v.compress(x, merge), gather_tokens(pos, merge.kept), gather_tokens(size, merge.kept)), merge
     if method == "tome":
-        merge = tome.plan(k, step)
+        merge, order = tome.plan(k, step, tokens.order)
         x2, size2 = tome.compress(x, size, merge)
-        return VisionTokens(x2, gather_tokens(pos, merge.kept), size2), merge
+        return VisionTokens(x2, gather_tokens(pos, merge.kept), size2, order), merge
     if method == "evit":
         merge = evit.plan(q, k, step, scale, size_bias)
         fused_pos = pos[:, :1] * 0 - 1

@@ -1,7 +1,9 @@
 """FastV in the paradigm (docs/method-spec.md A10, §5): prune visual tokens once, by the last token's attention.
 
 * filter: a_i = head-mean softmax attention of the last prompt token to visual token i (the last query
-  is causal-valid for every key); s_i = -a_i, S = TopK(s, r).
+  is causal-valid for every key); s_i = -a_i, S = TopK(s, r). This is the official FastV code's ranking
+  (it takes the head-mean attention map of block K-1 and reads its last query row), not the paper's text, which
+  ranks by the attention each visual token receives averaged over all queries (docs/method-spec.md A10).
 * correlate: K = 0 (no recycling).
 * compress: drop S (and, since the step sits in block K-1 after attention, their KV in every later block).
 """

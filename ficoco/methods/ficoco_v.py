@@ -10,7 +10,11 @@ At a reducing block with span [CLS, patches] of n tokens and l = head-mean scale
   window the most redundant remaining token's score s becomes c*s if s > 0 else s/c (c = 2).
   S = TopK(s^v, r); [CLS] (slot 0) is never a source.
 * correlate: C = l[S] over all n columns; tau_i = eps-quantile of row i; targets = the top-K kept
-  patches, a target with C_ij < tau_i gets alpha = 0; alpha = softmax over valid targets (A3).
+  patches (`paper`), a target with C_ij < tau_i gets alpha = 0; alpha = softmax over valid targets (A3).
+  `official` (v_targets = "all", as the official code): the top-K of all n columns, so a pick may be the
+  source itself, [CLS] or another source; those picks keep their share of the softmax but receive nothing
+  (sources leave; [CLS] is never a target, v_cls_is_target = False), so such a source recycles less than
+  its whole mass.
 * compress (Eq. 2): X_j <- (X_j + sum alpha_ij X_i) / (1 + sum alpha_ij); `pos` follows the kept tokens.
 """
 
@@ -85,7 +89,7 @@ def plan(q: Tensor, k: Tensor, pos: Tensor, step: ReductionStep, params: FiCoCoP
     if not params.v_cls_is_target:
         column_ok = torch.arange(step.n, device=q.device).unsqueeze(0).expand(q.shape[0], -1) > 0
     targets, weights = select_targets(
-        corr, sources, kept, step.targets_per_source, params.epsilon, strict=params.strict_threshold, over="kept", column_ok=column_ok
+        corr, sources, kept, step.targets_per_source, params.epsilon, strict=params.strict_threshold, over=params.v_targets, column_ok=column_ok
     )
     return MergePlan(kept=kept, sources=sources, targets=targets, weights=weights)
 
