@@ -25,7 +25,7 @@ import torch
 from bundle.compare import ErrorStats, error_stats, token_agreement
 from bundle.names import PREFILL, VISION, graph_names
 from calibration import selection as S
-from calibration.selection import ProbeStages
+from exporter.probe import ProbeStages
 from ficoco.generation import generate_tokens
 
 

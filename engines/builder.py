@@ -50,9 +50,11 @@ from typing import Any
 
 from bundle import layout as B
 from bundle.manifest import Manifest, load_manifest
-from engines.trt_backend import (
+from engines.engine_store import (
     ENGINE_MANIFEST,
     ENGINES_DIR,
+)
+from engines.trt_backend import (
     EngineManifest,
     GpuTarget,
     import_tensorrt,

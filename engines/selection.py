@@ -151,7 +151,7 @@ class SelectionChecker:
     """
 
     def __init__(self, onnx_dir: str | Path, threads: int | None = None) -> None:
-        from calibration.selection import ProbeStages
+        from exporter.probe import ProbeStages
 
         self.stages = ProbeStages(Path(onnx_dir), threads=threads)
         self.vision = self.stages.vision

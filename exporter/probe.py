@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,13 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+from torch import Tensor
 
+from bundle.names import VISION, graph_names, reduce_index
 from bundle.ort import OrtSession, session_options
+from bundle.session import SessionStages
 from exporter.regions import has_namespaces, node_namespace, reduction_node_names
+from ficoco.segments import DecoderSegment
 
 
 @dataclass(frozen=True)
@@ -108,3 +112,69 @@ class SelectionProbe:
 def set_differences(ref: np.ndarray, got: np.ndarray) -> list[int]:
     """Per batch row, |set(ref row) - set(got row)| (= the flips of a step: both sets have n - r members)."""
     return [len(set(r.tolist()) - set(g.tolist())) for r, g in zip(ref, got, strict=True)]
+
+
+class ProbeStages(SessionStages):
+    """A bundle's graphs in ONNX Runtime (CPU) with the kept sets of every reduction step exposed.
+
+    The vision encoder and the reduction graphs run as `SelectionProbe`s, the other graphs as plain
+    sessions. After `encode_image`, `vision_selection` holds the kept indices [B, n_kept] of each vision
+    step; after `prefill`, `prefill_selection` those of each decoder step (one per reduction graph, in
+    running order). `prefill_steps` names the decoder steps, numbered across the reduction graphs, their
+    node as `<graph>/<TopK node>`.
+    """
+
+    def __init__(self, onnx_dir: str | Path, *, segments: Sequence[DecoderSegment] | None = None,
+                 optimize: bool = True, threads: int | None = None, like: ProbeStages | None = None) -> None:
+        """`segments`: None reads them from the bundle's manifest. `like`: probe the same selection steps as
+        that (fp32) bundle's, found by node name (for graphs whose node metadata a rewrite dropped)."""
+        d = Path(onnx_dir)
+        if segments is None:
+            from bundle.manifest import load_manifest
+
+            segments = load_manifest(d.parent, verify=False).decoder_segments()
+        names = graph_names(len(segments))
+        self.vision = SelectionProbe(d / f"{VISION}.onnx", optimize=optimize, threads=threads,
+                                     steps=None if like is None else like.vision.steps)
+        self.reductions: dict[str, SelectionProbe] = {
+            g: SelectionProbe(d / f"{g}.onnx", optimize=optimize, threads=threads,
+                              steps=None if like is None else like.reductions[g].steps)
+            for g in names if reduce_index(g) is not None
+        }
+        so = session_options(threads, optimize=optimize)
+        sessions = {VISION: self.vision.session, **{g: p.session for g, p in self.reductions.items()}}
+        for g in names:
+            if g not in sessions:
+                sessions[g] = OrtSession(d / f"{g}.onnx", options=so)
+        super().__init__(sessions, segments)
+        self.vision_selection: list[np.ndarray] = []
+        self.prefill_selection: list[np.ndarray] = []
+        self._kept: list[np.ndarray] = []
+
+    @property
+    def usable(self) -> bool:
+        """Whether every reduction graph's selection could be found (False: a rewrite dropped the metadata)."""
+        return all(p.usable for p in self.reductions.values())
+
+    @property
+    def prefill_steps(self) -> list[SelectionStep]:
+        """The decoder's steps across the reduction graphs, in running order."""
+        out: list[SelectionStep] = []
+        for g, p in self.reductions.items():
+            for s in p.steps:
+                out.append(SelectionStep(len(out), f"{g}/{s.node}", s.output, s.namespace))
+        return out
+
+    def run_graph(self, graph: str, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().run_graph(graph, feeds)
+        if graph == VISION:
+            self.vision_selection = [out[s.output].cpu().numpy() for s in self.vision.steps]
+        elif graph in self.reductions:
+            self._kept += [out[s.output].cpu().numpy() for s in self.reductions[graph].steps]
+        return out
+
+    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
+        self._kept = []
+        result = super().prefill(embeds, visual, image_offset)
+        self.prefill_selection, self._kept = self._kept, []
+        return result

@@ -19,8 +19,7 @@ from bundle.layout import sha256_file
 from bundle.manifest import Manifest, load_manifest
 from bundle.ort import ort_stages
 from commands.run import main as run_main
-from engines.runtime import InputError, Pipeline
-from engines.trt_backend import (
+from engines.engine_store import (
     ENGINE_MANIFEST,
     EngineError,
     EngineManifest,
@@ -28,6 +27,7 @@ from engines.trt_backend import (
     GpuTarget,
     find_engines,
 )
+from engines.runtime import InputError, Pipeline
 from ficoco.generation import generate_tokens
 from ficoco.images import test_image
 from ficoco.models import LoadedModel

@@ -44,12 +44,14 @@ from engines.builder import (
     qdq_types,
     resolve_profiles,
 )
-from engines.trt_backend import (
+from engines.engine_store import (
     ENGINE_MANIFEST,
     ENGINE_SCHEMA_VERSION,
     GpuTarget,
-    TrtStages,
     read_engine_manifest,
+)
+from engines.trt_backend import (
+    TrtStages,
     trt_stages,
 )
 from ficoco.generation import generate_tokens
@@ -618,7 +620,7 @@ def built(trt_env: object, bundle: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.mark.gpu
 def test_build_writes_engines_and_manifest(built: tuple[Path, Path], trt_env: object) -> None:
-    from engines.trt_backend import local_target
+    from engines.engine_store import local_target
 
     b, cache = built
     target = local_target()
@@ -666,7 +668,7 @@ def test_tensorrt_greedy_tokens_match_onnxruntime(built: tuple[Path, Path], trt_
 
 @pytest.mark.gpu
 def test_run_cli_on_tensorrt_and_refusal_of_foreign_engines(built: tuple[Path, Path], trt_env: object, tmp_path: Path) -> None:
-    from engines.trt_backend import local_target
+    from engines.engine_store import local_target
 
     b, _ = built
     img = tmp_path / "cat.png"
