@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint clean train eval eval-bundles
+.PHONY: install demo test test-all bench lint clean train eval eval-bundles memory-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +53,15 @@ bench: $(STAMP)
 	fi; \
 	$(BIN)/ficoco-bench $(BENCH_BUNDLE) $(BENCH_ARGS) $$also --no-verify; \
 	echo "make bench: $$(( $$(date +%s) - start )) s end to end"
+
+# The memory planner (ficoco-plan --memory) against ONNX Runtime CPU: exports MEMORY_BUNDLE from MEMORY_MODEL
+# when missing (smol VL 0.25, batch 1, 128 text + 32 new tokens), then prints predicted vs measured weights, KV
+# and peak RSS, arena on and off (engines/bench/memory_check.py). Not in CI. -> reports/memory-check-*.json
+MEMORY_MODEL ?= smol
+MEMORY_BUNDLE ?= out/$(MEMORY_MODEL)-vl25-memory
+memory-check: $(STAMP)
+	$(BIN)/python -m engines.bench.memory_check $(MEMORY_BUNDLE) --model $(MEMORY_MODEL) --json reports/memory-check-arena.json
+	$(BIN)/python -m engines.bench.memory_check $(MEMORY_BUNDLE) --no-arena --json reports/memory-check-no-arena.json
 
 # Rebuild the shipped `shapes` model from its seed (CUDA when present; ~70 min on 2 CPU cores). The weights
 # in ficoco/builtin/shapes are what this writes; tests/test_shapes_model.py checks their sha256 against the
