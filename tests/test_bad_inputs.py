@@ -118,6 +118,18 @@ def test_pipeline_refuses_a_question_that_is_not_a_string(tiny_bundle: Path) -> 
 
 
 @pytest.mark.parametrize(("extra", "words"), [
+    (["--max-batch-size", "0"], "--max-batch-size"),
+    (["--workspace", "-5"], "--workspace"),
+    (["--precision", "fp8"], "--precision"),
+])
+def test_ficoco_plan_memory_refuses_bad_limits(extra: list[str], words: str) -> None:
+    from commands.plan import main as plan_main
+
+    res = CliRunner().invoke(plan_main, ["--model", "tiny", "--variant", "VL", "--ratio", "0.25", "--memory", *extra])
+    assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(("extra", "words"), [
     (["--decode-steps", "-1"], "--decode-steps must be at least 1"),
     (["--atol", "-1"], "--atol must be a finite number >= 0"),
     (["--rtol", "nan"], "--rtol must be a finite number >= 0"),
