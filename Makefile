@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint clean train eval eval-bundles memory-check
+.PHONY: install demo test test-all bench lint clean train eval eval-bundles memory-check scale-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -106,3 +106,10 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The main job at LLaVA-1.5-7B size on this machine (not in CI; ~14 GB checkpoint + ~14 GB bundle on disk,
+# about an hour on 2 cores): a random-weight checkpoint with LLaVA-1.5-7B's exact config in fp16 (written
+# tensor by tensor), the memory plan, ficoco-export --precision fp16 with validation (--low-memory), one
+# ficoco-run answer; peak RSS, disk and time per phase -> reports/scale-check.{json,md}
+scale-check: $(STAMP)
+	$(BIN)/python -m engines.bench.scale_check

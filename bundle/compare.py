@@ -5,8 +5,9 @@ The export validation (`exporter.validate`), `ficoco-check` (`engines.check`) an
 
 Error statistics (`error_stats`), in float64 over the flattened outputs: the max / mean / median
 absolute error |got - ref|, the largest relative error |got - ref| / |ref| (a zero in `ref` counts as
-float64's eps there), and the cosine similarity (1 when both outputs are zero, 0 when one is, NaN for
-non-finite values; clamped to [-1, 1]).
+float64's eps there), the cosine similarity (1 when both outputs are zero, 0 when one is, NaN for
+non-finite values; clamped to [-1, 1]) and the norm ratio ||got|| / ||ref|| (1 when both are zero, inf
+when only the reference is).
 
 Tolerance rules (`OutputGates.check_error_stat`; NaN never passes):
 
@@ -16,7 +17,9 @@ Tolerance rules (`OutputGates.check_error_stat`; NaN never passes):
 - "allclose": every element |d| <= atol + rtol * |ref| (numpy.allclose's rule; the export validation's).
 
 An output passes (`compare_output`) when it is finite, within tolerance (unless the gates judge by cosine
-only) and, when `min_cosine` is set, at least that similar. `compare_stages` runs a backend's four
+only), when `min_cosine` is set at least that similar, and when `max_norm_deviation` is set with
+|norm ratio - 1| at most that (TensorRT Edge-LLM's two gates for reduced precision: cosine >= 0.99 and
+|ratio - 1| <= 0.25; cosine alone misses an output that is right in direction and wrong in scale). `compare_stages` runs a backend's four
 stages on the reference's own inputs of each stage, so every stage's error is its own.
 """
 
@@ -71,6 +74,13 @@ def _cosine(g: np.ndarray, r: np.ndarray) -> float:
     return cos if math.isnan(cos) else max(-1.0, min(1.0, cos))
 
 
+def _norm_ratio(g: np.ndarray, r: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(g)), float(np.linalg.norm(r))
+    if nb == 0.0:
+        return 1.0 if na == 0.0 else math.inf
+    return na / nb
+
+
 @dataclass(frozen=True)
 class ErrorStats:
     """How far one output is from its reference (see the module docstring)."""
@@ -80,6 +90,7 @@ class ErrorStats:
     median_abs_err: float
     max_rel_err: float
     cosine: float
+    norm_ratio: float = 1.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -87,13 +98,14 @@ class ErrorStats:
 
 def _stats(g: np.ndarray, r: np.ndarray, absdiff: np.ndarray, reldiff: np.ndarray) -> ErrorStats:
     if not g.size:
-        return ErrorStats(0.0, 0.0, 0.0, 0.0, 1.0)
+        return ErrorStats(0.0, 0.0, 0.0, 0.0, 1.0, 1.0)
     return ErrorStats(
         max_abs_err=float(np.max(absdiff)),
         mean_abs_err=float(np.mean(absdiff)),
         median_abs_err=float(np.median(absdiff)),
         max_rel_err=float(np.max(reldiff)),
         cosine=_cosine(g, r),
+        norm_ratio=_norm_ratio(g, r),
     )
 
 
@@ -113,13 +125,15 @@ def error_stats(got: ArrayLike, ref: ArrayLike) -> ErrorStats:
 @dataclass(frozen=True)
 class OutputGates:
     """When one output passes: within `atol` / `rtol` by the rule `check_error_stat` (one of
-    TOLERANCE_RULES; checked when `gate_tolerance`), finite, and cosine >= `min_cosine` (when set)."""
+    TOLERANCE_RULES; checked when `gate_tolerance`), finite, cosine >= `min_cosine` (when set) and
+    |norm ratio - 1| <= `max_norm_deviation` (when set)."""
 
     atol: float
     rtol: float
     check_error_stat: str = "elemwise"
     gate_tolerance: bool = True
     min_cosine: float | None = None
+    max_norm_deviation: float | None = None
 
     def __post_init__(self) -> None:
         if self.check_error_stat not in TOLERANCE_RULES:
@@ -155,6 +169,7 @@ class OutputComparison:
     median_abs_err: float
     max_rel_err: float
     cosine: float  # NaN when the output is not finite
+    norm_ratio: float  # ||got|| / ||ref||; NaN when the output is not finite
     within_tolerance: bool  # finite and within atol / rtol by the gates' rule
     passed: bool  # every gate
 
@@ -172,7 +187,7 @@ def compare_output(name: str, got: ArrayLike, ref: ArrayLike, gates: OutputGates
     if g.shape != r.shape:
         nan = float("nan")
         log.debug("%s: shape %s, the reference's is %s", name, list(g.shape), list(r.shape))
-        return OutputComparison(name, list(g.shape), nan, nan, nan, nan, nan, False, False)
+        return OutputComparison(name, list(g.shape), nan, nan, nan, nan, nan, nan, False, False)
     shape = list(g.shape)
     g, r = g.ravel(), r.ravel()
     absdiff, reldiff = _diffs(g, r)
@@ -180,13 +195,16 @@ def compare_output(name: str, got: ArrayLike, ref: ArrayLike, gates: OutputGates
     finite = bool(np.isfinite(g).all())
     within = finite and _within(absdiff, reldiff, r, gates)
     cosine = s.cosine if finite else float("nan")
+    ratio = s.norm_ratio if finite else float("nan")
     passed = (within or not gates.gate_tolerance) and finite
     if gates.min_cosine is not None:
         passed = passed and cosine >= gates.min_cosine  # NaN fails
-    log.debug("%s: max |err| %.4g, mean %.4g, median %.4g, max rel %.4g, cosine %.8f, within %s, passed %s",
-              name, s.max_abs_err, s.mean_abs_err, s.median_abs_err, s.max_rel_err, cosine, within, passed)
+    if gates.max_norm_deviation is not None:
+        passed = passed and abs(ratio - 1.0) <= gates.max_norm_deviation  # NaN fails
+    log.debug("%s: max |err| %.4g, mean %.4g, median %.4g, max rel %.4g, cosine %.8f, norm ratio %.6f, within %s, passed %s",
+              name, s.max_abs_err, s.mean_abs_err, s.median_abs_err, s.max_rel_err, cosine, ratio, within, passed)
     return OutputComparison(name, shape, s.max_abs_err, s.mean_abs_err, s.median_abs_err, s.max_rel_err, cosine,
-                            within, passed)
+                            ratio, within, passed)
 
 
 def compare_outputs(got: Mapping[str, ArrayLike], ref: Mapping[str, ArrayLike], gates: OutputGates) -> list[OutputComparison]:

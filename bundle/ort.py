@@ -131,7 +131,13 @@ def resolve_providers(choice: str = "auto", cache_dir: Path | None = None) -> li
 
 class OrtSession(Session):
     """One ONNX graph in ONNX Runtime. Tensors live on `device` (cuda:N when a CUDA provider runs it and
-    PyTorch has CUDA, else cpu). `options` replaces `session_options(threads)` (then `threads` is unused)."""
+    PyTorch has CUDA, else cpu). `options` replaces `session_options(threads)` (then `threads` is unused).
+
+    `keep_loaded=False` (low-memory mode): the `InferenceSession` is opened for each run and released after
+    it, so only the graph that runs holds its weights. ONNX Runtime's CPU provider upcasts fp16 weights to
+    fp32 when it opens a graph, so a 7B fp16 bundle (13 GB of weights) needs ~27 GB with every graph open
+    and ~1 GB per decoder segment opened in turn; the price is a session creation per graph per call.
+    """
 
     def __init__(
         self,
@@ -141,16 +147,15 @@ class OrtSession(Session):
         io_binding: bool | None = None,
         device_id: int = 0,
         options: ort.SessionOptions | None = None,
+        keep_loaded: bool = True,
     ) -> None:
         path = Path(path)
         self.name = path.stem
-        try:
-            self.session = ort.InferenceSession(
-                str(path), session_options(threads) if options is None else options,
-                providers=list(providers or ["CPUExecutionProvider"]),
-            )
-        except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise SessionError(f"ONNX Runtime cannot load {path}: {err}") from err
+        self.path = path
+        self._options = session_options(threads) if options is None else options
+        self._providers = list(providers or ["CPUExecutionProvider"])
+        self.keep_loaded = keep_loaded
+        self.session: ort.InferenceSession | None = self._open()
         self.inputs = tuple(
             TensorSpec(i.name, _torch_dtype(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
             for i in self.session.get_inputs()
@@ -163,10 +168,22 @@ class OrtSession(Session):
         self.device = torch.device("cuda", device_id) if on_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.io_binding = (self.device.type == "cuda") if io_binding is None else io_binding
         log.debug("%s: providers %s, device %s, io_binding %s", self.name, self.session.get_providers(), self.device, self.io_binding)
+        if not keep_loaded:
+            self.session = None
+
+    def _open(self) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(self.path), self._options, providers=self._providers)
+        except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise SessionError(f"ONNX Runtime cannot load {self.path}: {err}") from err
 
     def run(self, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.check_feeds(feeds)
-        result = self._run_bound(feeds, outputs) if self.io_binding else self._run_numpy(feeds)
+        sess = self.session if self.session is not None else self._open()
+        try:
+            result = self._run_bound(sess, feeds, outputs) if self.io_binding else self._run_numpy(sess, feeds)
+        finally:
+            del sess  # released here unless keep_loaded
         if outputs:
             for name, dst in outputs.items():
                 if result[name].data_ptr() != dst.data_ptr():
@@ -174,19 +191,19 @@ class OrtSession(Session):
                 result[name] = dst
         return result
 
-    def _run_numpy(self, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def _run_numpy(self, sess: ort.InferenceSession, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
         np_feeds = {
             s.name: feeds[s.name].detach().cpu().contiguous().numpy().astype(_np_dtype(s.dtype), copy=False)
             for s in self.inputs
         }
         try:
-            out = self.session.run(None, np_feeds)
+            out = sess.run(None, np_feeds)
         except Exception as err:
             raise SessionError(f"{self.name}: ONNX Runtime failed: {err}") from err
         return {s.name: torch.from_numpy(a).to(self.device) for s, a in zip(self.outputs, out, strict=True)}
 
-    def _run_bound(self, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-        binding = self.session.io_binding()
+    def _run_bound(self, sess: ort.InferenceSession, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        binding = sess.io_binding()
         dev_type = self.device.type
         dev_id = self.device.index or 0
         keep: list[Tensor] = []  # the bound inputs must outlive the run
@@ -202,7 +219,7 @@ class OrtSession(Session):
                 binding.bind_output(s.name, dev_type, dev_id)
         try:
             binding.synchronize_inputs()
-            self.session.run_with_iobinding(binding)
+            sess.run_with_iobinding(binding)
             binding.synchronize_outputs()
         except Exception as err:
             raise SessionError(f"{self.name}: ONNX Runtime failed: {err}") from err
@@ -224,10 +241,12 @@ def ort_stages(
     io_binding: bool | None = None,
     cache_dir: Path | None = None,
     segments: Sequence[DecoderSegment] | None = None,
+    keep_loaded: bool = True,
 ) -> SessionStages:
     """The bundle's graphs in ONNX Runtime sessions, ready for `generate_tokens`.
 
     `segments`: the decoder's segments (None: planned from the manifest of the bundle `onnx_dir` is in).
+    `keep_loaded=False`: each graph is opened only while it runs (`OrtSession`'s low-memory mode).
     """
     d = Path(onnx_dir)
     if segments is None:
@@ -240,5 +259,5 @@ def ort_stages(
         path = d / f"{graph}.onnx"
         if not path.is_file():
             raise SessionError(f"{path} is missing; the bundle has no {graph} graph (a damaged bundle: re-export it)")
-        sessions[graph] = OrtSession(path, providers, threads=threads, io_binding=io_binding)
+        sessions[graph] = OrtSession(path, providers, threads=threads, io_binding=io_binding, keep_loaded=keep_loaded)
     return SessionStages(sessions, segments)

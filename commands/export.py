@@ -35,9 +35,13 @@ def _label(stage: str) -> str:
 @click.option("--max-batch-size", type=int, default=4, show_default=True, help="Largest batch in the recorded shape ranges (TensorRT profiles).")
 @click.option("--max-text-len", type=int, default=512, show_default=True, help="Largest prompt length in text tokens (without the visual tokens).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Largest number of generated tokens (sizes the decode KV range).")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Validation: absolute tolerance of ONNX Runtime vs PyTorch, per stage.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Validation of an fp32 bundle: absolute tolerance of ONNX Runtime vs PyTorch, per element of every stage output (numpy.allclose's rule). An fp16 bundle is judged by --min-cosine and --max-norm-deviation against the fp32 computation instead.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Validation: relative tolerance.")
-@click.option("--decode-steps", type=int, default=16, show_default=True, help="Validation: greedy decode steps that must give identical tokens.")
+@click.option("--decode-steps", type=int, default=16, show_default=True, help="Validation: greedy decode steps (fp32: tokens must be identical; fp16: must match at --min-token-match).")
+@click.option("--min-cosine", type=float, default=0.99, show_default=True, help="Validation of an fp16 bundle: least cosine similarity of every stage output to the fp32 PyTorch reference (which makes the bundle's kept-token choices).")
+@click.option("--max-norm-deviation", type=float, default=0.25, show_default=True, help="Validation of an fp16 bundle: largest |norm ratio - 1| of every stage output, ratio = ||ONNX Runtime|| / ||fp32 PyTorch||.")
+@click.option("--min-token-match", type=float, default=0.5, show_default=True, help="Validation of an fp16 bundle: least greedy-token match rate vs the fp32 reference.")
+@click.option("--low-memory", is_flag=True, help="Validation: open each graph in ONNX Runtime only while it runs (its CPU provider upcasts fp16 weights, so a 7B fp16 bundle open at once needs ~27 GB); slower.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch validation.")
 @click.option("--no-lint", is_flag=True, help="Skip the TensorRT-compatibility lint.")
 @click.option("--optimize/--no-optimize", default=False, show_default=True, help="Run the onnxscript optimizer (constant folding, dead-code removal) on each graph. Off by default: it takes minutes on a 32-layer prefill graph and TensorRT folds constants at build time anyway.")
@@ -86,6 +90,7 @@ def _export(kw: dict[str, Any]) -> None:
     from bundle.manifest import load_manifest
     from exporter.export import ExportOptions
     from exporter.pipeline import ValidationOptions, export_bundle
+    from exporter.validate import ReducedPrecisionGates
 
     if not kw["model"]:
         raise click.BadParameter("--model is required (an alias such as llava-1.5-7b, a local directory, or shapes / tiny / smol)")
@@ -93,8 +98,11 @@ def _export(kw: dict[str, Any]) -> None:
     opts = ExportOptions(opset=int(kw["opset"]), precision=str(kw["precision"]), max_batch_size=int(kw["max_batch_size"]),
                          max_text_len=int(kw["max_text_len"]), max_new_tokens=int(kw["max_new_tokens"]),
                          optimize=bool(kw["optimize"]), graph_only=bool(kw["graph_only"]))
+    gates = ReducedPrecisionGates(min_cosine=float(kw["min_cosine"]), max_norm_deviation=float(kw["max_norm_deviation"]),
+                                  min_token_match=float(kw["min_token_match"]))
     validation = ValidationOptions(enabled=not kw["no_validate"] and not kw["graph_only"], atol=float(kw["atol"]),
-                                   rtol=float(kw["rtol"]), decode_steps=int(kw["decode_steps"]))
+                                   rtol=float(kw["rtol"]), decode_steps=int(kw["decode_steps"]),
+                                   low_memory=bool(kw["low_memory"]), reduced_precision=gates)
     model = str(kw["model"])
     out = Path(kw["output_dir"]) if kw["output_dir"] else default_output(model, request)
     console = Console(stderr=True)
@@ -139,8 +147,15 @@ def validation_line(v: dict[str, Any] | None) -> str:
     """One line on the export validation record of a manifest."""
     if not isinstance(v, dict) or not v.get("ran"):
         return "not run"
-    worst = max(s["max_abs_err"] for s in v["stages"].values())
     g = v["greedy"]
+    if v.get("kind") == "reduced_precision":
+        cos = min(s["min_cosine"] for s in v["stages"].values())
+        ratio = max((s["worst_norm_ratio"] for s in v["stages"].values()), key=lambda r: abs(r - 1.0))
+        sel = v.get("selection") or {}
+        return (f"every stage vs fp32 PyTorch: min cosine {cos:.6f}, worst norm ratio {ratio:.4f}; kept-token flips "
+                f"{sel.get('total', 0)} ({sel.get('total', 0) - sel.get('non_tie', 0)} ties); greedy tokens match "
+                f"{g['match_rate']:.3f} over {g['steps']} steps")
+    worst = max(s["max_abs_err"] for s in v["stages"].values())
     return f"all stages within tolerance (max |err| {worst:.2e}); greedy tokens identical over {g['steps']} steps"
 
 

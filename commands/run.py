@@ -30,6 +30,7 @@ from commands.common import CONTEXT, VERBOSE_HELP, run_command
 @click.option("--device", type=int, default=0, show_default=True, help="CUDA device index (TensorRT / ONNX Runtime CUDA).")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime CPU threads [default: all cores].")
 @click.option("--timings", is_flag=True, help="Print per-stage times (ms), TTFT and decode tokens/s to stderr as JSON.")
+@click.option("--low-memory", is_flag=True, help="ONNX Runtime: open each graph only while it runs, so only one graph's weights are in memory at a time (its CPU provider upcasts fp16 weights to fp32 at load: a 7B fp16 bundle open at once needs ~27 GB); much slower.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (large models).")
 @click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
 def main(bundle: Path, **kw: Any) -> None:
@@ -69,7 +70,7 @@ def _run(bundle: Path, kw: dict[str, Any]) -> None:
     text = front.prepare_text([kw["prompt"]] * len(images), kw["max_new_tokens"], stops)
     pipe = Pipeline.from_bundle(
         front, backend=kw["backend"], verify=not kw["no_verify"], device=int(kw["device"]),
-        ort_provider=kw["ort_provider"], threads=kw["threads"],
+        ort_provider=kw["ort_provider"], threads=kw["threads"], low_memory=bool(kw["low_memory"]),
     )
     logging.getLogger(__name__).info("pipeline: %s", describe(pipe))
     timings: dict[str, Any] | None = {} if kw["timings"] else None

@@ -184,8 +184,11 @@ class Pipeline(Frontend):
         device: int = 0,
         ort_provider: str = "auto",
         threads: int | None = None,
+        low_memory: bool = False,
     ) -> Pipeline:
         """Load a bundle (a path, or a `Frontend` already read) with `backend` (auto | onnxruntime | tensorrt).
+
+        `low_memory` (ONNX Runtime): each graph is opened only while it runs (`bundle.ort.OrtSession`).
 
         auto takes TensorRT when it is installed, a GPU is visible and the bundle has engines built for
         this TensorRT version and GPU; otherwise ONNX Runtime (CUDA provider where available, else CPU),
@@ -212,7 +215,7 @@ class Pipeline(Frontend):
 
             stages = ort_stages(
                 front.bundle / B.ONNX_DIR, provider=ort_provider, threads=threads, cache_dir=front.bundle / B.ENGINES_DIR / "ort-trt-cache",
-                segments=front.manifest.decoder_segments(),
+                segments=front.manifest.decoder_segments(), keep_loaded=not low_memory,
             )
             backend = "onnxruntime"
         log.info("backend %s on %s", backend, stages.device)

@@ -32,7 +32,7 @@ class KeptObjects:
 
 def object_mask(pixel_values: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
     """[N] bool: patches whose pixels differ anywhere from the top-left pixel (the flat background)."""
-    from engines.selection import patch_pixels
+    from exporter.selection import patch_pixels
 
     p = patch_pixels(pixel_values, grid)[0]
     bg = pixel_values[0, :, 0, 0].repeat_interleave(patch * patch)

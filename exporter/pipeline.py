@@ -18,7 +18,7 @@ from bundle import layout as B
 from bundle.manifest import GraphRecord, Manifest, write_manifest
 from bundle.names import graph_names
 from exporter.export import ExportOptions, check_graph, example_inputs, export_graph, graph_io, trt_profiles
-from exporter.validate import validate_bundle_graphs
+from exporter.validate import ReducedPrecisionGates, validate_bundle_graphs
 from ficoco.geometry import LlavaGeometry
 from ficoco.models import LoadedModel, load_config, load_model
 from ficoco.planner import ScheduleRequest
@@ -41,6 +41,11 @@ class ValidationOptions:
     decode_steps: int = 16
     image: str = "astronaut"
     question: str = "What is in the picture?"
+    #: open each graph in ONNX Runtime only while it runs (for bundles larger than RAM once ONNX Runtime's
+    #: CPU provider has upcast their fp16 weights); slower
+    low_memory: bool = False
+    #: the gates of an fp16 / bf16 bundle (cosine, norm ratio, greedy match; `exporter.validate`)
+    reduced_precision: ReducedPrecisionGates = ReducedPrecisionGates()
 
     def __post_init__(self) -> None:
         import math
@@ -138,8 +143,12 @@ def export_bundle(
         loaded = None
         source = {"name": name, "source": f"config of {name} (graph only, no weights)", "revision": None}
     else:
-        loaded = model if isinstance(model, LoadedModel) else load_model(model)
-        hf = loaded.model if opts.precision == "fp32" else copy.deepcopy(loaded.model).to(opts.dtype)
+        # loaded once, in the export precision: a 7B fp16 checkpoint is never held in fp32 (28 GB); the
+        # validation's fp32 reference computes these weights in fp32 one layer at a time (ficoco.upcast)
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=opts.dtype)
+        hf = loaded.model
+        if next(hf.parameters()).dtype != opts.dtype:  # a model passed in at another precision: keep it as it is
+            hf = copy.deepcopy(loaded.model).to(opts.dtype)
         source = {"name": loaded.name, "source": loaded.source, "revision": loaded.revision}
     geometry = LlavaGeometry.from_config(hf.config)
     schedule = request.make(geometry)
@@ -177,7 +186,8 @@ def export_bundle(
             px, ids, offset = _sample_inputs(loaded, opts, validation)
             report = {"ran": True, **validate_bundle_graphs(
                 reduced, onnx_dir, px, ids, offset, atol=validation.atol, rtol=validation.rtol,
-                decode_steps=validation.decode_steps,
+                decode_steps=validation.decode_steps, keep_loaded=not validation.low_memory,
+                reduced_precision=None if opts.precision == "fp32" else validation.reduced_precision,
             )}
             notify("validate", "done")
         if loaded is not None:

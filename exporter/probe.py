@@ -11,7 +11,7 @@ copy to a temporary directory. ONNX Runtime refuses external data outside a mode
 with `SessionOptions.add_external_initializers`: nothing in the bundle changes, no weight is copied, and
 the graph may be of any size. The copy opens as a `bundle.ort.OrtSession` (`SelectionProbe.session`), so
 it also runs as a stage of `bundle.session.SessionStages`. Used by the quantizer's report
-(`calibration.evaluate`, `calibration.selection`) and by `ficoco-check`'s selection flips (`engines.selection`).
+(`calibration.evaluate`, `calibration.selection`) and by `ficoco-check`'s selection flips (`exporter.selection`).
 """
 
 from __future__ import annotations
@@ -125,9 +125,12 @@ class ProbeStages(SessionStages):
     """
 
     def __init__(self, onnx_dir: str | Path, *, segments: Sequence[DecoderSegment] | None = None,
-                 optimize: bool = True, threads: int | None = None, like: ProbeStages | None = None) -> None:
+                 optimize: bool = True, threads: int | None = None, like: ProbeStages | None = None,
+                 keep_loaded: bool = True) -> None:
         """`segments`: None reads them from the bundle's manifest. `like`: probe the same selection steps as
-        that (fp32) bundle's, found by node name (for graphs whose node metadata a rewrite dropped)."""
+        that (fp32) bundle's, found by node name (for graphs whose node metadata a rewrite dropped).
+        `keep_loaded=False`: the decoder segment graphs (the weights) open only while they run
+        (`bundle.ort.OrtSession`'s low-memory mode)."""
         d = Path(onnx_dir)
         if segments is None:
             from bundle.manifest import load_manifest
@@ -145,7 +148,7 @@ class ProbeStages(SessionStages):
         sessions = {VISION: self.vision.session, **{g: p.session for g, p in self.reductions.items()}}
         for g in names:
             if g not in sessions:
-                sessions[g] = OrtSession(d / f"{g}.onnx", options=so)
+                sessions[g] = OrtSession(d / f"{g}.onnx", options=so, keep_loaded=keep_loaded)
         super().__init__(sessions, segments)
         self.vision_selection: list[np.ndarray] = []
         self.prefill_selection: list[np.ndarray] = []

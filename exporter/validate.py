@@ -1,30 +1,76 @@
 """Validation as part of export: every graph in ONNX Runtime (CPU) against the reduced PyTorch model.
 
-Stage by stage on the same inputs (`bundle.compare.compare_stages`: every element within
-|err| <= atol + rtol * |ref|, numpy.allclose's rule, and finite), then a prefill plus several decode
-steps driven by the shared generation loop, whose greedy tokens must be identical. A mismatch fails the
-export loudly.
+fp32 bundles: stage by stage on the same inputs (`bundle.compare.compare_stages`: every element within
+|err| <= atol + rtol * |ref|, numpy.allclose's rule, and finite), then a prefill plus several decode steps
+driven by the shared generation loop, whose greedy tokens must be identical.
+
+fp16 (reduced-precision) bundles, against the fp32 computation of the exported weights
+(`ficoco.upcast.fp32_compute`, one layer upcast at a time, so a 7B model needs no fp32 copy):
+
+1. the kept sets of every reduction step, read from the bundle's graphs (`exporter.selection`), against the
+   reference's: the flips per step, and how many of them are ties between identical patches;
+2. every stage against the reference *making the bundle's kept-token choices*
+   (`ficoco.reduced_llava.FollowedSelection`), so the error is the arithmetic's: cosine >= `min_cosine` and
+   |norm ratio - 1| <= `max_norm_deviation` (TensorRT Edge-LLM's gates), finite; the errors are reported;
+3. greedy tokens of the bundle vs the reference making its own choices: match rate >= `min_token_match`.
+
+A mismatch fails the export loudly. `keep_loaded=False` opens each graph only while it runs (ONNX Runtime's
+CPU provider upcasts fp16 weights at load, so a 7B fp16 bundle open at once would need ~27 GB).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from bundle.compare import ALLCLOSE, OutputGates, compare_stages, token_agreement
+from bundle.compare import ALLCLOSE, OutputComparison, OutputGates, compare_stages, token_agreement
 from bundle.ort import ort_stages
 from ficoco.generation import generate_tokens
 from ficoco.reduced_llava import ReducedLlava
+from ficoco.upcast import fp32_compute
 
 log = logging.getLogger(__name__)
 
 
 class ValidationError(RuntimeError):
     """ONNX Runtime and PyTorch disagree beyond the tolerances (the message says where and by how much)."""
+
+
+@dataclass(frozen=True)
+class ReducedPrecisionGates:
+    """The gates of an fp16 / bf16 export's validation (see the module docstring)."""
+
+    min_cosine: float = 0.99
+    max_norm_deviation: float = 0.25
+    min_token_match: float = 0.5
+
+    def __post_init__(self) -> None:
+        import math
+
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"--min-cosine is a cosine similarity in [-1, 1] (got {self.min_cosine})")
+        if not (math.isfinite(self.max_norm_deviation) and self.max_norm_deviation >= 0):
+            raise ValueError(f"--max-norm-deviation must be a finite number >= 0, e.g. 0.25 (got {self.max_norm_deviation})")
+        if not 0.0 <= self.min_token_match <= 1.0:
+            raise ValueError(f"--min-token-match is a rate in [0, 1] (got {self.min_token_match})")
+
+
+def _worst_per_graph(results: list[OutputComparison]) -> dict[str, dict[str, Any]]:
+    worst: dict[str, dict[str, Any]] = {}
+    for c in results:
+        w = worst.setdefault(c.graph, {"max_abs_err": c.max_abs_err, "min_cosine": c.cosine,
+                                       "worst_norm_ratio": c.norm_ratio, "passed": True})
+        w["max_abs_err"] = max(w["max_abs_err"], c.max_abs_err)
+        w["min_cosine"] = min(w["min_cosine"], c.cosine)
+        if abs(c.norm_ratio - 1.0) > abs(w["worst_norm_ratio"] - 1.0):
+            w["worst_norm_ratio"] = c.norm_ratio
+        w["passed"] = w["passed"] and c.passed
+    return worst
 
 
 def validate_bundle_graphs(
@@ -38,9 +84,68 @@ def validate_bundle_graphs(
     rtol: float,
     decode_steps: int = 16,
     threads: int | None = None,
+    reduced_precision: ReducedPrecisionGates | None = None,
+    keep_loaded: bool = True,
 ) -> dict[str, Any]:
-    """Compare each ORT graph with the PyTorch stage, then greedy decoding; raise ValidationError on mismatch."""
-    ort_model = ort_stages(onnx_dir, provider="cpu", threads=threads, segments=model.segments)
+    """Compare each ORT graph with the PyTorch stage, then greedy decoding; raise ValidationError on mismatch.
+
+    `reduced_precision`: judge as an fp16 / bf16 bundle (`model` holds the exported half-precision weights
+    and is computed in fp32 as the reference); None: as an fp32 bundle (exact tokens, allclose).
+    """
+    if reduced_precision is None:
+        return _validate_fp32(model, onnx_dir, pixel_values, input_ids, image_offset, atol=atol, rtol=rtol,
+                              decode_steps=decode_steps, threads=threads, keep_loaded=keep_loaded)
+    from exporter.selection import SelectionChecker
+
+    gates = reduced_precision
+    ort_model = ort_stages(onnx_dir, provider="cpu", threads=threads, segments=model.segments, keep_loaded=keep_loaded)
+    b = pixel_values.shape[0]
+    offset = torch.full((b,), image_offset, dtype=torch.long)
+    with fp32_compute(model), torch.inference_mode():
+        checker = SelectionChecker(onnx_dir, threads, segments=model.segments, keep_loaded=keep_loaded)
+        selection = checker.check(model, pixel_values, model.embed_text(input_ids), offset)
+        del checker
+        log.info("validation: %d kept-token flips over %d steps (%d of them ties)", selection.total,
+                 len(selection.steps), selection.total - selection.non_tie)
+        out_gates = OutputGates(atol, rtol, "mean", gate_tolerance=False, min_cosine=gates.min_cosine,
+                                max_norm_deviation=gates.max_norm_deviation)
+        results = compare_stages(ort_model, model.stages(selection.follow), pixel_values, input_ids, offset,
+                                 out_gates).comparisons
+        ref_tokens = generate_tokens(model.stages(), pixel_values, input_ids, image_offset, decode_steps)
+    got_tokens = generate_tokens(ort_model, pixel_values, input_ids, image_offset, decode_steps)
+    rows = [token_agreement(g, r) for g, r in zip(got_tokens.tolist(), ref_tokens.tolist(), strict=True)]
+    rate = sum(a.match_rate for a in rows) / len(rows)
+    report = {
+        "kind": "reduced_precision",
+        "reference": "fp32 computation of the exported weights, making the bundle's kept-token choices for the stages",
+        "gates": {"min_cosine": gates.min_cosine, "max_norm_deviation": gates.max_norm_deviation,
+                  "min_token_match": gates.min_token_match},
+        "batch": b,
+        "followed": selection.follow is not None,
+        "stages": _worst_per_graph(results),
+        "details": {c.name: c.to_dict() for c in results},
+        "selection": selection.to_dict(),
+        "greedy": {"steps": decode_steps, "match_rate": rate, "identical": all(a.identical for a in rows),
+                   "first_divergence": min((a.first_divergence for a in rows if a.first_divergence is not None), default=None),
+                   "tokens": ref_tokens.tolist(), "bundle_tokens": got_tokens.tolist()},
+    }
+    failed = [c for c in results if not c.passed]
+    if failed or rate < gates.min_token_match:
+        lines = [f"{c.name}: cosine {c.cosine:.6f} (>= {gates.min_cosine}), norm ratio {c.norm_ratio:.4f} "
+                 f"(|ratio - 1| <= {gates.max_norm_deviation})" for c in failed[:8]]
+        if rate < gates.min_token_match:
+            lines.append(f"greedy tokens match the fp32 reference at {rate:.3f} < {gates.min_token_match}")
+        if selection.follow is None:
+            lines.append(f"(the kept sets could not be read from the graphs: {selection.note}; stage errors include flips)")
+        raise ValidationError("ONNX Runtime (fp16) does not match the fp32 PyTorch reference:\n  " + "\n  ".join(lines))
+    return report
+
+
+def _validate_fp32(
+    model: ReducedLlava, onnx_dir: Path, pixel_values: Tensor, input_ids: Tensor, image_offset: int, *,
+    atol: float, rtol: float, decode_steps: int, threads: int | None, keep_loaded: bool,
+) -> dict[str, Any]:
+    ort_model = ort_stages(onnx_dir, provider="cpu", threads=threads, segments=model.segments, keep_loaded=keep_loaded)
     torch_model = model.stages()
     b = pixel_values.shape[0]
     offset = torch.full((b,), image_offset, dtype=torch.long)
@@ -52,15 +157,12 @@ def validate_bundle_graphs(
     rows = [token_agreement(g, r) for g, r in zip(got_tokens.tolist(), ref_tokens.tolist(), strict=True)]
     same = all(a.identical for a in rows)
     diverge = min((a.first_divergence for a in rows if a.first_divergence is not None), default=None)
-    worst: dict[str, dict[str, Any]] = {}
-    for c in results:
-        if c.graph not in worst or c.max_abs_err > worst[c.graph]["max_abs_err"]:
-            worst[c.graph] = {"max_abs_err": c.max_abs_err, "passed": all(x.passed for x in results if x.graph == c.graph)}
     report = {
+        "kind": "fp32",
         "atol": atol,
         "rtol": rtol,
         "batch": b,
-        "stages": worst,
+        "stages": _worst_per_graph(results),
         "details": {c.name: c.to_dict() for c in results},
         "greedy": {"steps": decode_steps, "identical": same, "first_divergence": diverge, "tokens": ref_tokens.tolist()},
     }

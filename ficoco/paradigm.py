@@ -78,6 +78,21 @@ def stable_topk(scores: Tensor, count: int, largest: bool = True) -> Tensor:
     return order[..., :count]
 
 
+def choose_sources(scores: Tensor, count: int, n: int, kept: Tensor | None = None) -> Tensor:
+    """The filter's source set S = TopK(s, count) (`stable_topk`), or, when `kept` [B, n - count] is given,
+    the complement of that kept set (ascending): the selection *followed* from elsewhere.
+
+    Following is how a checker separates arithmetic error from discrete choices: the fp32 reference makes
+    the bundle's choices (read from its graphs) and computes everything else itself, so a stage output's
+    error is the arithmetic's, and the choices' disagreement is counted apart (selection flips).
+    """
+    if kept is None:
+        return stable_topk(scores, count)
+    if kept.shape[-1] != n - count:
+        raise ValueError(f"a followed kept set has {kept.shape[-1]} tokens, the step keeps {n - count}")
+    return complement_sorted(kept, n)
+
+
 def topk_small(scores: Tensor, count: int) -> Tensor:
     """Indices of the `count` largest entries of the last dim for a small static count, ties -> lower index.
 

@@ -51,6 +51,16 @@ class SegmentOutput:
     k: Tensor | None = None  # the closing block's keys [B, H_kv, P + T, d] (RoPE applied; its present key)
 
 
+@dataclass(frozen=True)
+class FollowedSelection:
+    """Kept sets to follow instead of choosing (`ficoco.paradigm.choose_sources`), per reducing block:
+    vision block -> kept [B, n - r], decoder block -> kept [B, n - r]. A checker reads a bundle's kept sets
+    from its graphs and runs this model with them, so the two compute on the same tokens."""
+
+    vision: dict[int, Tensor] = field(default_factory=dict)
+    decoder: dict[int, Tensor] = field(default_factory=dict)
+
+
 @dataclass
 class VisionOutput:
     visual: Tensor  # [B, n_V, D_text] projected visual tokens
@@ -112,8 +122,8 @@ class VisionReduction(nn.Module):
     (`exporter.regions`). It has no parameters and no state."""
 
     def forward(self, method: str, params: MethodParams, tokens: VisionTokens, q: Tensor, k: Tensor, step: ReductionStep,
-                grid_side: int, scale: float, size_bias: Tensor | None) -> tuple[VisionTokens, MergePlan]:
-        return vision_step(method, params, tokens, q, k, step, grid_side=grid_side, scale=scale, size_bias=size_bias)
+                grid_side: int, scale: float, size_bias: Tensor | None, kept: Tensor | None = None) -> tuple[VisionTokens, MergePlan]:
+        return vision_step(method, params, tokens, q, k, step, grid_side=grid_side, scale=scale, size_bias=size_bias, kept=kept)
 
 
 class DecoderReduction(nn.Module):
@@ -122,8 +132,9 @@ class DecoderReduction(nn.Module):
     A module only so its exported nodes are named (see `VisionReduction`)."""
 
     def forward(self, method: str, params: MethodParams, h: Tensor, q: Tensor, k: Tensor, image_offset: Tensor,
-                step: ReductionStep, scale: float, position_ids: Tensor, positions: str) -> tuple[Tensor, Tensor, MergePlan]:
-        merge = decoder_plan(method, params, q, k, image_offset, step, scale=scale)
+                step: ReductionStep, scale: float, position_ids: Tensor, positions: str,
+                kept: Tensor | None = None) -> tuple[Tensor, Tensor, MergePlan]:
+        merge = decoder_plan(method, params, q, k, image_offset, step, scale=scale, kept=kept)
         vis_idx = visual_index(image_offset, step.n)
         h = resplice(h, decoder_compress(method, params, gather_tokens(h, vis_idx), merge), image_offset, step.n)
         if positions == "original":
@@ -173,7 +184,7 @@ class ReducedLlava(nn.Module):
     # Vision tower: CLIP blocks 0..select_block with reduction steps, drop [CLS], project
     # ------------------------------------------------------------------------------------------------
 
-    def _clip_block(self, i: int, tokens: VisionTokens, plans: dict[int, MergePlan]) -> VisionTokens:
+    def _clip_block(self, i: int, tokens: VisionTokens, plans: dict[int, MergePlan], follow: dict[int, Tensor]) -> VisionTokens:
         layer = self.vision.encoder.layers[i]
         attn = layer.self_attn
         h = tokens.hidden
@@ -201,13 +212,16 @@ class ReducedLlava(nn.Module):
                 self.geometry.vision.grid_side,
                 attn.scale,
                 size_bias,
+                follow.get(i),
             )
             h = tokens.hidden
         h = h + layer.mlp(layer.layer_norm2(h))
         return VisionTokens(h, tokens.pos, tokens.size, tokens.order)
 
-    def encode_image(self, pixel_values: Tensor) -> VisionOutput:
-        """pixel_values [B, 3, H, W] -> projected visual tokens [B, n_V, D_text]."""
+    def encode_image(self, pixel_values: Tensor, follow: FollowedSelection | None = None) -> VisionOutput:
+        """pixel_values [B, 3, H, W] -> projected visual tokens [B, n_V, D_text]; `follow`: make its vision
+        kept sets instead of choosing."""
+        chosen = {} if follow is None else follow.vision
         g = self.geometry.vision
         h = self.vision.pre_layrnorm(self.vision.embeddings(pixel_values))
         b = h.shape[0]
@@ -215,7 +229,7 @@ class ReducedLlava(nn.Module):
         tokens = VisionTokens(h, pos, torch.ones(b, h.shape[1], 1, dtype=h.dtype, device=h.device))
         plans: dict[int, MergePlan] = {}
         for i in range(g.blocks_run):
-            tokens = self._clip_block(i, tokens, plans)
+            tokens = self._clip_block(i, tokens, plans, chosen)
         feats, pos = tokens.hidden, tokens.pos
         if g.feature_strategy == "default":  # drop [CLS] (always slot 0)
             feats, pos = feats[:, 1:], pos[:, 1:]
@@ -238,13 +252,16 @@ class ReducedLlava(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
-    def prefill(self, text_embeds: Tensor, visual: Tensor, image_offset: Tensor) -> PrefillOutput:
+    def prefill(self, text_embeds: Tensor, visual: Tensor, image_offset: Tensor,
+                follow: FollowedSelection | None = None) -> PrefillOutput:
         """text_embeds [B, T, D] (prompt without the image placeholder), visual [B, n_V, D], image_offset [B].
 
         Block l sees L_l = T + n_l tokens; its cache holds all of them. With `compact` positions every block
         numbers its sequence 0..L_l-1; with `original` positions kept tokens keep their input positions.
         The decoder runs as its segments (`ficoco.segments`) with each step's reduction between two.
+        `follow`: make its decoder kept sets instead of choosing.
         """
+        chosen = {} if follow is None else follow.decoder
         h = splice(text_embeds, visual, image_offset)
         b, length, _ = h.shape
         position_ids = torch.arange(length, device=h.device).unsqueeze(0).expand(b, -1)
@@ -256,12 +273,13 @@ class ReducedLlava(nn.Module):
             if seg.closing_step is None:
                 return PrefillOutput(out.hidden, cache, plans)
             h, position_ids, plans[seg.closing_step.layer] = self.reduce_between(
-                seg, out.hidden, out.q, out.k, image_offset, position_ids
+                seg, out.hidden, out.q, out.k, image_offset, position_ids, chosen.get(seg.closing_step.layer)
             )
         raise AssertionError("the last segment returns")  # pragma: no cover
 
     def reduce_between(
-        self, seg: DecoderSegment, h: Tensor, q: Tensor, k: Tensor, image_offset: Tensor, position_ids: Tensor
+        self, seg: DecoderSegment, h: Tensor, q: Tensor, k: Tensor, image_offset: Tensor, position_ids: Tensor,
+        kept: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, MergePlan]:
         """The weightless reduction after segment `seg`: its closing step on the closing block's q and k
         (k [B, H_kv, L, d] as the block's cache holds it; its KV heads are repeated here)."""
@@ -271,7 +289,7 @@ class ReducedLlava(nn.Module):
         k_rep = repeat_kv(k, attn.num_key_value_groups)
         return self.reduce_decoder(
             self.schedule.decoder.method, self.params, h, q, k_rep, image_offset, step, attn.scaling, position_ids,
-            self.schedule.positions,
+            self.schedule.positions, kept,
         )
 
     def run_segment(self, seg: DecoderSegment, h: Tensor, position_ids: Tensor, past: KVCache | None) -> SegmentOutput:
@@ -340,9 +358,9 @@ class ReducedLlava(nn.Module):
     # Generation
     # ------------------------------------------------------------------------------------------------
 
-    def stages(self) -> TorchStages:
-        """This model as the four stage calls of `ficoco.generation.StagedModel`."""
-        return TorchStages(self)
+    def stages(self, follow: FollowedSelection | None = None) -> TorchStages:
+        """This model as the four stage calls of `ficoco.generation.StagedModel` (making `follow`'s choices)."""
+        return TorchStages(self, follow)
 
     @torch.no_grad()
     def generate(
@@ -363,17 +381,18 @@ class ReducedLlava(nn.Module):
 class TorchStages:
     """A `ReducedLlava` behind the stage interface used by `ficoco.generation.generate_tokens`."""
 
-    def __init__(self, model: ReducedLlava) -> None:
+    def __init__(self, model: ReducedLlava, follow: FollowedSelection | None = None) -> None:
         self.model = model
+        self.follow = follow
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
-        return self.model.encode_image(pixel_values).visual
+        return self.model.encode_image(pixel_values, self.follow).visual
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_text(input_ids)
 
     def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
-        out = self.model.prefill(embeds, visual, image_offset)
+        out = self.model.prefill(embeds, visual, image_offset, self.follow)
         return out.logits, [t for kv in out.cache for t in kv]
 
     def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.selection import compare_steps, patch_pixels
+from exporter.selection import compare_steps, patch_pixels
 
 
 def _plan(kept: list[int]) -> SimpleNamespace:

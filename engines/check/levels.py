@@ -4,7 +4,7 @@ token agreement (`bundle.compare.token_agreement`, level 2):
 - level 3, what the reduction costs: the reduced PyTorch model against the unreduced transformers model
   (first-token KL, top-1 agreement, greedy token agreement);
 - level 4, answers: easy-vqa accuracy of the bundle and of the reduced PyTorch model;
-- the selection flips of every reduction step (`engines.selection`), for information.
+- the selection flips of every reduction step (`exporter.selection`), for information.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def check_task(pipe: Any, ref_stages: Any, loaded: Any, n_images: int) -> list[T
 def selection_checker(bundle: Path, threads: int | None) -> tuple[Any, str]:
     """The kept-set probes over the bundle's ONNX graphs, or (None, why not)."""
     from bundle.layout import ONNX_DIR
-    from engines.selection import SelectionChecker
+    from exporter.selection import SelectionChecker
 
     try:
         return SelectionChecker(Path(bundle) / ONNX_DIR, threads), ""

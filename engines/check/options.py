@@ -41,6 +41,8 @@ class Thresholds:
     min_token_match: float
     gate_tolerance: bool = True
     min_cosine: float | None = None
+    #: |norm ratio - 1| of every stage output at most this (None: off)
+    max_norm_deviation: float | None = None
     max_kl: float | None = None
     min_reduction_agreement: float | None = None
     #: level 4: the bundle's answer accuracy may fall at most this much (a fraction) below PyTorch's
@@ -48,23 +50,26 @@ class Thresholds:
 
     def output_gates(self) -> OutputGates:
         """The gates of one stage output (level 1), for `bundle.compare`."""
-        return OutputGates(self.atol, self.rtol, self.check_error_stat, self.gate_tolerance, self.min_cosine)
+        return OutputGates(self.atol, self.rtol, self.check_error_stat, self.gate_tolerance, self.min_cosine,
+                           self.max_norm_deviation)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 #: Defaults per bundle kind. fp32: the exporter's own validation tolerances, identical tokens.
-#: fp16: fp16 rounding (and the reduction's top-k selections it can flip) moves single elements far, so
-#: the mean error is checked loosely and the cosine similarity must stay >= 0.99; half the greedy tokens
-#: must match. quantized (a non-empty manifest "quantization"): judged by cosine only, >= 0.99.
+#: fp16: the stage outputs (against the reference making the bundle's kept-token choices) by cosine >= 0.99
+#: and |norm ratio - 1| <= 0.25 (TensorRT Edge-LLM's gates; an absolute tolerance means nothing across
+#: outputs of different scales, so it is reported, not gated, unless --atol/--rtol is given); half the
+#: greedy tokens must match, answers may drop one point. quantized (a non-empty manifest "quantization"): cosine
+#: and norm ratio only.
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(atol=1e-4, rtol=1e-3, check_error_stat="elemwise", min_token_match=1.0),
-    "fp16": Thresholds(atol=5e-2, rtol=5e-2, check_error_stat="mean", min_token_match=0.5, min_cosine=0.99,
-                       max_accuracy_drop=0.01),
+    "fp16": Thresholds(atol=5e-2, rtol=5e-2, check_error_stat="mean", min_token_match=0.5, gate_tolerance=False,
+                       min_cosine=0.99, max_norm_deviation=0.25, max_accuracy_drop=0.01),
     "quantized": Thresholds(
         atol=5e-2, rtol=5e-2, check_error_stat="mean", min_token_match=0.5, gate_tolerance=False, min_cosine=0.99,
-        max_accuracy_drop=0.02,
+        max_norm_deviation=0.25, max_accuracy_drop=0.02,
     ),
 }
 
@@ -94,6 +99,7 @@ class CheckOptions:
     rtol: float | None = None
     check_error_stat: str | None = None
     min_cosine: float | None = None
+    max_norm_deviation: float | None = None
     min_token_match: float | None = None
     max_kl: float | None = None
     min_reduction_agreement: float | None = None
@@ -115,6 +121,8 @@ class CheckOptions:
         for name, v in (("--min-token-match", self.min_token_match), ("--min-reduction-agreement", self.min_reduction_agreement)):
             if v is not None and not 0.0 <= v <= 1.0:
                 raise CheckInputError(f"{name} is a rate in [0, 1] (got {v})")
+        if self.max_norm_deviation is not None and not (self.max_norm_deviation >= 0 and math.isfinite(self.max_norm_deviation)):
+            raise CheckInputError(f"--max-norm-deviation must be a finite number >= 0, e.g. 0.25 (got {self.max_norm_deviation})")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise CheckInputError(f"--min-cosine is a cosine similarity in [-1, 1] (got {self.min_cosine})")
         if self.task_images is not None and self.task_images < 0:
@@ -141,6 +149,8 @@ def resolve_thresholds(manifest: Manifest, options: CheckOptions) -> Thresholds:
         check_error_stat=t.check_error_stat if options.check_error_stat is None else options.check_error_stat,
         gate_tolerance=t.gate_tolerance or tol_given,
         min_cosine=t.min_cosine if options.min_cosine is None else float(options.min_cosine),
+        max_norm_deviation=(t.max_norm_deviation if options.max_norm_deviation is None
+                            else float(options.max_norm_deviation)),
         min_token_match=t.min_token_match if options.min_token_match is None else float(options.min_token_match),
         max_kl=options.max_kl,
         min_reduction_agreement=options.min_reduction_agreement,

@@ -15,7 +15,7 @@ import numpy as np
 from bundle.compare import OutputComparison, TokenAgreement
 from engines.check.levels import ReductionCost, TaskResult
 from engines.check.options import Thresholds
-from engines.selection import SelectionCheck
+from exporter.selection import SelectionCheck
 from ficoco.atomic import write_atomic
 
 REPORT_JSON = "check.json"
@@ -62,6 +62,13 @@ def _nanmin(xs: Sequence[float]) -> float:
     return min(vals) if len(vals) == len(xs) and vals else float("nan")
 
 
+def _worst_ratio(xs: Sequence[float]) -> float:
+    """The ratio farthest from 1; NaN if any is NaN (an output that was not finite)."""
+    if not xs or any(math.isnan(x) for x in xs):
+        return float("nan")
+    return max(xs, key=lambda x: abs(x - 1.0))
+
+
 @dataclass
 class CheckReport:
     """Everything `ficoco-check` found; `passed` is the verdict, `failures` says which gates failed."""
@@ -96,6 +103,8 @@ class CheckReport:
                 "mean_abs_err": float(np.mean([c.mean_abs_err for c in cs])),
                 "max_rel_err": _nanmax([c.max_rel_err for c in cs]),
                 "min_cosine": _nanmin([c.cosine for c in cs]),
+                # the norm ratio farthest from 1 (NaN when an output was not finite)
+                "worst_norm_ratio": _worst_ratio([c.norm_ratio for c in cs]),
                 "within_tolerance": all(c.within_tolerance for c in cs),
                 "passed": not failed,
                 "failed_outputs": failed,
@@ -166,6 +175,8 @@ class CheckReport:
                 why.append(f"{label} |err| {worst:.3g} (atol {t.atol:g}, rtol {t.rtol:g}, check-error-stat {t.check_error_stat})")
             if t.min_cosine is not None and not s["min_cosine"] >= t.min_cosine:
                 why.append(f"cosine {s['min_cosine']:.6f} < {t.min_cosine:g}")
+            if t.max_norm_deviation is not None and not abs(s["worst_norm_ratio"] - 1.0) <= t.max_norm_deviation:
+                why.append(f"norm ratio {s['worst_norm_ratio']:.4f} (|ratio - 1| > {t.max_norm_deviation:g})")
             if not why:
                 why.append("non-finite output or shape mismatch")
             outs = s["failed_outputs"]
@@ -231,20 +242,26 @@ class CheckReport:
             gates.append(f"atol {t.atol:g}, rtol {t.rtol:g}, {t.check_error_stat}")
         if t.min_cosine is not None:
             gates.append(f"cosine >= {t.min_cosine:g}")
+        if t.max_norm_deviation is not None:
+            gates.append(f"|norm ratio - 1| <= {t.max_norm_deviation:g}")
         lines = [
             f"# ficoco-check: {'PASS' if self.passed else 'FAIL'}",
             "",
             f"{self.bundle} ({self.bundle_kind}) on {self.backend} ({self.device}), {len(self.samples)} samples, "
             f"{self.max_new_tokens} new tokens; stages: {'; '.join(gates)}; tokens: match >= {t.min_token_match:g}",
             "",
-            "| stage | max abs err | mean abs err | min cosine | pass |",
-            "|---|---:|---:|---:|:---:|",
+            "Stages are compared with the fp32 reference making the bundle's kept-token choices (where its "
+            "graphs could be probed), so their errors are the arithmetic's; the choices that differ are the "
+            "selection flips below.",
+            "",
+            "| stage | max abs err | mean abs err | min cosine | worst norm ratio | pass |",
+            "|---|---:|---:|---:|---:|:---:|",
         ]
         for g, s in self.stage_summary().items():
             name = f"{g} ({s['outputs']})" if g.endswith(":present") else g
             lines.append(
                 f"| {name} | {s['max_abs_err']:.3g} | {s['mean_abs_err']:.3g} | {s['min_cosine']:.6f} | "
-                f"{'yes' if s['passed'] else '**NO**'} |"
+                f"{s['worst_norm_ratio']:.4f} | {'yes' if s['passed'] else '**NO**'} |"
             )
         gs = self.greedy_summary()
         rs = self.reduction_summary()

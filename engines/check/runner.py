@@ -6,7 +6,10 @@ TensorRT) is compared with the reduced PyTorch model rebuilt from the manifest (
 1. **stages** (`bundle.compare.compare_stages`): every stage on the PyTorch inputs of that stage, so each
    stage's error is its own (vision_encoder visual tokens; embed_tokens; decoder_prefill logits and every
    present K/V; one decoder_step's logits and presents). Each output is judged with `--atol/--rtol/
-   --check-error-stat` (Polygraphy's semantics) and its cosine similarity.
+   --check-error-stat` (Polygraphy's semantics), its cosine similarity and its norm ratio ||got|| / ||ref||.
+   The reference here makes the bundle's kept-token choices (read from the bundle's ONNX graphs,
+   `ficoco.reduced_llava.FollowedSelection`), so a stage's error is its arithmetic's; how many choices
+   differ is counted apart (the selection flips below) and judged end to end by levels 2 and 4.
 2. **greedy tokens**: greedy generation through the runtime vs the reduced PyTorch model (the same loop,
    `ficoco.generation`, no stop token): exact-match rate over positions, first divergence
    (`bundle.compare.token_agreement`).
@@ -18,7 +21,7 @@ TensorRT) is compared with the reduced PyTorch model rebuilt from the manifest (
    questions (`--task-images`, `--max-accuracy-drop`).
 
 Beside the gates, for information: the **selection flips** of every reduction step, i.e. how many kept
-tokens of the bundle's ONNX graphs differ from the fp32 reference's (`engines.selection`), and how many
+tokens of the bundle's ONNX graphs differ from the fp32 reference's (`exporter.selection`), and how many
 of those are ties between patches of identical pixels.
 
 Default thresholds depend on the bundle (`DEFAULT_THRESHOLDS`: fp32, fp16, quantized); every one can be
@@ -100,17 +103,24 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
         t0 = time.perf_counter()
         px = pipe.preprocess([s.image])
         ids, offsets = pipe.tokenize([s.prompt])
-        sc = compare_stages(pipe.stages, ref_stages, px, ids, offsets, gates)
-        got_tokens = pipe.generate_ids(px, ids, offsets, n_new, stop_token_ids=[])[0].tolist()
-        with torch.inference_mode():  # the reference's vision and prefill on these inputs already ran above
-            ref_tokens = decode_tokens(ref_stages, sc.ref_visual, ids, offsets, n_new,
-                                       prefilled=(sc.ref_logits, sc.ref_past))[0].tolist()
-        cost = reduction_cost(loaded, px, ids, int(offsets[0]), sc.ref_logits[0], ref_tokens, n_new)
         flips = None
         if selection is not None:
             with torch.inference_mode():
                 flips = selection.check(reduced, px, reduced.embed_text(ids), offsets)
             report.selection_note = report.selection_note or flips.note
+        follow = None if flips is None else flips.follow
+        # the stages against the reference making the bundle's kept-token choices: arithmetic error only
+        sc = compare_stages(pipe.stages, reduced.stages(follow), px, ids, offsets, gates)
+        got_tokens = pipe.generate_ids(px, ids, offsets, n_new, stop_token_ids=[])[0].tolist()
+        with torch.inference_mode():  # greedy tokens and level 3: the reference making its own choices
+            if follow is None:  # its vision and prefill on these inputs already ran above
+                ref_visual, ref_logits, ref_past = sc.ref_visual, sc.ref_logits, sc.ref_past
+            else:
+                ref_visual = ref_stages.encode_image(px)
+                ref_logits, ref_past = ref_stages.prefill(ref_stages.embed(ids), ref_visual, offsets)
+            ref_tokens = decode_tokens(ref_stages, ref_visual, ids, offsets, n_new,
+                                       prefilled=(ref_logits, ref_past))[0].tolist()
+        cost = reduction_cost(loaded, px, ids, int(offsets[0]), ref_logits.float()[0], ref_tokens, n_new)
         report.samples.append(
             SampleResult(s.image_name, s.prompt, sc.comparisons, token_agreement(got_tokens, ref_tokens), cost,
                          time.perf_counter() - t0, flips)

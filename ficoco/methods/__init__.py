@@ -58,18 +58,23 @@ def vision_step(
     grid_side: int,
     scale: float,
     size_bias: Tensor | None = None,
+    kept: Tensor | None = None,
 ) -> tuple[VisionTokens, MergePlan]:
-    """One vision reduction step after a CLIP block's attention + residual. q, k: [B, H, n, d]."""
+    """One vision reduction step after a CLIP block's attention + residual. q, k: [B, H, n, d].
+
+    `kept` [B, n - r]: follow this kept set instead of the method's filter (`ficoco.paradigm.choose_sources`;
+    the checkers' fp32 reference making a bundle's choices). The random and pool baselines choose by
+    position alone, not by the data, and ignore it."""
     x, pos, size = tokens.hidden, tokens.pos, tokens.size
     if method == "ficoco":
-        merge = ficoco_v.plan(q, k, pos, step, params.ficoco, grid_side, scale)
+        merge = ficoco_v.plan(q, k, pos, step, params.ficoco, grid_side, scale, kept)
         return VisionTokens(ficoco_v.compress(x, merge), gather_tokens(pos, merge.kept), gather_tokens(size, merge.kept)), merge
     if method == "tome":
-        merge, order = tome.plan(k, step, tokens.order)
+        merge, order = tome.plan(k, step, tokens.order, kept=kept)
         x2, size2 = tome.compress(x, size, merge)
         return VisionTokens(x2, gather_tokens(pos, merge.kept), size2, order), merge
     if method == "evit":
-        merge = evit.plan(q, k, step, scale, size_bias)
+        merge = evit.plan(q, k, step, scale, size_bias, kept)
         fused_pos = pos[:, :1] * 0 - 1
         new_pos = gather_tokens(pos, merge.kept)
         return (
@@ -91,13 +96,15 @@ def vision_step(
 
 
 def decoder_plan(
-    method: str, params: MethodParams, q: Tensor, k: Tensor, image_offset: Tensor, step: ReductionStep, *, scale: float
+    method: str, params: MethodParams, q: Tensor, k: Tensor, image_offset: Tensor, step: ReductionStep, *, scale: float,
+    kept: Tensor | None = None,
 ) -> MergePlan:
-    """Filter + correlate for a decoder step. q, k: [B, H, L, d] with RoPE applied, KV heads repeated."""
+    """Filter + correlate for a decoder step. q, k: [B, H, L, d] with RoPE applied, KV heads repeated;
+    `kept`: follow this kept set (as in `vision_step`)."""
     if method == "ficoco":
-        return ficoco_l.plan(q, k, image_offset, step, params.ficoco, scale)
+        return ficoco_l.plan(q, k, image_offset, step, params.ficoco, scale, kept)
     if method == "fastv":
-        return fastv.plan(q, k, image_offset, step, scale)
+        return fastv.plan(q, k, image_offset, step, scale, kept)
     raise ValueError(f"{method!r} is not a decoder reduction method ({', '.join(DECODER_METHODS)})")
 
 

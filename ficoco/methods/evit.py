@@ -14,16 +14,17 @@ import math
 import torch
 from torch import Tensor
 
-from ficoco.paradigm import MergePlan, complement_sorted, compress_fuse, gather_tokens, stable_topk
+from ficoco.paradigm import MergePlan, choose_sources, complement_sorted, compress_fuse, gather_tokens
 from ficoco.schedule import ReductionStep
 from ficoco.stats import head_mean_attention_row
 
 
-def plan(q: Tensor, k: Tensor, step: ReductionStep, scale: float, bias: Tensor | None = None) -> MergePlan:
-    """q, k: [B, H, n, d]; [CLS] at span slot 0."""
+def plan(q: Tensor, k: Tensor, step: ReductionStep, scale: float, bias: Tensor | None = None,
+         kept: Tensor | None = None) -> MergePlan:
+    """q, k: [B, H, n, d]; [CLS] at span slot 0; `kept`: follow this kept set (`choose_sources`)."""
     attn = head_mean_attention_row(q[:, :, :1], k, scale, bias)  # [B, n]
     s = torch.cat([torch.full_like(attn[:, :1], -math.inf), -attn[:, 1:]], dim=1)
-    sources = stable_topk(s, step.r + 1)
+    sources = choose_sources(s, step.r + 1, step.n, kept)
     kept = complement_sorted(sources, step.n)
     weights = gather_tokens(attn, sources).unsqueeze(-1)  # [B, r + 1, 1]
     targets = torch.zeros(weights.shape, dtype=torch.long, device=q.device)

@@ -13,16 +13,16 @@ from __future__ import annotations
 from torch import Tensor
 
 from ficoco.methods.ficoco_l import visual_index
-from ficoco.paradigm import MergePlan, complement_sorted, compress_prune, gather_tokens, stable_topk
+from ficoco.paradigm import MergePlan, choose_sources, complement_sorted, compress_prune, gather_tokens
 from ficoco.schedule import ReductionStep
 from ficoco.stats import head_mean_attention_row
 
 
-def plan(q: Tensor, k: Tensor, image_offset: Tensor, step: ReductionStep, scale: float) -> MergePlan:
-    """q, k: [B, H, L, d] (RoPE applied, KV heads repeated)."""
+def plan(q: Tensor, k: Tensor, image_offset: Tensor, step: ReductionStep, scale: float, kept: Tensor | None = None) -> MergePlan:
+    """q, k: [B, H, L, d] (RoPE applied, KV heads repeated); `kept`: follow this kept set (`choose_sources`)."""
     attn = head_mean_attention_row(q[:, :, -1:], k, scale)  # [B, L]
     a_vis = gather_tokens(attn, visual_index(image_offset, step.n))
-    sources = stable_topk(-a_vis, step.r)
+    sources = choose_sources(-a_vis, step.r, step.n, kept)
     kept = complement_sorted(sources, step.n)
     empty = a_vis.new_zeros(a_vis.shape[0], step.r, 0)
     return MergePlan(kept=kept, sources=sources, targets=empty.long(), weights=empty)

@@ -26,12 +26,12 @@ from torch import Tensor
 
 from ficoco.paradigm import (
     MergePlan,
+    choose_sources,
     complement_sorted,
     compress_self_preserving,
     compress_sum,
     gather_tokens,
     select_targets,
-    stable_topk,
 )
 from ficoco.params import FiCoCoParams
 from ficoco.schedule import ReductionStep
@@ -56,8 +56,10 @@ def _heads_at(t: Tensor, index: Tensor) -> Tensor:
     return torch.gather(t, 2, idx)
 
 
-def plan(q: Tensor, k: Tensor, image_offset: Tensor, step: ReductionStep, params: FiCoCoParams, scale: float) -> MergePlan:
-    """Filter + correlate for one FiCoCo-L step. q, k: [B, H, L, d] (RoPE applied, KV heads repeated)."""
+def plan(q: Tensor, k: Tensor, image_offset: Tensor, step: ReductionStep, params: FiCoCoParams, scale: float,
+         kept: Tensor | None = None) -> MergePlan:
+    """Filter + correlate for one FiCoCo-L step. q, k: [B, H, L, d] (RoPE applied, KV heads repeated);
+    `kept`: follow this kept set instead of filtering (`ficoco.paradigm.choose_sources`)."""
     n, length = step.n, q.shape[2]
     vis = visual_index(image_offset, n)
     qv, kv = _heads_at(q, vis), _heads_at(k, vis)
@@ -75,7 +77,7 @@ def plan(q: Tensor, k: Tensor, image_offset: Tensor, step: ReductionStep, params
     else:
         task = l_vx.sum(dim=-1) / m
     s = params.l_beta * vis_term - (1.0 - params.l_beta) * task
-    sources = stable_topk(s, step.r)
+    sources = choose_sources(s, step.r, n, kept)
     kept = complement_sorted(sources, n)
 
     # correlate (only the source rows of C are needed)

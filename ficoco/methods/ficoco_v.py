@@ -27,11 +27,11 @@ from torch import Tensor
 
 from ficoco.paradigm import (
     MergePlan,
+    choose_sources,
     complement_sorted,
     compress_self_preserving,
     gather_tokens,
     select_targets,
-    stable_topk,
 )
 from ficoco.params import FiCoCoParams
 from ficoco.schedule import ReductionStep
@@ -78,11 +78,13 @@ def local_penalty(s: Tensor, pos: Tensor, grid_side: int, coef: float) -> Tensor
     return torch.cat([s[:, :1], torch.where(is_max, penalised, sp)], dim=1)
 
 
-def plan(q: Tensor, k: Tensor, pos: Tensor, step: ReductionStep, params: FiCoCoParams, grid_side: int, scale: float) -> MergePlan:
-    """Filter + correlate for one FiCoCo-V step. q, k: [B, H, n, d]; pos: [B, n]."""
+def plan(q: Tensor, k: Tensor, pos: Tensor, step: ReductionStep, params: FiCoCoParams, grid_side: int, scale: float,
+         kept: Tensor | None = None) -> MergePlan:
+    """Filter + correlate for one FiCoCo-V step. q, k: [B, H, n, d]; pos: [B, n]; `kept`: follow this kept set
+    instead of filtering (`ficoco.paradigm.choose_sources`)."""
     ell = head_mean_logits(q, k, scale)  # [B, n, n]
     s = local_penalty(redundancy_scores(ell, params), pos, grid_side, params.v_penalty)
-    sources = stable_topk(s, step.r)
+    sources = choose_sources(s, step.r, step.n, kept)
     kept = complement_sorted(sources, step.n)
     corr = gather_tokens(ell, sources)  # C = l[S] over all n columns: [B, r, n]
     column_ok = None

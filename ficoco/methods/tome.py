@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ficoco.paradigm import (
     MergePlan,
+    choose_sources,
     complement_sorted,
     compress_size_weighted,
     gather_tokens,
@@ -35,8 +36,10 @@ from ficoco.schedule import ReductionStep
 from ficoco.stats import head_mean_keys
 
 
-def plan(k: Tensor, step: ReductionStep, order: Tensor | None = None, has_cls: bool = True) -> tuple[MergePlan, Tensor | None]:
-    """k: [B, H, n, d] keys of the block; order: [B, n] int64 ToMe slot of each token (None = ascending).
+def plan(k: Tensor, step: ReductionStep, order: Tensor | None = None, has_cls: bool = True,
+         kept: Tensor | None = None) -> tuple[MergePlan, Tensor | None]:
+    """k: [B, H, n, d] keys of the block; order: [B, n] int64 ToMe slot of each token (None = ascending);
+    `kept`: follow this kept set (its sources must lie in A, as any ToMe selection's do).
 
     Returns the plan and the kept tokens' ToMe slots after the step ([B, n - r]; the input order if r = 0,
     as ToMe leaves a step without merges alone)."""
@@ -57,7 +60,14 @@ def plan(k: Tensor, step: ReductionStep, order: Tensor | None = None, has_cls: b
         scores = torch.where(protect, torch.full_like(scores, -math.inf), scores)
     best = torch.argmax(scores, dim=-1)  # first max on ties
     node_max = torch.gather(scores, -1, best.unsqueeze(-1)).squeeze(-1)
-    src_a = stable_topk(node_max, step.r)  # positions within A
+    if kept is None:
+        src_a = stable_topk(node_max, step.r)  # positions within A
+    else:  # the followed sources' positions within A
+        a_pos = torch.full((b, n), -1, dtype=torch.long, device=k.device).scatter(
+            1, a_idx, torch.arange(a_idx.shape[1], device=k.device).unsqueeze(0).expand(b, -1))
+        src_a = torch.gather(a_pos, 1, choose_sources(node_max, step.r, n, kept))
+        if bool((src_a < 0).any()):
+            raise ValueError("a followed ToMe kept set drops a B token; ToMe only merges A tokens")
     sources = torch.gather(a_idx, 1, src_a)
     dst = torch.gather(b_idx, 1, torch.gather(best, 1, src_a))  # span index of each source's target
     kept = complement_sorted(sources, n)

@@ -191,19 +191,23 @@ def save_model_dir(loaded: LoadedModel, path: str | os.PathLike[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with _quiet_transformers():
         loaded.model.save_pretrained(str(out), safe_serialization=True)
-        loaded.tokenizer.save_pretrained(str(out))
-    (out / "preprocessor_config.json").write_text(json.dumps(loaded.processor_config, indent=2) + "\n")
-    (out / "chat_template.json").write_text(
-        json.dumps({"chat_template": loaded.chat_template}, indent=2) + "\n"
-    )
-    meta = {
-        "name": loaded.name,
-        "source": loaded.source,
-        "revision": loaded.revision,
-        "build_version": BUILD_VERSION,
-    }
-    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_side_files(out, loaded.tokenizer, loaded.processor_config, loaded.chat_template,
+                     name=loaded.name, source=loaded.source, revision=loaded.revision)
     return out
+
+
+def write_side_files(
+    out: Path, tokenizer: PreTrainedTokenizerBase, processor_config: dict[str, Any], chat_template: str,
+    *, name: str, source: str, revision: str,
+) -> None:
+    """Everything of a llava-hf directory beside config.json and the weights: tokenizer files,
+    preprocessor_config.json, chat_template.json (llava-hf's processor format) and ficoco_model.json."""
+    with _quiet_transformers():
+        tokenizer.save_pretrained(str(out))
+    (out / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2) + "\n")
+    meta = {"name": name, "source": source, "revision": revision, "build_version": BUILD_VERSION}
+    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @contextmanager

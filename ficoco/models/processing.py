@@ -182,11 +182,13 @@ def _tiny_corpus() -> list[str]:
     return lines
 
 
-def _build_tiny_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerBase:
+def _build_tiny_tokenizer(vocab_size: int = 1000, pad_vocab_to: int | None = None) -> PreTrainedTokenizerBase:
     """ByteLevel BPE trained on the embedded corpus (deterministic), with LLaVA/Llama-style special tokens.
 
     Ids: <unk> 0, <s> 1 (BOS, prepended on encode), </s> 2 (EOS), trained merges, then <image> and <pad>
     appended after the trained vocabulary (as llava-hf appends 32000/32001 to Vicuna's 32000).
+    `pad_vocab_to`: fill the vocabulary with never-produced `<unused_i>` entries up to that size first, so
+    <image> and <pad> land where a real checkpoint's config puts them (32000 / 32001 for LLaVA-1.5).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -203,6 +205,16 @@ def _build_tiny_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerBase:
     )
     corpus = [ln.replace(IMAGE_TOKEN, "") for ln in _tiny_corpus()]
     tok.train_from_iterator(corpus, trainer=trainer)
+    if pad_vocab_to is not None:
+        import json
+
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        if len(vocab) > pad_vocab_to:
+            raise ValueError(f"the trained vocabulary has {len(vocab)} entries, more than pad_vocab_to={pad_vocab_to}")
+        for i in range(len(vocab), pad_vocab_to):
+            vocab[f"<unused_{i}>"] = i
+        tok = Tokenizer.from_str(json.dumps(spec))
     tok.add_special_tokens(
         [
             AddedToken(IMAGE_TOKEN, special=True, normalized=False),

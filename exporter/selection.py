@@ -126,10 +126,12 @@ def compare_steps(
 
 @dataclass
 class SelectionCheck:
-    """The flips of every reduction step of one sample (vision steps, then decoder steps)."""
+    """The flips of every reduction step of one sample (vision steps, then decoder steps), and the bundle's
+    kept sets as a `FollowedSelection` (None when a tower could not be probed) for the reference to follow."""
 
     steps: list[StepFlips]
     note: str = ""  # why some tower could not be probed
+    follow: Any = None  # ficoco.reduced_llava.FollowedSelection of the bundle's choices
 
     @property
     def total(self) -> int:
@@ -150,22 +152,29 @@ class SelectionChecker:
     (`calibration.selection.ProbeStages`); `vision` is the vision encoder's probe.
     """
 
-    def __init__(self, onnx_dir: str | Path, threads: int | None = None) -> None:
+    def __init__(self, onnx_dir: str | Path, threads: int | None = None, *, segments: Any = None,
+                 keep_loaded: bool = True) -> None:
         from exporter.probe import ProbeStages
 
-        self.stages = ProbeStages(Path(onnx_dir), threads=threads)
+        self.stages = ProbeStages(Path(onnx_dir), threads=threads, segments=segments, keep_loaded=keep_loaded)
         self.vision = self.stages.vision
 
     def check(self, reduced: Any, pixel_values: Tensor, text_embeds: Tensor, image_offset: Tensor) -> SelectionCheck:
         """Kept sets of the bundle's graphs vs `reduced` (a fp32 `ReducedLlava`) on the same inputs.
 
-        The prefill graph gets the reference's visual tokens, so its flips are the decoder's own.
+        Vision: the graph and the reference on the same pixels. Decoder: both on the reference's visual tokens
+        computed with the *bundle's* vision kept sets (so the decoder's flips are its own, and these are
+        the visual tokens `compare_stages` hands the prefill when the reference follows the bundle).
+        `follow` holds the bundle's kept sets of both towers (None if either could not be probed).
         """
+        from ficoco.reduced_llava import FollowedSelection
+
         notes = []
         steps: list[StepFlips] = []
+        followed = True
         with torch.inference_mode():
             vis = reduced.encode_image(pixel_values)
-            pre = reduced.prefill(text_embeds, vis.visual, image_offset)
+        follow_vision: dict[int, Tensor] = {}
         g = reduced.geometry.vision
         patches = patch_pixels(pixel_values.float(), g.grid_side)
         b = int(pixel_values.shape[0])
@@ -178,6 +187,12 @@ class SelectionChecker:
             else:
                 _, kept = self.vision.run(_numpy_feeds(self.vision, {"pixel_values": pixel_values}))
                 steps += compare_steps("vision", vis.plans, kept, pos0, patches, sched.vision.method == "evit")
+                follow_vision = {blk: torch.as_tensor(np.asarray(k), dtype=torch.long) for blk, k in zip(sorted(vis.plans), kept, strict=True)}
+        followed = not vis.plans or bool(follow_vision)
+        follow_decoder: dict[int, Tensor] = {}
+        with torch.inference_mode():
+            vis = reduced.encode_image(pixel_values, FollowedSelection(vision=follow_vision))
+            pre = reduced.prefill(text_embeds, vis.visual, image_offset)
         if pre.plans:
             if not self.stages.usable or not self.stages.prefill_steps:
                 notes.append("decoder: the reduction graphs' nodes cannot be found (no node metadata); not measured")
@@ -186,4 +201,7 @@ class SelectionChecker:
                     self.stages.prefill(text_embeds, vis.visual, image_offset)
                 kept = self.stages.prefill_selection
                 steps += compare_steps("decoder", pre.plans, kept, vis.pos.cpu().numpy().astype(np.int64), patches)
-        return SelectionCheck(steps, "; ".join(notes))
+                follow_decoder = {blk: torch.as_tensor(np.asarray(k), dtype=torch.long) for blk, k in zip(sorted(pre.plans), kept, strict=True)}
+        followed = followed and (not pre.plans or bool(follow_decoder))
+        follow = FollowedSelection(follow_vision, follow_decoder) if followed else None
+        return SelectionCheck(steps, "; ".join(notes), follow)

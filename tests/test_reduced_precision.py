@@ -1,0 +1,116 @@
+"""Reduced precision as a first-class bundle kind: the fp32 reference of half-precision weights
+(`ficoco.upcast.fp32_compute`), the reference following a bundle's kept-token choices
+(`FollowedSelection`), the norm-ratio gate, and the fp16 export validation's gates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TEST_BUNDLE_REQUEST
+
+from bundle.compare import OutputGates, compare_output
+from ficoco.models import LoadedModel
+from ficoco.planner import ScheduleRequest
+from ficoco.reduced_llava import FollowedSelection, ReducedLlava
+from ficoco.upcast import fp32_compute
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(1, 3, 336, 336, generator=gen), torch.randint(3, 900, (1, 20), generator=gen), torch.tensor([5])
+
+
+def _reduced(model: torch.nn.Module, request: dict) -> ReducedLlava:
+    from ficoco.geometry import LlavaGeometry
+
+    return ReducedLlava(model, ScheduleRequest(**request).make(LlavaGeometry.from_config(model.config))).eval()
+
+
+def test_fp32_compute_is_the_fp32_arithmetic_of_half_weights(tiny: LoadedModel) -> None:
+    """fp16 weights computed under fp32_compute == the fp32 model holding the same (fp16-rounded) weights,
+    and the fp16 weights are bit-identical afterwards."""
+    half = copy.deepcopy(tiny.model).half()
+    rounded = copy.deepcopy(half).float()
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    request = {"variant": "VL", "ratio": 0.25, "layers": {"l_end": 7}}
+    r16, r32 = _reduced(half, request), _reduced(rounded, request)
+    px, ids, off = _inputs()
+    px = px.half().float()  # CLIP's embeddings cast the pixels to the patch weights' dtype
+    with torch.inference_mode():
+        want_v = r32.encode_image(px)
+        want = r32.prefill(r32.embed_text(ids), want_v.visual, off)
+        with fp32_compute(r16):
+            got_v = r16.encode_image(px)
+            got = r16.prefill(r16.embed_text(ids), got_v.visual, off)
+    assert got_v.visual.dtype == torch.float32 and got.logits.dtype == torch.float32
+    for b in want_v.plans:  # the same arithmetic makes the same choices
+        assert torch.equal(got_v.plans[b].kept, want_v.plans[b].kept)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+    after = half.state_dict()
+    assert all(after[k].dtype == torch.float16 and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_following_a_selection_makes_exactly_those_choices(tiny: LoadedModel) -> None:
+    red = _reduced(tiny.model, TEST_BUNDLE_REQUEST)
+    px, ids, off = _inputs()
+    with torch.inference_mode():
+        own_v = red.encode_image(px)
+        own = red.prefill(red.embed_text(ids), own_v.visual, off)
+        # following its own choices changes nothing but the order the sources are summed in (ascending
+        # instead of ranked): the same kept sets, outputs equal to float rounding
+        same = FollowedSelection({b: p.kept for b, p in own_v.plans.items()}, {b: p.kept for b, p in own.plans.items()})
+        v2 = red.encode_image(px, same)
+        p2 = red.prefill(red.embed_text(ids), v2.visual, off, same)
+        assert all(torch.equal(v2.plans[b].kept, p.kept) for b, p in own_v.plans.items())
+        assert all(torch.equal(p2.plans[b].kept, p.kept) for b, p in own.plans.items())
+        torch.testing.assert_close(v2.visual, own_v.visual, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p2.logits, own.logits, rtol=1e-4, atol=1e-4)
+        # following other choices: the first vision step keeps the span without its last r tokens
+        first = min(own_v.plans)
+        kept = own_v.plans[first].kept
+        n = int(red.schedule.vision.step_at(first).n)
+        other = torch.arange(kept.shape[1]).unsqueeze(0)
+        assert not torch.equal(other, kept)
+        forced = red.encode_image(px, FollowedSelection({first: other}))
+    assert torch.equal(forced.plans[first].kept, other) and n > kept.shape[1]
+    assert not torch.equal(forced.visual, own_v.visual)
+    with pytest.raises(ValueError, match="followed kept set has"):
+        red.encode_image(px, FollowedSelection({first: other[:, :-1]}))
+
+
+def test_norm_ratio_gate_catches_a_scaled_output() -> None:
+    ref = torch.randn(64)
+    gates = OutputGates(atol=0.0, rtol=0.0, check_error_stat="mean", gate_tolerance=False, min_cosine=0.99,
+                        max_norm_deviation=0.25)
+    scaled = compare_output("g:out", ref * 1.5, ref, gates)
+    assert scaled.cosine == pytest.approx(1.0) and scaled.norm_ratio == pytest.approx(1.5)
+    assert not scaled.passed  # right direction, wrong scale: cosine alone would pass it
+    near = compare_output("g:out", ref * 1.1, ref, gates)
+    assert near.passed and near.norm_ratio == pytest.approx(1.1)
+    assert compare_output("g:out", torch.zeros(4), torch.zeros(4), gates).norm_ratio == 1.0
+    assert not compare_output("g:out", torch.ones(4), torch.zeros(4), gates).passed  # ratio inf
+
+
+def test_reduced_precision_validation_follows_and_gates(tiny: LoadedModel, tiny_bundle) -> None:
+    """The fp16 validation path on the session's bundle (fp32 graphs: no flips, every cosine ~1); a gate
+    it cannot meet (cosine 1.0 exactly) fails loudly, naming the output and the gate."""
+    from bundle.manifest import load_manifest
+    from exporter.validate import ReducedPrecisionGates, ValidationError, validate_bundle_graphs
+    from ficoco.schedule import Schedule
+
+    m = load_manifest(tiny_bundle, verify=False)
+    red = ReducedLlava(tiny.model, Schedule.from_dict(m.schedule)).eval()
+    px, ids, _ = _inputs()
+    rep = validate_bundle_graphs(red, tiny_bundle / "onnx", px, ids, 5, atol=1e-4, rtol=1e-3, decode_steps=2,
+                                 reduced_precision=ReducedPrecisionGates(), keep_loaded=False)
+    assert rep["kind"] == "reduced_precision" and rep["followed"]
+    assert rep["selection"]["total"] == 0 and len(rep["selection"]["steps"]) == len(red.schedule.vision.steps) + len(red.schedule.decoder.steps)
+    assert rep["greedy"]["match_rate"] == 1.0
+    assert all(s["passed"] and s["min_cosine"] > 0.9999 for s in rep["stages"].values())
+    with pytest.raises(ValidationError, match=r"cosine .*\(>= 1\.0\)"):
+        validate_bundle_graphs(red, tiny_bundle / "onnx", px, ids, 5, atol=1e-4, rtol=1e-3, decode_steps=2,
+                               reduced_precision=ReducedPrecisionGates(min_cosine=1.0))
+    with pytest.raises(ValueError, match="--max-norm-deviation"):
+        ReducedPrecisionGates(max_norm_deviation=-1)
