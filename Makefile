@@ -86,7 +86,7 @@ EVAL_QUANT_IMAGES ?= 60
 eval-bundles: $(STAMP)
 	@set -e; b=$(SHAPES_BUNDLE); \
 	test -f $$b/manifest.json || $(BIN)/ficoco-export --model shapes --variant VL --ratio 0.25 -o $$b; \
-	test -f $$b-fp16/manifest.json || $(BIN)/ficoco-export --model shapes --variant VL --ratio 0.25 --precision fp16 --no-validate -o $$b-fp16; \
+	test -f $$b-fp16/manifest.json || $(BIN)/ficoco-export --model shapes --variant VL --ratio 0.25 --precision fp16 -o $$b-fp16; \
 	test -d out/calib-easy-vqa || $(BIN)/python -m commands.calib_set out/calib-easy-vqa --images 16; \
 	calib="--calib-images out/calib-easy-vqa/images --calib-prompts out/calib-easy-vqa/prompts.txt --calib-size 16"; \
 	test -f $$b-w4a8/manifest.json || $(BIN)/ficoco-quantize $$b -o $$b-w4a8 --vision int8 --decoder int4-weight $$calib; \

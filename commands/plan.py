@@ -64,9 +64,9 @@ _EXPORT = export_defaults()
               help="--memory: weight, KV and activation precision (4 / 2 / 2 bytes per element); the default is ficoco-export's.")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=_EXPORT["max_batch_size"], show_default=True,
               help="--memory: largest batch (sequences) the bundle accepts; the default is ficoco-export's.")
-@click.option("--max-text-len", type=click.IntRange(min=1), default=_EXPORT["max_text_len"], show_default=True,
+@click.option("--max-text-len", type=click.IntRange(min=2), default=_EXPORT["max_text_len"], show_default=True,
               help="--memory: largest prompt in text tokens, visual tokens not counted; the default is ficoco-export's.")
-@click.option("--max-new-tokens", type=click.IntRange(min=0), default=_EXPORT["max_new_tokens"], show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=_EXPORT["max_new_tokens"], show_default=True,
               help="--memory: most generated tokens, in tokens (sizes the KV cache); the default is ficoco-export's.")
 @click.option("--quant-vision", type=click.Choice(["none", "int8"], case_sensitive=False), default="none", show_default=True,
               help="--memory: the vision weights as `ficoco-quantize --vision` leaves them (int8: per-channel INT8).")

@@ -121,6 +121,8 @@ def test_pipeline_refuses_a_question_that_is_not_a_string(tiny_bundle: Path) -> 
     (["--max-batch-size", "0"], "--max-batch-size"),
     (["--workspace", "-5"], "--workspace"),
     (["--precision", "fp8"], "--precision"),
+    (["--max-text-len", "1"], "--max-text-len"),  # what ficoco-export refuses, the plan refuses too
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
 ])
 def test_ficoco_plan_memory_refuses_bad_limits(extra: list[str], words: str) -> None:
     from commands.plan import main as plan_main
@@ -134,6 +136,9 @@ def test_ficoco_plan_memory_refuses_bad_limits(extra: list[str], words: str) -> 
     (["--atol", "-1"], "--atol must be a finite number >= 0"),
     (["--rtol", "nan"], "--rtol must be a finite number >= 0"),
     (["--max-new-tokens", "100000000"], "more than the decoder's context of 4096"),
+    (["--max-norm-deviation", "-0.5"], "--max-norm-deviation must be a finite number >= 0"),
+    (["--min-cosine", "1.5"], "--min-cosine is a cosine similarity in [-1, 1]"),
+    (["--min-token-match", "2"], "--min-token-match is a rate in [0, 1]"),
 ])
 def test_ficoco_export_checks_options_before_any_work(tmp_path: Path, extra: list[str], words: str) -> None:
     import time

@@ -222,17 +222,21 @@ def test_thresholds_follow_the_bundle_kind(tiny_bundle: Path) -> None:
     assert resolve_thresholds(kind("fp32", {}), CheckOptions()) == DEFAULT_THRESHOLDS["fp32"]
 
 
-def test_report_judges_cosine_gate() -> None:
+@pytest.mark.parametrize(("cosine", "ratio", "words"), [
+    (0.95, 1.0, "cosine 0.950000 < 0.99"),
+    (0.999, 1.4, "norm ratio 1.4000 (|ratio - 1| > 0.25)"),  # right direction, wrong scale
+])
+def test_report_judges_cosine_and_norm_ratio_gates(cosine: float, ratio: float, words: str) -> None:
     from engines.check import OutputComparison, ReductionCost, SampleResult
 
     t = DEFAULT_THRESHOLDS["quantized"]
-    comp = OutputComparison("vision_encoder:visual_tokens", [1, 2], 1.0, 0.5, 0.5, 2.0, 0.95, False, False)
+    comp = OutputComparison("vision_encoder:visual_tokens", [1, 2], 1.0, 0.5, 0.5, 2.0, cosine, ratio, False, False)
     tokens = token_agreement([1, 2], [1, 2])
     report = CheckReport("b", "onnxruntime", "cpu", "quantized", t, 2, {}, [
         SampleResult("img", "q", [comp], tokens, ReductionCost(0.1, True, tokens), 0.0)
     ], {})
     report.judge()
-    assert not report.passed and "cosine 0.950000 < 0.99" in report.failures[0]
+    assert not report.passed and words in report.failures[0]
     assert "vision_encoder:visual_tokens" in report.to_markdown()
 
 

@@ -331,3 +331,27 @@ def test_smol_forward_and_generate(smol: LoadedModel) -> None:
     new = gen[0, ids.shape[1] :]
     assert new.tolist() == [1348, 314, 253, 8170, 1183, 282, 253, 8170]  # seed 0's greedy answer
     assert smol.tokenizer.decode(new, skip_special_tokens=True) == "This is a classic example of a classic"
+
+
+def test_random_checkpoint_written_tensor_by_tensor_loads_as_the_same_weights(tiny: LoadedModel, tmp_path) -> None:
+    """`write_random_checkpoint` draws each tensor as `init_peaky_` would (same seed -> the tiny model's
+    weights), shards them, and writes a llava-hf directory `load_model` reads; the padded tokenizer puts
+    <image> where the config says."""
+    import json
+
+    from ficoco.models.processing import _build_tiny_tokenizer
+    from ficoco.models.seeded import write_random_checkpoint
+
+    out = write_random_checkpoint(tiny.model.config, tmp_path / "ck", dtype=torch.float32, seed=0, shard_bytes=1 << 20)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    loaded = load_model(str(out))
+    a, b = tiny.model.state_dict(), loaded.model.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.tokenizer.convert_tokens_to_ids("<image>") == tiny.model.config.image_token_id
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_random_checkpoint(tiny.model.config, out)
+    padded = _build_tiny_tokenizer(pad_vocab_to=32000)
+    assert padded.convert_tokens_to_ids("<image>") == 32000 and padded.convert_tokens_to_ids("<pad>") == 32001
+    assert padded("a red circle").input_ids == _build_tiny_tokenizer()("a red circle").input_ids
