@@ -6,7 +6,8 @@ model doubles its memory (LLaVA-1.5-7B: 14 GB in fp16, 28 GB in fp32), which a 2
 LayerNorm, RMSNorm, ...) just before it runs and casts it back right after: its floating inputs are cast
 to fp32 and its outputs stay fp32, so every operation between the layers (attention, RoPE, the reduction
 statistics) also runs in fp32. The largest extra allocation is one module's fp32 weights (the 7B's
-lm_head: 0.5 GB). fp16 -> fp32 -> fp16 is exact, so the model's weights are unchanged afterwards.
+lm_head: 0.5 GB). The original half-precision tensors are put back after each call (not re-cast), so the
+weights are unchanged and a memory-mapped checkpoint stays one mapped copy.
 """
 
 from __future__ import annotations
@@ -39,21 +40,25 @@ def fp32_compute(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     handles = []
-    stored: dict[int, dict[str, torch.dtype]] = {}
+    stored: dict[int, dict[str, Tensor]] = {}
 
     def before(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        dtypes = {}
+        originals = {}
         for name, p in mod.named_parameters(recurse=False):
             if p.is_floating_point() and p.dtype != torch.float32:
-                dtypes[name] = p.dtype
+                originals[name] = p.data
                 p.data = p.data.float()
-        stored[id(mod)] = dtypes
+        stored[id(mod)] = originals
         return _to_fp32(args), {k: _to_fp32(v) for k, v in kwargs.items()}
 
+    def restore(mod: nn.Module) -> None:
+        # the original tensors go back, not a new cast of the fp32 copy: a checkpoint memory-mapped from
+        # safetensors stays mapped instead of gaining a second, anonymous copy of every weight
+        for name, original in stored.pop(id(mod), {}).items():
+            mod.get_parameter(name).data = original
+
     def after(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        for name, dtype in stored.pop(id(mod), {}).items():
-            p = mod.get_parameter(name)
-            p.data = p.data.to(dtype)
+        restore(mod)
         return output
 
     try:
@@ -65,6 +70,4 @@ def fp32_compute(model: nn.Module) -> Iterator[nn.Module]:
         for h in handles:
             h.remove()
         for m in leaves:  # a forward interrupted by an error leaves a module upcast: restore it
-            for name, dtype in stored.pop(id(m), {}).items():
-                p = m.get_parameter(name)
-                p.data = p.data.to(dtype)
+            restore(m)
