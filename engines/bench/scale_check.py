@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-steps", type=int, default=2, help="validation decode steps [default: 2]")
     ap.add_argument("--json", type=Path, default=Path("reports/scale-check.json"))
     ap.add_argument("--md", type=Path, default=Path("reports/scale-check.md"))
+    ap.add_argument("--checkpoint-only", action="store_true", help="stop after the checkpoint phase")
     ap.add_argument("--write-checkpoint", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.write_checkpoint:
@@ -198,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         write_atomic(args.json, json.dumps(report, indent=2) + "\n", make_parents=True)
         write_atomic(args.md, to_markdown(report), make_parents=True)
 
+    if args.json.is_file() and (args.checkpoint / "config.json").is_file():  # keep the phase that wrote the checkpoint
+        earlier = json.loads(args.json.read_text()).get("phases", {}).get("checkpoint")
+        if earlier:
+            report["phases"]["checkpoint"] = {**earlier, "reused": "measured by the run that wrote it"}
     if not (args.checkpoint / "config.json").is_file():
         report["phases"]["checkpoint"] = Phase("checkpoint", [sys.executable, "-m", "engines.bench.scale_check",
                                                               "--write-checkpoint", str(args.checkpoint)]).run()
@@ -205,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         if report["phases"]["checkpoint"]["exit_code"] != 0:
             return 1
     report["checkpoint_bytes"] = _dir_bytes(args.checkpoint)
+    if args.checkpoint_only:
+        save()
+        return 0
     report["plan"] = _plan(args.checkpoint)
     save()
     if not (args.bundle / "manifest.json").is_file():
