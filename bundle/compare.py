@@ -45,6 +45,9 @@ ERROR_STATS = ("elemwise", "mean", "median", "max")
 ALLCLOSE = "allclose"
 TOLERANCE_RULES = (*ERROR_STATS, ALLCLOSE)
 
+#: The near-tie margin of reduced-precision gates, in logit standard deviations (`forced_agreement`).
+TIE_MARGIN = 0.05
+
 _EPS = float(np.finfo(np.float64).eps)  # stands in for |ref| where ref is 0 in the relative error
 
 ArrayLike = Tensor | np.ndarray
@@ -301,3 +304,63 @@ def token_agreement(tokens: Sequence[int], reference: Sequence[int]) -> TokenAgr
     same = [i < len(a) and i < len(b) and a[i] == b[i] for i in range(n)]
     first = next((i for i, s in enumerate(same) if not s), None)
     return TokenAgreement(sum(same) / n if n else 1.0, first, a, b)
+
+
+@dataclass
+class ForcedAgreement:
+    """A candidate's next-token choices against a reference's greedy path, on equal prefixes (one sample).
+
+    Both backends are driven along the reference's own greedy tokens (`ficoco.generation.forced_logits`),
+    so position t compares two argmaxes over the same prefix, however the free-running paths would have
+    drifted apart after a first flip. A mismatch is a *near-tie* when the reference itself barely preferred
+    its token over the candidate's: its margin z_ref[t, y_t] - z_ref[t, c_t], in units of the standard
+    deviation of z_ref[t] over the vocabulary (scale-free, as half precision's rounding is), is at most
+    `tie_margin`. `rate` counts matches and near-ties; every other mismatch (and every row of the candidate
+    that is not finite) is a real disagreement.
+    """
+
+    positions: int
+    matches: int
+    near_ties: int
+    tie_margin: float
+    first_disagreement: int | None  # first position that is neither a match nor a near-tie
+    worst_margin: float | None  # the largest relative reference margin among the mismatches
+    candidate: list[int]  # the candidate's argmax at each position
+    reference_tokens: list[int]
+
+    @property
+    def rate(self) -> float:
+        return (self.matches + self.near_ties) / self.positions if self.positions else 1.0
+
+    @property
+    def exact_rate(self) -> float:
+        return self.matches / self.positions if self.positions else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rate": self.rate, "exact_rate": self.exact_rate}
+
+
+def forced_agreement(got_logits: ArrayLike, ref_logits: ArrayLike, reference_tokens: Sequence[int], tie_margin: float) -> ForcedAgreement:
+    """Judge `got_logits` [n, V] against `ref_logits` [n, V], the reference's logits along its greedy tokens
+    `reference_tokens` (y_t = argmax ref_logits[t]); see `ForcedAgreement`. Float64 throughout."""
+    g, r = _f64(got_logits), _f64(ref_logits)
+    if g.ndim != 2 or g.shape != r.shape:
+        raise ValueError(f"forced agreement needs two [n, vocab] logit arrays of one shape (got {g.shape} and {r.shape})")
+    y = np.asarray(list(map(int, reference_tokens)), dtype=np.int64)
+    if y.shape != (g.shape[0],):
+        raise ValueError(f"{len(y)} reference tokens for {g.shape[0]} logit rows")
+    if not (math.isfinite(tie_margin) and tie_margin >= 0):
+        raise ValueError(f"the tie margin is a finite number >= 0 of logit standard deviations (got {tie_margin})")
+    c = g.argmax(axis=-1) if g.size else np.zeros(0, dtype=np.int64)
+    rows = np.arange(len(y))
+    margin = (r[rows, y] - r[rows, c]) / np.maximum(r.std(axis=-1), _EPS) if len(y) else np.zeros(0)
+    finite = np.isfinite(g).all(axis=-1)  # a row with a NaN / inf is a disagreement, never a match or a tie
+    miss = (c != y) | ~finite
+    tie = miss & finite & (margin <= tie_margin)
+    real = np.flatnonzero(miss & ~tie)
+    return ForcedAgreement(
+        positions=len(y), matches=int((~miss).sum()), near_ties=int(tie.sum()), tie_margin=float(tie_margin),
+        first_disagreement=int(real[0]) if real.size else None,
+        worst_margin=float(margin[miss].max()) if miss.any() else None,
+        candidate=c.tolist(), reference_tokens=y.tolist(),
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from bundle.compare import ERROR_STATS
+from bundle.compare import ERROR_STATS, TIE_MARGIN
 from commands.common import CONTEXT, run_command
 from engines.check.levels import TASK_IMAGES, TASK_MODELS
 from engines.check.options import (
@@ -37,7 +37,9 @@ from engines.check.runner import run_check
 @click.option("--check-error-stat", type=click.Choice(list(ERROR_STATS)), help="Error statistic the stage check compares with atol/rtol, as Polygraphy: elemwise (every element within atol OR rtol), or mean/median/max error within atol OR rtol [default: elemwise fp32, mean fp16 and quantized]. Given for a quantized bundle, it turns the tolerance gate on.")
 @click.option("--min-cosine", type=float, help="Least cosine similarity of every stage output to PyTorch [default: off for fp32, 0.99 for fp16 and quantized bundles, which are judged by it].")
 @click.option("--max-norm-deviation", type=float, help="Largest |norm ratio - 1| of every stage output, the ratio being ||bundle|| / ||PyTorch|| [default: off for fp32, 0.25 for fp16 and quantized bundles].")
-@click.option("--min-token-match", type=float, help="Least exact-match rate of the backend's greedy tokens vs the reduced PyTorch model, over all positions of all samples [default: 1.0 fp32, 0.5 fp16 and quantized].")
+@click.option("--min-token-match", type=float, help="Least exact-match rate of the backend's free-running greedy tokens vs the reduced PyTorch model, over all positions of all samples [default: 1.0 fp32, 0.5 quantized; fp16: reported, not gated].")
+@click.option("--min-forced-match", type=float, help="Least share of the reference's greedy positions where the backend, given the same prefix, picks the same token or a near-tie (see --tie-margin) [default: 1.0 fp16; fp32 and quantized: reported, not gated].")
+@click.option("--tie-margin", type=float, help=f"A different teacher-forced pick is a near-tie when the reference preferred its own token by at most this many standard deviations of its logits over the vocabulary [default: 0 fp32, {TIE_MARGIN:g} fp16 and quantized].")
 @click.option("--max-kl", type=float, help="Fail when the mean first-token KL(p_unreduced || p_reduced), in nats, exceeds this [default: informational, no gate].")
 @click.option("--min-reduction-agreement", type=float, help="Fail when the greedy token agreement of the reduced vs the unreduced PyTorch model (rate in [0, 1]) is below this [default: informational, no gate].")
 @click.option("--task-images", type=int, help=f"Level 4: answer the questions of this many easy-vqa test images per split (easy-vqa, mosaic) with the bundle and with PyTorch; 0 turns it off [default: {TASK_IMAGES} for a model trained on easy-vqa ({', '.join(TASK_MODELS)}), else 0].")
@@ -67,7 +69,8 @@ def _check(bundle: Path, kw: dict[str, Any]) -> None:
         backend=kw["backend"], ort_provider=kw["ort_provider"], device=int(kw["device"]), threads=kw["threads"],
         model=kw["model"], images=kw["images"], prompts=kw["prompts"], num_samples=kw["num_samples"],
         max_new_tokens=kw["max_new_tokens"], atol=kw["atol"], rtol=kw["rtol"], check_error_stat=kw["check_error_stat"],
-        min_cosine=kw["min_cosine"], max_norm_deviation=kw["max_norm_deviation"], min_token_match=kw["min_token_match"], max_kl=kw["max_kl"],
+        min_cosine=kw["min_cosine"], max_norm_deviation=kw["max_norm_deviation"], min_token_match=kw["min_token_match"],
+        min_forced_match=kw["min_forced_match"], tie_margin=kw["tie_margin"], max_kl=kw["max_kl"],
         min_reduction_agreement=kw["min_reduction_agreement"], task_images=kw["task_images"],
         max_accuracy_drop=kw["max_accuracy_drop"], verify=not kw["no_verify"], verbose=bool(kw["verbose"]),
     )

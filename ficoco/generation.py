@@ -93,3 +93,31 @@ def decode_tokens(
         logits, past = model.step(model.embed(nxt[:, None]), position, past)
         position = position + 1
     return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(b, 0)
+
+
+def forced_logits(
+    model: DecoderStages,
+    visual: Tensor,
+    input_ids: Tensor,
+    image_offset: Tensor | int,
+    tokens: Tensor,
+    prefilled: tuple[Tensor, list[Tensor]] | None = None,
+) -> Tensor:
+    """Teacher forcing: the next-token logits [B, n, V] before each of `tokens` [B, n], every one given the
+    same prefix (the prompt, then tokens[:, :t]) whatever the model itself would have chosen.
+
+    Row t is the distribution the model puts on position T + n_V + t. Two backends driven along one token
+    path are compared position by position on equal prefixes, which free-running greedy decoding cannot
+    do once the two have chosen differently (`bundle.compare.forced_agreement`). Positions and stepping are
+    those of `decode_tokens`, so row t of a model's own greedy path is exactly the logits it chose from.
+    """
+    b, n = tokens.shape
+    offset = torch.as_tensor(image_offset, dtype=torch.long).reshape(-1).expand(b).contiguous()
+    logits, past = prefilled if prefilled is not None else model.prefill(model.embed(input_ids), visual, offset)
+    position = torch.full((b,), input_ids.shape[1] + visual.shape[1], dtype=torch.long)
+    rows = [logits.float()]
+    for t in range(n - 1):
+        logits, past = model.step(model.embed(tokens[:, t : t + 1].to(logits.device)), position, past)
+        rows.append(logits.float())
+        position = position + 1
+    return torch.stack(rows, dim=1) if n else logits.float().new_zeros(b, 0, logits.shape[-1])

@@ -91,6 +91,9 @@ def test_check_passes_on_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
     assert greedy["match_rate"] == 1.0 and greedy["first_divergence"] is None and greedy["identical_samples"] == 2
     for s in report["samples"]:
         assert len(s["greedy"]["tokens"]) == 6 and s["greedy"]["tokens"] == s["greedy"]["reference_tokens"]
+        assert s["forced"]["candidate"] == s["greedy"]["reference_tokens"]  # teacher-forced: the same choices
+    forced = report["aggregate"]["forced"]
+    assert (forced["positions"], forced["matches"], forced["near_ties"]) == (12, 12, 0) and not forced["gated"]
     # level 3: informational, sane
     red = report["aggregate"]["reduction"]
     assert not red["gated"] and red["passed"]
@@ -214,7 +217,9 @@ def test_thresholds_follow_the_bundle_kind(tiny_bundle: Path) -> None:
     fp32 = resolve_thresholds(kind("fp32"), CheckOptions())
     assert fp32 == DEFAULT_THRESHOLDS["fp32"] and fp32.gate_tolerance and fp32.min_cosine is None
     fp16 = resolve_thresholds(kind("fp16"), CheckOptions())
-    assert fp16.atol > fp32.atol and fp16.min_token_match < 1.0
+    assert fp16.atol > fp32.atol and fp16.min_token_match is None  # free-running tokens: reported
+    assert fp16.min_forced_match == 1.0 and fp16.tie_margin > 0 and fp32.min_forced_match is None
+    assert resolve_thresholds(kind("fp16"), CheckOptions(min_token_match=0.5, tie_margin=0.0)).min_token_match == 0.5
     q = resolve_thresholds(kind("fp16", {"mode": "int8"}), CheckOptions())
     assert not q.gate_tolerance and q.min_cosine == 0.99 and q.min_token_match == 0.5
     q2 = resolve_thresholds(kind("fp32", {"mode": "int8"}), CheckOptions(atol=1e-2, min_cosine=0.9))
@@ -238,6 +243,34 @@ def test_report_judges_cosine_and_norm_ratio_gates(cosine: float, ratio: float, 
     report.judge()
     assert not report.passed and words in report.failures[0]
     assert "vision_encoder:visual_tokens" in report.to_markdown()
+
+
+def test_report_gates_teacher_forced_tokens_and_not_free_running_for_fp16() -> None:
+    """fp16: a free-running path that drifted after a near-tie flip passes; a real teacher-forced
+    disagreement fails, naming the counts and the margin."""
+    from bundle.compare import forced_agreement
+    from engines.check import ReductionCost, SampleResult
+
+    t = DEFAULT_THRESHOLDS["fp16"]
+    ref = np.array([[3.0, 0.0, 0.0, 0.0], [0.0, 3.0, 2.99, 0.0], [0.0, 0.0, 3.0, 0.0]])
+    drifted = token_agreement([0, 2, 3], [0, 1, 2])  # free-running: diverged after the near-tie at step 1
+
+    def judged(got: np.ndarray) -> CheckReport:
+        forced = forced_agreement(got, ref, [0, 1, 2], t.tie_margin)
+        r = CheckReport("b", "onnxruntime", "cpu", "fp16", t, 3, {}, [
+            SampleResult("img", "q", [], drifted, ReductionCost(0.1, True, drifted), 0.0, None, forced)], {})
+        r.judge()
+        return r
+
+    tie = judged(np.array([[3.0, 0, 0, 0], [0, 2.99, 3.0, 0], [0, 0, 3.0, 0]]))
+    assert tie.passed, tie.failures
+    fs = tie.forced_summary()
+    assert fs is not None and (fs["matches"], fs["near_ties"], fs["rate"]) == (2, 1, 1.0) and fs["gated"]
+    assert not tie.greedy_summary()["gated"] and "| teacher-forced tokens" in tie.to_markdown()
+    real = judged(np.array([[3.0, 0, 0, 0], [0, 2.99, 3.0, 0], [0, 4.0, 3.0, 0]]))  # step 2 picks a far token
+    assert not real.passed and len(real.failures) == 1
+    assert "teacher-forced tokens: 1 matches + 1 near-ties of 3 = 0.667 < --min-forced-match 1" in real.failures[0]
+    assert "first real disagreement at step 2" in real.failures[0]
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -108,9 +108,56 @@ def test_reduced_precision_validation_follows_and_gates(tiny: LoadedModel, tiny_
     assert rep["kind"] == "reduced_precision" and rep["followed"]
     assert rep["selection"]["total"] == 0 and len(rep["selection"]["steps"]) == len(red.schedule.vision.steps) + len(red.schedule.decoder.steps)
     assert rep["greedy"]["match_rate"] == 1.0
+    assert rep["forced"]["rate"] == 1.0 and rep["forced"]["positions"] == 2 == rep["forced"]["matches"]
+    assert rep["forced"]["samples"][0]["candidate"] == rep["greedy"]["tokens"][0]
     assert all(s["passed"] and s["min_cosine"] > 0.9999 for s in rep["stages"].values())
     with pytest.raises(ValidationError, match=r"cosine .*\(>= 1\.0\)"):
         validate_bundle_graphs(red, tiny_bundle / "onnx", px, ids, 5, atol=1e-4, rtol=1e-3, decode_steps=2,
                                reduced_precision=ReducedPrecisionGates(min_cosine=1.0))
     with pytest.raises(ValueError, match="--max-norm-deviation"):
         ReducedPrecisionGates(max_norm_deviation=-1)
+    with pytest.raises(ValueError, match="--tie-margin"):
+        ReducedPrecisionGates(tie_margin=float("nan"))
+    with pytest.raises(ValueError, match="--min-forced-match"):
+        ReducedPrecisionGates(min_forced_match=1.5)
+
+
+def test_forced_agreement_counts_matches_near_ties_and_real_disagreements() -> None:
+    """Margins are in standard deviations of the reference row: scaling both logit arrays changes nothing."""
+    from bundle.compare import forced_agreement
+
+    ref = torch.tensor([[4.0, 1.0, 0.0, 0.0], [1.0, 2.0, 1.98, 0.0], [0.0, 3.0, 0.0, 2.0]])
+    got = torch.tensor([[4.0, 1.0, 0.0, 0.0], [1.0, 1.97, 2.0, 0.0], [0.0, 2.0, 0.0, 3.0]])
+    for scale in (1.0, 40.0):
+        f = forced_agreement(got * scale, ref * scale, [0, 1, 1], tie_margin=0.05)
+        assert (f.matches, f.near_ties, f.first_disagreement, f.candidate) == (1, 1, 2, [0, 2, 3])
+        std = float(ref[2].double().std(unbiased=False))
+        assert f.worst_margin == pytest.approx(1.0 / std) and f.rate == pytest.approx(2 / 3)
+    assert forced_agreement(got, ref, [0, 1, 1], tie_margin=0.0).near_ties == 0  # no excuse at margin 0
+    assert forced_agreement(got, ref, [0, 1, 1], tie_margin=10.0).rate == 1.0
+    nan = got.clone()
+    nan[0, 1] = float("nan")
+    assert forced_agreement(nan, ref, [0, 1, 1], 10.0).first_disagreement == 0  # a NaN row is never excused
+    with pytest.raises(ValueError, match="reference tokens"):
+        forced_agreement(got, ref, [0, 1], 0.05)
+    with pytest.raises(ValueError, match="tie margin"):
+        forced_agreement(got, ref, [0, 1, 1], -1.0)
+
+
+def test_forced_logits_follow_the_given_path(tiny: LoadedModel) -> None:
+    """Along the model's own greedy tokens, teacher forcing returns the logits it chose from; along another
+    path, the first row (the prefill's) is the same and the later rows see the other prefix."""
+    from ficoco.generation import decode_tokens, forced_logits
+
+    red = _reduced(tiny.model, TEST_BUNDLE_REQUEST)
+    px, ids, off = _inputs()
+    st = red.stages()
+    with torch.inference_mode():
+        visual = st.encode_image(px)
+        own = decode_tokens(st, visual, ids, off, 4)
+        rows = forced_logits(st, visual, ids, off, own)
+        other = (own + 1) % rows.shape[-1]
+        rows_other = forced_logits(st, visual, ids, off, other)
+    assert rows.shape == (1, 4, tiny.model.config.text_config.vocab_size)
+    assert torch.equal(rows.argmax(-1), own)
+    assert torch.equal(rows_other[:, 0], rows[:, 0]) and not torch.allclose(rows_other[:, 1:], rows[:, 1:])

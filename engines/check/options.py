@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bundle.compare import ERROR_STATS, OutputGates
+from bundle.compare import ERROR_STATS, TIE_MARGIN, OutputGates
 from bundle.manifest import Manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -30,19 +30,26 @@ class Thresholds:
 
     A stage output passes when (if `gate_tolerance`) it is within `atol`/`rtol` by Polygraphy's
     `check_error_stat` semantics (`bundle.compare`), and (if `min_cosine` is set) its cosine similarity
-    to PyTorch is at least `min_cosine`. Greedy tokens pass when the overall exact-match rate is >=
-    `min_token_match`. `max_kl` (mean first-token KL over samples) and `min_reduction_agreement`
+    to PyTorch is at least `min_cosine`. Free-running greedy tokens pass when the overall exact-match rate
+    is >= `min_token_match`; teacher-forced tokens (`bundle.compare.forced_agreement`: the bundle's choice
+    on the reference's own prefix, a mismatch whose reference margin is <= `tie_margin` logit standard
+    deviations counting as a near-tie) when their rate is >= `min_forced_match`. None: reported, not
+    gated. `max_kl` (mean first-token KL over samples) and `min_reduction_agreement`
     (overall greedy agreement of reduced vs unreduced PyTorch) gate level 3 only when set.
     """
 
     atol: float
     rtol: float
     check_error_stat: str
-    min_token_match: float
+    min_token_match: float | None
     gate_tolerance: bool = True
     min_cosine: float | None = None
     #: |norm ratio - 1| of every stage output at most this (None: off)
     max_norm_deviation: float | None = None
+    #: teacher-forced token agreement, near-ties counted as agreeing (None: reported, not gated)
+    min_forced_match: float | None = None
+    #: a mismatch is a near-tie when the reference's margin is at most this many logit standard deviations
+    tie_margin: float = 0.0
     max_kl: float | None = None
     min_reduction_agreement: float | None = None
     #: level 4: the bundle's answer accuracy may fall at most this much (a fraction) below PyTorch's
@@ -57,19 +64,22 @@ class Thresholds:
         return asdict(self)
 
 
-#: Defaults per bundle kind. fp32: the exporter's own validation tolerances, identical tokens.
+#: Defaults per bundle kind. fp32: the exporter's own validation tolerances, identical free-running tokens.
 #: fp16: the stage outputs (against the reference making the bundle's kept-token choices) by cosine >= 0.99
 #: and |norm ratio - 1| <= 0.25 (TensorRT Edge-LLM's gates; an absolute tolerance means nothing across
-#: outputs of different scales, so it is reported, not gated, unless --atol/--rtol is given); half the
-#: greedy tokens must match, answers may drop one point. quantized (a non-empty manifest "quantization"): cosine
-#: and norm ratio only.
+#: outputs of different scales, so it is reported, not gated, unless --atol/--rtol is given); every
+#: teacher-forced token must match or be a near-tie (TIE_MARGIN), free-running tokens are reported (after a
+#: first near-tie flip the two paths leave each other's prefix, and what follows measures the model's
+#: chaos, not the bundle); answers may drop one point. quantized (a non-empty manifest "quantization"):
+#: cosine and norm ratio, half the free-running tokens; teacher-forced tokens reported.
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(atol=1e-4, rtol=1e-3, check_error_stat="elemwise", min_token_match=1.0),
-    "fp16": Thresholds(atol=5e-2, rtol=5e-2, check_error_stat="mean", min_token_match=0.5, gate_tolerance=False,
-                       min_cosine=0.99, max_norm_deviation=0.25, max_accuracy_drop=0.01),
+    "fp16": Thresholds(atol=5e-2, rtol=5e-2, check_error_stat="mean", min_token_match=None, gate_tolerance=False,
+                       min_cosine=0.99, max_norm_deviation=0.25, min_forced_match=1.0, tie_margin=TIE_MARGIN,
+                       max_accuracy_drop=0.01),
     "quantized": Thresholds(
         atol=5e-2, rtol=5e-2, check_error_stat="mean", min_token_match=0.5, gate_tolerance=False, min_cosine=0.99,
-        max_norm_deviation=0.25, max_accuracy_drop=0.02,
+        max_norm_deviation=0.25, tie_margin=TIE_MARGIN, max_accuracy_drop=0.02,
     ),
 }
 
@@ -101,6 +111,8 @@ class CheckOptions:
     min_cosine: float | None = None
     max_norm_deviation: float | None = None
     min_token_match: float | None = None
+    min_forced_match: float | None = None
+    tie_margin: float | None = None
     max_kl: float | None = None
     min_reduction_agreement: float | None = None
     #: level 4: easy-vqa test images per split whose questions are answered (None: TASK_IMAGES for a model
@@ -115,10 +127,11 @@ class CheckOptions:
         """CheckInputError naming the bad option and the valid range."""
         if self.check_error_stat is not None and self.check_error_stat not in ERROR_STATS:
             raise CheckInputError(f"--check-error-stat must be one of {', '.join(ERROR_STATS)} (got {self.check_error_stat!r})")
-        for name, v in (("--atol", self.atol), ("--rtol", self.rtol), ("--max-kl", self.max_kl)):
+        for name, v in (("--atol", self.atol), ("--rtol", self.rtol), ("--max-kl", self.max_kl), ("--tie-margin", self.tie_margin)):
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise CheckInputError(f"{name} must be a finite number >= 0 (got {v})")
-        for name, v in (("--min-token-match", self.min_token_match), ("--min-reduction-agreement", self.min_reduction_agreement)):
+        for name, v in (("--min-token-match", self.min_token_match), ("--min-forced-match", self.min_forced_match),
+                        ("--min-reduction-agreement", self.min_reduction_agreement)):
             if v is not None and not 0.0 <= v <= 1.0:
                 raise CheckInputError(f"{name} is a rate in [0, 1] (got {v})")
         if self.max_norm_deviation is not None and not (self.max_norm_deviation >= 0 and math.isfinite(self.max_norm_deviation)):
@@ -152,6 +165,8 @@ def resolve_thresholds(manifest: Manifest, options: CheckOptions) -> Thresholds:
         max_norm_deviation=(t.max_norm_deviation if options.max_norm_deviation is None
                             else float(options.max_norm_deviation)),
         min_token_match=t.min_token_match if options.min_token_match is None else float(options.min_token_match),
+        min_forced_match=t.min_forced_match if options.min_forced_match is None else float(options.min_forced_match),
+        tie_margin=t.tie_margin if options.tie_margin is None else float(options.tie_margin),
         max_kl=options.max_kl,
         min_reduction_agreement=options.min_reduction_agreement,
         max_accuracy_drop=t.max_accuracy_drop if options.max_accuracy_drop is None else float(options.max_accuracy_drop),

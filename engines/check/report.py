@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bundle.compare import OutputComparison, TokenAgreement
+from bundle.compare import ForcedAgreement, OutputComparison, TokenAgreement
 from engines.check.levels import ReductionCost, TaskResult
 from engines.check.options import Thresholds
 from exporter.selection import SelectionCheck
@@ -33,6 +33,7 @@ class SampleResult:
     reduction: ReductionCost
     seconds: float
     selection: SelectionCheck | None = None  # kept-set flips per reduction step (None: not measured)
+    forced: ForcedAgreement | None = None  # the bundle along the reference's greedy tokens (None: not measured)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +42,7 @@ class SampleResult:
             "stages_passed": all(c.passed for c in self.stages),
             "stages": {c.name: c.to_dict() for c in self.stages},
             "greedy": self.greedy.to_dict(),
+            "forced": None if self.forced is None else self.forced.to_dict(),
             "reduction": self.reduction.to_dict(),
             "selection": None if self.selection is None else self.selection.to_dict(),
             "seconds": round(self.seconds, 3),
@@ -60,6 +62,10 @@ def _nanmax(xs: Sequence[float]) -> float:
 def _nanmin(xs: Sequence[float]) -> float:
     vals = [x for x in xs if not math.isnan(x)]
     return min(vals) if len(vals) == len(xs) and vals else float("nan")
+
+
+def _verdict(summary: dict[str, Any]) -> str:
+    return ("yes" if summary["passed"] else "**NO**") if summary["gated"] else "info"
 
 
 def _worst_ratio(xs: Sequence[float]) -> float:
@@ -122,7 +128,28 @@ class CheckReport:
             "min_sample_match_rate": min(rates) if rates else 1.0,
             "identical_samples": sum(1 for s in self.samples if s.greedy.first_divergence is None),
             "first_divergence": min(divs) if divs else None,
-            "passed": rate >= self.thresholds.min_token_match,
+            "gated": self.thresholds.min_token_match is not None,
+            "passed": self.thresholds.min_token_match is None or rate >= self.thresholds.min_token_match,
+        }
+
+    def forced_summary(self) -> dict[str, Any] | None:
+        """Teacher-forced agreement over every position of every sample (None when no sample measured it)."""
+        fs = [s.forced for s in self.samples if s.forced is not None]
+        if not fs:
+            return None
+        n = sum(f.positions for f in fs)
+        matches, ties = sum(f.matches for f in fs), sum(f.near_ties for f in fs)
+        rate = (matches + ties) / n if n else 1.0
+        firsts = [f.first_disagreement for f in fs if f.first_disagreement is not None]
+        margins = [f.worst_margin for f in fs if f.worst_margin is not None]
+        t = self.thresholds
+        return {
+            "positions": n, "matches": matches, "near_ties": ties, "rate": rate,
+            "exact_rate": matches / n if n else 1.0, "tie_margin": t.tie_margin,
+            "first_disagreement": min(firsts) if firsts else None,
+            "worst_margin": max(margins) if margins else None,
+            "gated": t.min_forced_match is not None,
+            "passed": t.min_forced_match is None or rate >= t.min_forced_match - 1e-12,
         }
 
     def reduction_summary(self) -> dict[str, Any]:
@@ -188,6 +215,13 @@ class CheckReport:
                 f"greedy tokens: match rate {gs['match_rate']:.3f} < {t.min_token_match:g} "
                 f"(first divergence at step {gs['first_divergence']})"
             )
+        fs = self.forced_summary()
+        if fs is not None and not fs["passed"]:
+            fails.append(
+                f"teacher-forced tokens: {fs['matches']} matches + {fs['near_ties']} near-ties of {fs['positions']} "
+                f"= {fs['rate']:.3f} < --min-forced-match {t.min_forced_match:g} (first real disagreement at step "
+                f"{fs['first_disagreement']}, reference margin up to {fs['worst_margin']:.3g} logit std > --tie-margin {t.tie_margin:g})"
+            )
         rs = self.reduction_summary()
         if t.max_kl is not None and rs["kl_mean"] > t.max_kl:
             fails.append(f"reduction: mean first-token KL {rs['kl_mean']:.4g} > --max-kl {t.max_kl:g}")
@@ -225,6 +259,7 @@ class CheckReport:
             "aggregate": {
                 "stages": self.stage_summary(),
                 "greedy": self.greedy_summary(),
+                "forced": self.forced_summary(),
                 "reduction": self.reduction_summary(),
                 "task": [asdict(tr) for tr in self.task],
                 "selection": self.selection_summary(),
@@ -244,11 +279,16 @@ class CheckReport:
             gates.append(f"cosine >= {t.min_cosine:g}")
         if t.max_norm_deviation is not None:
             gates.append(f"|norm ratio - 1| <= {t.max_norm_deviation:g}")
+        tokens = []
+        if t.min_token_match is not None:
+            tokens.append(f"free-running match >= {t.min_token_match:g}")
+        if t.min_forced_match is not None:
+            tokens.append(f"teacher-forced match or near-tie (<= {t.tie_margin:g} logit std) >= {t.min_forced_match:g}")
         lines = [
             f"# ficoco-check: {'PASS' if self.passed else 'FAIL'}",
             "",
             f"{self.bundle} ({self.bundle_kind}) on {self.backend} ({self.device}), {len(self.samples)} samples, "
-            f"{self.max_new_tokens} new tokens; stages: {'; '.join(gates)}; tokens: match >= {t.min_token_match:g}",
+            f"{self.max_new_tokens} new tokens; stages: {'; '.join(gates)}; tokens: {'; '.join(tokens) or 'reported only'}",
             "",
             "Stages are compared with the fp32 reference making the bundle's kept-token choices (where its "
             "graphs could be probed), so their errors are the arithmetic's; the choices that differ are the "
@@ -271,12 +311,12 @@ class CheckReport:
             "| greedy tokens (backend vs reduced PyTorch) | match rate | identical samples | first divergence | pass |",
             "|---|---:|---:|---:|:---:|",
             f"| all samples | {gs['match_rate']:.3f} | {gs['identical_samples']}/{len(self.samples)} | {fd} | "
-            f"{'yes' if gs['passed'] else '**NO**'} |",
+            f"{_verdict(gs)} |",
             "",
             "| reduction (reduced vs unreduced PyTorch) | KL mean | KL max | top-1 agreement | token agreement | pass |",
             "|---|---:|---:|---:|---:|:---:|",
             f"| all samples | {rs['kl_mean']:.4g} | {rs['kl_max']:.4g} | {rs['top1_agreement']:.3f} | "
-            f"{rs['token_agreement']:.3f} | {('yes' if rs['passed'] else '**NO**') if rs['gated'] else 'info'} |",
+            f"{rs['token_agreement']:.3f} | {_verdict(rs)} |",
             "",
             "| sample | image | prompt | token match | first divergence | KL | top-1 | reduction agreement |",
             "|---:|---|---|---:|---:|---:|:---:|---:|",
@@ -289,6 +329,18 @@ class CheckReport:
                 f"| {i} | {s.image} | {prompt} | {s.greedy.match_rate:.3f} | {d} | {s.reduction.kl:.4g} | "
                 f"{'yes' if s.reduction.top1_agree else 'no'} | {s.reduction.tokens.match_rate:.3f} |"
             )
+        fs = self.forced_summary()
+        if fs is not None:
+            fdis = "-" if fs["first_disagreement"] is None else str(fs["first_disagreement"])
+            wm = "-" if fs["worst_margin"] is None else f"{fs['worst_margin']:.3g}"
+            lines += [
+                "",
+                "| teacher-forced tokens (backend on the reference's greedy prefix) | positions | matches | near-ties "
+                f"(<= {fs['tie_margin']:g} logit std) | rate | worst mismatch margin | first real disagreement | pass |",
+                "|---|---:|---:|---:|---:|---:|---:|:---:|",
+                f"| all samples | {fs['positions']} | {fs['matches']} | {fs['near_ties']} | {fs['rate']:.3f} | {wm} | {fdis} | "
+                f"{_verdict(fs)} |",
+            ]
         if self.task:
             lines += [
                 "",

@@ -12,7 +12,10 @@ TensorRT) is compared with the reduced PyTorch model rebuilt from the manifest (
    differ is counted apart (the selection flips below) and judged end to end by levels 2 and 4.
 2. **greedy tokens**: greedy generation through the runtime vs the reduced PyTorch model (the same loop,
    `ficoco.generation`, no stop token): exact-match rate over positions, first divergence
-   (`bundle.compare.token_agreement`).
+   (`bundle.compare.token_agreement`); and teacher-forced, the backend's choice at every position of the
+   reference's own greedy path (`ficoco.generation.forced_logits`, `bundle.compare.forced_agreement`): a
+   match, a near-tie (the reference's own margin <= `--tie-margin` logit std) or a real disagreement.
+   fp32 bundles gate the first (identical), fp16 bundles the second (no real disagreement).
 3. **what the reduction costs** (informational unless `--max-kl` / `--min-reduction-agreement`): the
    reduced PyTorch model vs the unreduced transformers model on the same inputs: KL(p_unreduced ||
    p_reduced) of the first generated token, its top-1 agreement, and greedy token agreement
@@ -40,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from bundle.compare import compare_stages, token_agreement
+from bundle.compare import compare_stages, forced_agreement, token_agreement
 from engines.check.inputs import load_images, load_prompts, make_samples, reference_for_bundle
 from engines.check.levels import TASK_IMAGES, TASK_MODELS, check_task, reduction_cost, selection_checker
 from engines.check.options import (
@@ -61,7 +64,7 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
     """
     from bundle.frontend import Frontend
     from engines.runtime import Pipeline
-    from ficoco.generation import decode_tokens
+    from ficoco.generation import decode_tokens, forced_logits
 
     options = options or CheckOptions()
     options.validate()
@@ -118,12 +121,16 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
             else:
                 ref_visual = ref_stages.encode_image(px)
                 ref_logits, ref_past = ref_stages.prefill(ref_stages.embed(ids), ref_visual, offsets)
-            ref_tokens = decode_tokens(ref_stages, ref_visual, ids, offsets, n_new,
-                                       prefilled=(ref_logits, ref_past))[0].tolist()
+            ref_ids = decode_tokens(ref_stages, ref_visual, ids, offsets, n_new, prefilled=(ref_logits, ref_past))
+            ref_tokens = ref_ids[0].tolist()
+            # teacher forcing: both along the reference's own tokens, so every position has one prefix
+            ref_rows = forced_logits(ref_stages, ref_visual, ids, offsets, ref_ids, prefilled=(ref_logits, ref_past))
+            got_rows = forced_logits(pipe.stages, pipe.stages.encode_image(px), ids, offsets, ref_ids)
+        forced = forced_agreement(got_rows[0], ref_rows[0], ref_tokens, thresholds.tie_margin)
         cost = reduction_cost(loaded, px, ids, int(offsets[0]), ref_logits.float()[0], ref_tokens, n_new)
         report.samples.append(
             SampleResult(s.image_name, s.prompt, sc.comparisons, token_agreement(got_tokens, ref_tokens), cost,
-                         time.perf_counter() - t0, flips)
+                         time.perf_counter() - t0, flips, forced)
         )
         if progress is not None:
             progress(i + 1, len(samples), f"{s.image_name} / {s.prompt}")
