@@ -50,9 +50,15 @@ _ORT_DTYPES: dict[str, torch.dtype] = {
 
 def session_options(threads: int | None = None, *, optimize: bool = True) -> ort.SessionOptions:
     """Quiet ONNX Runtime session options; `threads` intra-op threads (None: all cores); `optimize=False`
-    turns every graph optimization off (for graphs ONNX Runtime's CPU optimizer cannot rewrite)."""
+    turns every graph optimization off (for graphs ONNX Runtime's CPU optimizer cannot rewrite).
+
+    Intra-op threads do not spin-wait: every session has its own pool, and a bundle runs its graphs one
+    after another (a decode token runs every decoder segment), so a finished session's spinning threads
+    take the cores from the next one. On the bench bundle (2 cores, 3 segments) spinning cut decode from
+    9.7 to 4.0 tokens/s (docs/export-notes.md §16)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
     if not optimize:

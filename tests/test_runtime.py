@@ -140,6 +140,14 @@ def test_io_binding_path_gives_the_same_tokens(bundle: Path, pipe: Pipeline, ima
     assert got.tolist() == ref.tolist()
 
 
+def test_sessions_do_not_spin_wait() -> None:
+    """A bundle's sessions run one after another; a finished one's spinning threads would take the cores."""
+    from bundle.ort import session_options
+
+    for so in (session_options(), session_options(2, optimize=False)):
+        assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_timings_hook(pipe: Pipeline, images: list[Path]) -> None:
     t: dict = {}
     ans = pipe.generate(images[0], QUESTION, max_new_tokens=8, stop_token_ids=[], timings=t)
