@@ -156,9 +156,11 @@ def validation_line(v: dict[str, Any] | None) -> str:
         cos = min(s["min_cosine"] for s in v["stages"].values())
         ratio = max((s["worst_norm_ratio"] for s in v["stages"].values()), key=lambda r: abs(r - 1.0))
         sel = v.get("selection") or {}
+        f = v.get("forced")
+        forced = "" if not f else f"; teacher-forced {f['matches']} matches + {f['near_ties']} near-ties of {f['positions']}"
         return (f"every stage vs fp32 PyTorch: min cosine {cos:.6f}, worst norm ratio {ratio:.4f}; kept-token flips "
                 f"{sel.get('total', 0)} ({sel.get('total', 0) - sel.get('non_tie', 0)} ties); greedy tokens match "
-                f"{g['match_rate']:.3f} over {g['steps']} steps")
+                f"{g['match_rate']:.3f} over {g['steps']} steps{forced}")
     worst = max(s["max_abs_err"] for s in v["stages"].values())
     return f"all stages within tolerance (max |err| {worst:.2e}); greedy tokens identical over {g['steps']} steps"
 

@@ -139,6 +139,8 @@ def test_ficoco_plan_memory_refuses_bad_limits(extra: list[str], words: str) -> 
     (["--max-norm-deviation", "-0.5"], "--max-norm-deviation must be a finite number >= 0"),
     (["--min-cosine", "1.5"], "--min-cosine is a cosine similarity in [-1, 1]"),
     (["--min-token-match", "2"], "--min-token-match is a rate in [0, 1]"),
+    (["--min-forced-match", "-0.1"], "--min-forced-match is a rate in [0, 1]"),
+    (["--tie-margin", "inf"], "--tie-margin must be a finite number >= 0"),
 ])
 def test_ficoco_export_checks_options_before_any_work(tmp_path: Path, extra: list[str], words: str) -> None:
     import time
