@@ -334,11 +334,14 @@ def test_interrupted_export_leaves_no_bundle(tmp_path: Path, sig: signal.Signals
     out = tmp_path / "out"
     proc = subprocess.Popen([*CLI, "--model", "tiny", "--ratio", "0.25", "--no-optimize", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    # wait until the export has started writing its staging directory, then interrupt it mid-way
-    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/onnx/*.onnx")):
+    # wait until the export has made its staging directory, then interrupt it while it exports the first
+    # graph (the SIGTERM handler is installed right after the directory is made; the second gives margin)
+    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         time.sleep(0.2)
     assert list(tmp_path.glob(".out.partial-*")), "export never started"
+    time.sleep(1.0)
+    assert proc.poll() is None, "the export ended before it could be interrupted"
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert proc.returncode != 0
