@@ -364,3 +364,17 @@ def forced_agreement(got_logits: ArrayLike, ref_logits: ArrayLike, reference_tok
         worst_margin=float(margin[miss].max()) if miss.any() else None,
         candidate=c.tolist(), reference_tokens=y.tolist(),
     )
+
+
+def pool_forced(results: Sequence[ForcedAgreement]) -> dict[str, Any]:
+    """Teacher-forced agreement over every position of several samples: counts, rates (matches and
+    near-ties over positions; matches alone), the earliest real disagreement and the largest margin."""
+    n = sum(f.positions for f in results)
+    matches, ties = sum(f.matches for f in results), sum(f.near_ties for f in results)
+    firsts = [f.first_disagreement for f in results if f.first_disagreement is not None]
+    margins = [f.worst_margin for f in results if f.worst_margin is not None]
+    return {
+        "positions": n, "matches": matches, "near_ties": ties, "rate": (matches + ties) / n if n else 1.0,
+        "exact_rate": matches / n if n else 1.0, "first_disagreement": min(firsts) if firsts else None,
+        "worst_margin": max(margins) if margins else None,
+    }

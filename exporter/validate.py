@@ -39,6 +39,7 @@ from bundle.compare import (
     OutputGates,
     compare_stages,
     forced_agreement,
+    pool_forced,
     token_agreement,
 )
 from bundle.ort import ort_stages
@@ -133,8 +134,8 @@ def validate_bundle_graphs(
     rows = [token_agreement(g, r) for g, r in zip(got_tokens.tolist(), ref_tokens.tolist(), strict=True)]
     rate = sum(a.match_rate for a in rows) / len(rows)
     forced = [forced_agreement(got_rows[i], ref_rows[i], ref_tokens[i].tolist(), gates.tie_margin) for i in range(b)]
-    n_pos = sum(f.positions for f in forced)
-    forced_rate = sum(f.matches + f.near_ties for f in forced) / n_pos if n_pos else 1.0
+    pooled = pool_forced(forced)
+    forced_rate = pooled["rate"]
     token_fail = gates.min_token_match is not None and rate < gates.min_token_match
     forced_fail = forced_rate < gates.min_forced_match - 1e-12
     report = {
@@ -151,8 +152,7 @@ def validate_bundle_graphs(
         "greedy": {"steps": decode_steps, "match_rate": rate, "identical": all(a.identical for a in rows),
                    "first_divergence": min((a.first_divergence for a in rows if a.first_divergence is not None), default=None),
                    "tokens": ref_tokens.tolist(), "bundle_tokens": got_tokens.tolist()},
-        "forced": {"rate": forced_rate, "positions": n_pos, "matches": sum(f.matches for f in forced),
-                   "near_ties": sum(f.near_ties for f in forced), "samples": [f.to_dict() for f in forced]},
+        "forced": {**pooled, "samples": [f.to_dict() for f in forced]},
     }
     failed = [c for c in results if not c.passed]
     if failed or token_fail or forced_fail:
@@ -173,11 +173,14 @@ def _greedy_and_forced(
     model: Any, pixel_values: Tensor, input_ids: Tensor, offset: Tensor, steps: int, path: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`model`'s own greedy tokens [B, steps] and its logits [B, steps, V] along `path` (default: those
-    tokens), from one vision and prefill call."""
+    tokens, i.e. the logits it chose them from), from one vision and prefill call."""
     visual = model.encode_image(pixel_values)
     prefilled = model.prefill(model.embed(input_ids), visual, offset)
-    tokens = decode_tokens(model, visual, input_ids, offset, steps, prefilled=prefilled)
-    return tokens, forced_logits(model, visual, input_ids, offset, tokens if path is None else path, prefilled=prefilled)
+    own: list[Tensor] = []
+    tokens = decode_tokens(model, visual, input_ids, offset, steps, prefilled=prefilled, on_logits=own.append)
+    if path is None:
+        return tokens, torch.stack([r.float() for r in own], dim=1)
+    return tokens, forced_logits(model, visual, input_ids, offset, path, prefilled=prefilled)
 
 
 def _validate_fp32(

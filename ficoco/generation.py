@@ -61,6 +61,7 @@ def decode_tokens(
     eos_token_id: int | Sequence[int] | None = None,
     on_token: Callable[[Tensor], None] | None = None,
     prefilled: tuple[Tensor, list[Tensor]] | None = None,
+    on_logits: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """Generate up to `max_new_tokens` ids [B, <= max_new_tokens] from visual tokens [B, n_V, D] that the
     vision tower already produced, for prompts without the image placeholder.
@@ -68,7 +69,9 @@ def decode_tokens(
     `prefilled` (the prefill's logits and K/V for exactly these inputs) skips the prefill call, for callers
     that already ran it. The first decode token sits at position T + n_V (the unreduced prompt numbering);
     each backend's step maps it to per-layer positions. Stops once every row has produced an EOS id
-    (finished rows repeat EOS). `on_token` receives each new column [B] as soon as it is chosen (streaming).
+    (finished rows repeat EOS). `on_token` receives each new column [B] as soon as it is chosen (streaming);
+    `on_logits` the logits [B, V] each column was chosen from (greedy: the model's `forced_logits` along its
+    own tokens, without running the steps again).
     """
     b = input_ids.shape[0]
     offset = torch.as_tensor(image_offset, dtype=torch.long).reshape(-1).expand(b).contiguous()
@@ -81,6 +84,8 @@ def decode_tokens(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     tokens: list[Tensor] = []
     for _ in range(max_new_tokens):
+        if on_logits is not None:
+            on_logits(logits)
         nxt = sampler(logits).to(device=device, dtype=torch.long)
         if eos.numel():
             nxt = torch.where(done, eos[0], nxt)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bundle.compare import ForcedAgreement, OutputComparison, TokenAgreement
+from bundle.compare import ForcedAgreement, OutputComparison, TokenAgreement, pool_forced
 from engines.check.levels import ReductionCost, TaskResult
 from engines.check.options import Thresholds
 from exporter.selection import SelectionCheck
@@ -137,19 +137,12 @@ class CheckReport:
         fs = [s.forced for s in self.samples if s.forced is not None]
         if not fs:
             return None
-        n = sum(f.positions for f in fs)
-        matches, ties = sum(f.matches for f in fs), sum(f.near_ties for f in fs)
-        rate = (matches + ties) / n if n else 1.0
-        firsts = [f.first_disagreement for f in fs if f.first_disagreement is not None]
-        margins = [f.worst_margin for f in fs if f.worst_margin is not None]
         t = self.thresholds
+        pooled = pool_forced(fs)
         return {
-            "positions": n, "matches": matches, "near_ties": ties, "rate": rate,
-            "exact_rate": matches / n if n else 1.0, "tie_margin": t.tie_margin,
-            "first_disagreement": min(firsts) if firsts else None,
-            "worst_margin": max(margins) if margins else None,
+            **pooled, "tie_margin": t.tie_margin,
             "gated": t.min_forced_match is not None,
-            "passed": t.min_forced_match is None or rate >= t.min_forced_match - 1e-12,
+            "passed": t.min_forced_match is None or pooled["rate"] >= t.min_forced_match - 1e-12,
         }
 
     def reduction_summary(self) -> dict[str, Any]:

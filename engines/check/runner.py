@@ -121,12 +121,13 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
             else:
                 ref_visual = ref_stages.encode_image(px)
                 ref_logits, ref_past = ref_stages.prefill(ref_stages.embed(ids), ref_visual, offsets)
-            ref_ids = decode_tokens(ref_stages, ref_visual, ids, offsets, n_new, prefilled=(ref_logits, ref_past))
+            ref_rows: list[torch.Tensor] = []  # the logits each reference token was chosen from
+            ref_ids = decode_tokens(ref_stages, ref_visual, ids, offsets, n_new, prefilled=(ref_logits, ref_past),
+                                    on_logits=ref_rows.append)
             ref_tokens = ref_ids[0].tolist()
-            # teacher forcing: both along the reference's own tokens, so every position has one prefix
-            ref_rows = forced_logits(ref_stages, ref_visual, ids, offsets, ref_ids, prefilled=(ref_logits, ref_past))
+            # teacher forcing: the bundle along the reference's own tokens, so every position has one prefix
             got_rows = forced_logits(pipe.stages, pipe.stages.encode_image(px), ids, offsets, ref_ids)
-        forced = forced_agreement(got_rows[0], ref_rows[0], ref_tokens, thresholds.tie_margin)
+        forced = forced_agreement(got_rows[0], torch.stack(ref_rows, dim=1)[0], ref_tokens, thresholds.tie_margin)
         cost = reduction_cost(loaded, px, ids, int(offsets[0]), ref_logits.float()[0], ref_tokens, n_new)
         report.samples.append(
             SampleResult(s.image_name, s.prompt, sc.comparisons, token_agreement(got_tokens, ref_tokens), cost,
