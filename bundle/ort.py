@@ -14,7 +14,7 @@ The IOBinding path also runs on CPU (`io_binding=True`), which is how it is test
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,8 @@ class OrtSession(Session):
     it, so only the graph that runs holds its weights. ONNX Runtime's CPU provider upcasts fp16 weights to
     fp32 when it opens a graph, so a 7B fp16 bundle (13 GB of weights) needs ~27 GB with every graph open
     and ~1 GB per decoder segment opened in turn; the price is a session creation per graph per call.
+    `before_open` is called before every session creation (the export's validation hands the PyTorch
+    reference's mapped pages back to the kernel there, `exporter.pages`).
     """
 
     def __init__(
@@ -154,8 +156,10 @@ class OrtSession(Session):
         device_id: int = 0,
         options: ort.SessionOptions | None = None,
         keep_loaded: bool = True,
+        before_open: Callable[[], object] | None = None,
     ) -> None:
         path = Path(path)
+        self._before_open = before_open
         self.name = path.stem
         self.path = path
         self._options = session_options(threads) if options is None else options
@@ -178,6 +182,8 @@ class OrtSession(Session):
             self.session = None
 
     def _open(self) -> ort.InferenceSession:
+        if self._before_open is not None:
+            self._before_open()
         try:
             return ort.InferenceSession(str(self.path), self._options, providers=self._providers)
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
@@ -248,11 +254,13 @@ def ort_stages(
     cache_dir: Path | None = None,
     segments: Sequence[DecoderSegment] | None = None,
     keep_loaded: bool = True,
+    before_open: Callable[[], object] | None = None,
 ) -> SessionStages:
     """The bundle's graphs in ONNX Runtime sessions, ready for `generate_tokens`.
 
     `segments`: the decoder's segments (None: planned from the manifest of the bundle `onnx_dir` is in).
     `keep_loaded=False`: each graph is opened only while it runs (`OrtSession`'s low-memory mode).
+    `before_open`: called before each session creation (`OrtSession`).
     """
     d = Path(onnx_dir)
     if segments is None:
@@ -265,5 +273,6 @@ def ort_stages(
         path = d / f"{graph}.onnx"
         if not path.is_file():
             raise SessionError(f"{path} is missing; the bundle has no {graph} graph (a damaged bundle: re-export it)")
-        sessions[graph] = OrtSession(path, providers, threads=threads, io_binding=io_binding, keep_loaded=keep_loaded)
+        sessions[graph] = OrtSession(path, providers, threads=threads, io_binding=io_binding, keep_loaded=keep_loaded,
+                                       before_open=before_open)
     return SessionStages(sessions, segments)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,11 +126,11 @@ class ProbeStages(SessionStages):
 
     def __init__(self, onnx_dir: str | Path, *, segments: Sequence[DecoderSegment] | None = None,
                  optimize: bool = True, threads: int | None = None, like: ProbeStages | None = None,
-                 keep_loaded: bool = True) -> None:
+                 keep_loaded: bool = True, before_open: Callable[[], object] | None = None) -> None:
         """`segments`: None reads them from the bundle's manifest. `like`: probe the same selection steps as
         that (fp32) bundle's, found by node name (for graphs whose node metadata a rewrite dropped).
         `keep_loaded=False`: the decoder segment graphs (the weights) open only while they run
-        (`bundle.ort.OrtSession`'s low-memory mode)."""
+        (`bundle.ort.OrtSession`'s low-memory mode), each after `before_open()`."""
         d = Path(onnx_dir)
         if segments is None:
             from bundle.manifest import load_manifest
@@ -148,7 +148,7 @@ class ProbeStages(SessionStages):
         sessions = {VISION: self.vision.session, **{g: p.session for g, p in self.reductions.items()}}
         for g in names:
             if g not in sessions:
-                sessions[g] = OrtSession(d / f"{g}.onnx", options=so, keep_loaded=keep_loaded)
+                sessions[g] = OrtSession(d / f"{g}.onnx", options=so, keep_loaded=keep_loaded, before_open=before_open)
         super().__init__(sessions, segments)
         self.vision_selection: list[np.ndarray] = []
         self.prefill_selection: list[np.ndarray] = []

@@ -21,7 +21,7 @@ graphs, which is what its engines were built from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -153,10 +153,11 @@ class SelectionChecker:
     """
 
     def __init__(self, onnx_dir: str | Path, threads: int | None = None, *, segments: Any = None,
-                 keep_loaded: bool = True) -> None:
+                 keep_loaded: bool = True, before_open: Callable[[], object] | None = None) -> None:
         from exporter.probe import ProbeStages
 
-        self.stages = ProbeStages(Path(onnx_dir), threads=threads, segments=segments, keep_loaded=keep_loaded)
+        self.stages = ProbeStages(Path(onnx_dir), threads=threads, segments=segments, keep_loaded=keep_loaded,
+                                  before_open=before_open)
         self.vision = self.stages.vision
 
     def check(self, reduced: Any, pixel_values: Tensor, text_embeds: Tensor, image_offset: Tensor) -> SelectionCheck:

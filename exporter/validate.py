@@ -19,7 +19,9 @@ fp16 (reduced-precision) bundles, against the fp32 computation of the exported w
    paths no longer share a prefix, so on a random model what follows measures its chaos, not the bundle).
 
 A mismatch fails the export loudly. `keep_loaded=False` opens each graph only while it runs (ONNX Runtime's
-CPU provider upcasts fp16 weights at load, so a 7B fp16 bundle open at once would need ~27 GB).
+CPU provider upcasts fp16 weights at load, so a 7B fp16 bundle open at once would need ~27 GB), and before
+each opening hands the reference's memory-mapped weight pages back to the kernel (`exporter.pages`), so the
+PyTorch model and the graph being opened are not resident together.
 """
 
 from __future__ import annotations
@@ -78,6 +80,25 @@ class ReducedPrecisionGates:
                 raise ValueError(f"{name} is a rate in [0, 1] (got {v})")
 
 
+class _PageRelease:
+    """`before_open` for the low-memory sessions: release `model`'s mapped pages, log the first release."""
+
+    def __init__(self, model: ReducedLlava) -> None:
+        self.model = model
+        self.calls = 0
+        self.bytes = 0
+
+    def __call__(self) -> None:
+        from exporter.pages import release_mapped_pages
+
+        n = release_mapped_pages(self.model)
+        if self.calls == 0:
+            log.info("validation: the reference's mapped weights (%.2f GiB of address range) are released before "
+                     "each graph opens", n / 2**30)
+        self.calls += 1
+        self.bytes += n
+
+
 def _worst_per_graph(results: list[OutputComparison]) -> dict[str, dict[str, Any]]:
     worst: dict[str, dict[str, Any]] = {}
     for c in results:
@@ -116,11 +137,14 @@ def validate_bundle_graphs(
     from exporter.selection import SelectionChecker
 
     gates = reduced_precision
-    ort_model = ort_stages(onnx_dir, provider="cpu", threads=threads, segments=model.segments, keep_loaded=keep_loaded)
+    release = None if keep_loaded else _PageRelease(model)
+    ort_model = ort_stages(onnx_dir, provider="cpu", threads=threads, segments=model.segments, keep_loaded=keep_loaded,
+                           before_open=release)
     b = pixel_values.shape[0]
     offset = torch.full((b,), image_offset, dtype=torch.long)
     with fp32_compute(model), torch.inference_mode():
-        checker = SelectionChecker(onnx_dir, threads, segments=model.segments, keep_loaded=keep_loaded)
+        checker = SelectionChecker(onnx_dir, threads, segments=model.segments, keep_loaded=keep_loaded,
+                                   before_open=release)
         selection = checker.check(model, pixel_values, model.embed_text(input_ids), offset)
         del checker
         log.info("validation: %d kept-token flips over %d steps (%d of them ties)", selection.total,
@@ -145,6 +169,7 @@ def validate_bundle_graphs(
                   "min_forced_match": gates.min_forced_match, "tie_margin": gates.tie_margin,
                   "min_token_match": gates.min_token_match},
         "batch": b,
+        "released_pages": None if release is None else {"opens": release.calls, "bytes": release.bytes},
         "followed": selection.follow is not None,
         "stages": _worst_per_graph(results),
         "details": {c.name: c.to_dict() for c in results},
@@ -187,7 +212,9 @@ def _validate_fp32(
     model: ReducedLlava, onnx_dir: Path, pixel_values: Tensor, input_ids: Tensor, image_offset: int, *,
     atol: float, rtol: float, decode_steps: int, threads: int | None, keep_loaded: bool,
 ) -> dict[str, Any]:
-    ort_model = ort_stages(onnx_dir, provider="cpu", threads=threads, segments=model.segments, keep_loaded=keep_loaded)
+    release = None if keep_loaded else _PageRelease(model)
+    ort_model = ort_stages(onnx_dir, provider="cpu", threads=threads, segments=model.segments, keep_loaded=keep_loaded,
+                           before_open=release)
     torch_model = model.stages()
     b = pixel_values.shape[0]
     offset = torch.full((b,), image_offset, dtype=torch.long)
@@ -204,6 +231,7 @@ def _validate_fp32(
         "atol": atol,
         "rtol": rtol,
         "batch": b,
+        "released_pages": None if release is None else {"opens": release.calls, "bytes": release.bytes},
         "stages": _worst_per_graph(results),
         "details": {c.name: c.to_dict() for c in results},
         "greedy": {"steps": decode_steps, "identical": same, "first_divergence": diverge, "tokens": ref_tokens.tolist()},

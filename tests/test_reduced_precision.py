@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import copy
 
 import pytest
@@ -93,19 +95,26 @@ def test_norm_ratio_gate_catches_a_scaled_output() -> None:
     assert not compare_output("g:out", torch.ones(4), torch.zeros(4), gates).passed  # ratio inf
 
 
-def test_reduced_precision_validation_follows_and_gates(tiny: LoadedModel, tiny_bundle) -> None:
-    """The fp16 validation path on the session's bundle (fp32 graphs: no flips, every cosine ~1); a gate
-    it cannot meet (cosine 1.0 exactly) fails loudly, naming the output and the gate."""
+def test_reduced_precision_validation_follows_and_gates(tiny: LoadedModel, tiny_bundle, tmp_path) -> None:
+    """The fp16 validation path on the session's bundle (fp32 graphs: no flips, every cosine ~1), low-memory,
+    with the reference memory-mapped from a saved copy of the model as an export loads it (its pages are
+    released before every graph opens and the results stay exact); a gate it cannot meet (cosine 1.0
+    exactly) fails loudly, naming the output and the gate."""
     from bundle.manifest import load_manifest
     from exporter.validate import ReducedPrecisionGates, ValidationError, validate_bundle_graphs
+    from ficoco.models import load_model, save_model_dir
     from ficoco.schedule import Schedule
 
     m = load_manifest(tiny_bundle, verify=False)
-    red = ReducedLlava(tiny.model, Schedule.from_dict(m.schedule)).eval()
+    mapped = load_model(str(save_model_dir(tiny, tmp_path / "tiny-dir")))
+    red = ReducedLlava(mapped.model, Schedule.from_dict(m.schedule)).eval()
     px, ids, _ = _inputs()
     rep = validate_bundle_graphs(red, tiny_bundle / "onnx", px, ids, 5, atol=1e-4, rtol=1e-3, decode_steps=2,
                                  reduced_precision=ReducedPrecisionGates(), keep_loaded=False)
     assert rep["kind"] == "reduced_precision" and rep["followed"]
+    assert rep["released_pages"]["opens"] >= len(m.decoder_segments())  # every segment opened at least once
+    if sys.platform.startswith("linux"):
+        assert rep["released_pages"]["bytes"] > 0
     assert rep["selection"]["total"] == 0 and len(rep["selection"]["steps"]) == len(red.schedule.vision.steps) + len(red.schedule.decoder.steps)
     assert rep["greedy"]["match_rate"] == 1.0
     assert rep["forced"]["rate"] == 1.0 and rep["forced"]["positions"] == 2 == rep["forced"]["matches"]
