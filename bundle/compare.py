@@ -25,6 +25,7 @@ stages on the reference's own inputs of each stage, so every stage's error is it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -32,10 +33,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from bundle.names import EMBED, PREFILL, STEP, VISION
+from ficoco.generation import host_logits
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ TIE_MARGIN = 0.05
 
 _EPS = float(np.finfo(np.float64).eps)  # stands in for |ref| where ref is 0 in the relative error
 
-ArrayLike = Tensor | np.ndarray
+ArrayLike = Any  # a numpy array or a torch tensor (on any device): the core itself imports no torch
 
 
 def _f64(x: ArrayLike) -> np.ndarray:
-    if isinstance(x, Tensor):
-        return x.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if hasattr(x, "detach"):  # a torch tensor
+        return x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=np.float64)
 
 
@@ -220,7 +220,7 @@ def compare_outputs(got: Mapping[str, ArrayLike], ref: Mapping[str, ArrayLike], 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _kv(prefix: str, flat: Sequence[Tensor]) -> dict[str, Tensor]:
+def _kv(prefix: str, flat: Sequence[ArrayLike]) -> dict[str, ArrayLike]:
     return {f"{prefix}:present.{i // 2}.{'key' if i % 2 == 0 else 'value'}": t for i, t in enumerate(flat)}
 
 
@@ -229,13 +229,22 @@ class StageComparison:
     """Every stage output judged, and the reference's intermediate results (for callers that go on decoding)."""
 
     comparisons: list[OutputComparison]
-    ref_visual: Tensor
-    ref_logits: Tensor  # [B, V] prefill logits, float32
-    ref_past: list[Tensor]
+    ref_visual: ArrayLike
+    ref_logits: ArrayLike  # [B, V] prefill logits, float32
+    ref_past: list[ArrayLike]
+
+
+def _no_grad() -> Any:
+    """torch's inference mode where torch is installed (the reference is a PyTorch model), else nothing."""
+    try:
+        import torch
+    except ImportError:
+        return contextlib.nullcontext()
+    return torch.inference_mode()
 
 
 def compare_stages(
-    backend: Any, reference: Any, pixel_values: Tensor, input_ids: Tensor, image_offset: Tensor, gates: OutputGates,
+    backend: Any, reference: Any, pixel_values: ArrayLike, input_ids: ArrayLike, image_offset: ArrayLike, gates: OutputGates,
 ) -> StageComparison:
     """Every stage of `backend` on the reference's inputs of that stage, against `reference` (both
     `ficoco.generation.StagedModel`s, e.g. `bundle.ort.ort_stages(...)` and `ReducedLlava.stages()`).
@@ -245,9 +254,9 @@ def compare_stages(
     one decoder_step (every segment on one token) on the embedding of the reference's greedy token and the
     reference's K/V. Outputs are named "<stage>:<output>".
     """
-    got: dict[str, Tensor] = {}
-    ref: dict[str, Tensor] = {}
-    with torch.inference_mode():
+    got: dict[str, ArrayLike] = {}
+    ref: dict[str, ArrayLike] = {}
+    with _no_grad():
         ref_visual = reference.encode_image(pixel_values)
         ref[f"{VISION}:visual_tokens"], got[f"{VISION}:visual_tokens"] = ref_visual, backend.encode_image(pixel_values)
         ref_embeds = reference.embed(input_ids)
@@ -257,16 +266,16 @@ def compare_stages(
         ref[f"{PREFILL}:logits"], got[f"{PREFILL}:logits"] = ref_logits, got_logits
         ref.update(_kv(PREFILL, ref_past))
         got.update(_kv(PREFILL, got_past))
-        nxt = torch.argmax(ref_logits, dim=-1, keepdim=True)
+        nxt = np.argmax(host_logits(ref_logits), axis=-1)[:, None].astype(np.int64)
         b = int(input_ids.shape[0])
-        position = torch.full((b,), int(input_ids.shape[1]) + int(ref_visual.shape[1]), dtype=torch.long)
+        position = np.full((b,), int(input_ids.shape[1]) + int(ref_visual.shape[1]), dtype=np.int64)
         tok = reference.embed(nxt)
         ref_step, ref_step_past = reference.step(tok, position, ref_past)
         got_step, got_step_past = backend.step(tok, position, ref_past)
         ref[f"{STEP}:logits"], got[f"{STEP}:logits"] = ref_step, got_step
         ref.update(_kv(STEP, ref_step_past))
         got.update(_kv(STEP, got_step_past))
-    return StageComparison(compare_outputs(got, ref, gates), ref_visual, ref_logits.float(), ref_past)
+    return StageComparison(compare_outputs(got, ref, gates), ref_visual, host_logits(ref_logits), ref_past)
 
 
 # ---------------------------------------------------------------------------------------------------------

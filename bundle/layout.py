@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"
 ONNX_DIR = "onnx"
 TOKENIZER_DIR = "tokenizer"
 PREPROCESSOR = "preprocessor_config.json"
+GENERATION_CONFIG = "generation_config.json"  # the checkpoint's generation defaults (optional)
 REPORTS_DIR = "reports"  # what ficoco-check / -bench / -quantize write; not hashed
 ENGINES_DIR = "engines"  # TensorRT engines and caches built on the target; not hashed
 

@@ -4,11 +4,12 @@ The one way the project opens a bundle graph in ONNX Runtime (`OrtSession`, with
 runs a bundle's graphs (`ort_stages`): the runtime's backend, the export validation, the quantizer's
 calibration and report, and the selection probes all go through it.
 
-On CPU the feeds go in as numpy arrays that share memory with the torch tensors and the outputs come back
-the same way (no copies). With the CUDA (or TensorRT) execution provider and a CUDA build of PyTorch, the
-session binds torch CUDA tensors by address through an `IOBinding` and hands the outputs, left on the
-GPU by ONNX Runtime, back as torch tensors through DLPack, so the KV cache stays on the device.
-The IOBinding path also runs on CPU (`io_binding=True`), which is how it is tested without a GPU.
+On CPU the feeds and outputs are numpy arrays (`bundle.arrays.NumpyOps`): this path imports no torch,
+which is what the torch-free runtime runs on. With the CUDA (or TensorRT) execution provider and a CUDA
+build of PyTorch, the session binds torch CUDA tensors by address through an `IOBinding` and hands the
+outputs, left on the GPU by ONNX Runtime, back as torch tensors through DLPack, so the KV cache stays on
+the device (`bundle.arrays.TorchOps`). The IOBinding path also runs on CPU (`io_binding=True`), which is
+how it is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
-from torch import Tensor
 
+from bundle.arrays import ArrayOps, NumpyOps, TorchOps, numpy_dtype, to_numpy
 from bundle.names import graph_names
 from bundle.session import BackendUnavailable, Session, SessionError, SessionStages, TensorSpec
 from ficoco.segments import DecoderSegment
@@ -35,16 +35,16 @@ PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 
-_ORT_DTYPES: dict[str, torch.dtype] = {
-    "tensor(float)": torch.float32,
-    "tensor(float16)": torch.float16,
-    "tensor(bfloat16)": torch.bfloat16,
-    "tensor(double)": torch.float64,
-    "tensor(int64)": torch.int64,
-    "tensor(int32)": torch.int32,
-    "tensor(int8)": torch.int8,
-    "tensor(uint8)": torch.uint8,
-    "tensor(bool)": torch.bool,
+_ORT_DTYPES: dict[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
 }
 
 
@@ -66,17 +66,18 @@ def session_options(threads: int | None = None, *, optimize: bool = True) -> ort
     return so
 
 
-def _torch_dtype(ort_type: str) -> torch.dtype:
+def _dtype_name(ort_type: str) -> str:
     try:
         return _ORT_DTYPES[ort_type]
     except KeyError as err:
         raise SessionError(f"unsupported ONNX Runtime tensor type {ort_type}") from err
 
 
-def _np_dtype(dtype: torch.dtype) -> np.dtype:
-    if dtype == torch.bfloat16:
-        raise SessionError("bfloat16 graphs cannot be fed through numpy; use the TensorRT backend or an fp16/fp32 bundle")
-    return torch.empty((), dtype=dtype).numpy().dtype
+def _np_dtype(name: str) -> np.dtype:
+    try:
+        return numpy_dtype(name)
+    except ValueError as err:
+        raise SessionError(str(err)) from err
 
 
 #: The way to onnxruntime-gpu: the two wheels install the same `onnxruntime` module and overwrite each other.
@@ -136,8 +137,9 @@ def resolve_providers(choice: str = "auto", cache_dir: Path | None = None) -> li
 
 
 class OrtSession(Session):
-    """One ONNX graph in ONNX Runtime. Tensors live on `device` (cuda:N when a CUDA provider runs it and
-    PyTorch has CUDA, else cpu). `options` replaces `session_options(threads)` (then `threads` is unused).
+    """One ONNX graph in ONNX Runtime. Its arrays: numpy on the host, unless it binds by address (a CUDA
+    provider with PyTorch's CUDA, or `io_binding=True`): then torch tensors on cuda:N (or the CPU).
+    `options` replaces `session_options(threads)` (then `threads` is unused).
 
     `keep_loaded=False` (low-memory mode): the `InferenceSession` is opened for each run and released after
     it, so only the graph that runs holds its weights. ONNX Runtime's CPU provider upcasts fp16 weights to
@@ -167,16 +169,16 @@ class OrtSession(Session):
         self.keep_loaded = keep_loaded
         self.session: ort.InferenceSession | None = self._open()
         self.inputs = tuple(
-            TensorSpec(i.name, _torch_dtype(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
+            TensorSpec(i.name, _dtype_name(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
             for i in self.session.get_inputs()
         )
         self.outputs = tuple(
-            TensorSpec(o.name, _torch_dtype(o.type), tuple(d if isinstance(d, int) else None for d in o.shape))
+            TensorSpec(o.name, _dtype_name(o.type), tuple(d if isinstance(d, int) else None for d in o.shape))
             for o in self.session.get_outputs()
         )
         on_gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in self.session.get_providers())
-        self.device = torch.device("cuda", device_id) if on_gpu and torch.cuda.is_available() else torch.device("cpu")
-        self.io_binding = (self.device.type == "cuda") if io_binding is None else io_binding
+        self.ops: ArrayOps = _ops(on_gpu, device_id, io_binding)
+        self.io_binding = isinstance(self.ops, TorchOps)
         log.debug("%s: providers %s, device %s, io_binding %s", self.name, self.session.get_providers(), self.device, self.io_binding)
         if not keep_loaded:
             self.session = None
@@ -189,43 +191,49 @@ class OrtSession(Session):
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise SessionError(f"ONNX Runtime cannot load {self.path}: {err}") from err
 
-    def run(self, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def run(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
         self.check_feeds(feeds)
         sess = self.session if self.session is not None else self._open()
         try:
-            result = self._run_bound(sess, feeds, outputs) if self.io_binding else self._run_numpy(sess, feeds)
+            if self.io_binding:
+                result = self._run_bound(sess, feeds, outputs)
+            else:
+                result = self._run_numpy(sess, feeds)
         finally:
             del sess  # released here unless keep_loaded
-        if outputs:
-            for name, dst in outputs.items():
+        for name, dst in (outputs or {}).items():
+            if self.io_binding:
                 if result[name].data_ptr() != dst.data_ptr():
                     dst.copy_(result[name])
-                result[name] = dst
+            else:
+                np.copyto(dst, result[name])
+            result[name] = dst
         return result
 
-    def _run_numpy(self, sess: ort.InferenceSession, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        np_feeds = {
-            s.name: feeds[s.name].detach().cpu().contiguous().numpy().astype(_np_dtype(s.dtype), copy=False)
-            for s in self.inputs
-        }
+    def _run_numpy(self, sess: ort.InferenceSession, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        np_feeds = {s.name: np.ascontiguousarray(to_numpy(feeds[s.name]), dtype=_np_dtype(s.dtype)) for s in self.inputs}
         try:
             out = sess.run(None, np_feeds)
         except Exception as err:
             raise SessionError(f"{self.name}: ONNX Runtime failed: {err}") from err
-        return {s.name: torch.from_numpy(a).to(self.device) for s, a in zip(self.outputs, out, strict=True)}
+        return {s.name: a for s, a in zip(self.outputs, out, strict=True)}
 
-    def _run_bound(self, sess: ort.InferenceSession, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    def _run_bound(self, sess: ort.InferenceSession, feeds: Mapping[str, Any], outputs: Mapping[str, Any] | None) -> dict[str, Any]:
+        import torch
+
+        assert isinstance(self.ops, TorchOps)
         binding = sess.io_binding()
-        dev_type = self.device.type
-        dev_id = self.device.index or 0
-        keep: list[Tensor] = []  # the bound inputs must outlive the run
+        device = self.ops.torch_device
+        dev_type = device.type
+        dev_id = device.index or 0
+        keep: list[Any] = []  # the bound inputs must outlive the run
         for s in self.inputs:
-            t = feeds[s.name].detach().to(device=self.device, dtype=s.dtype).contiguous()
+            t = self.ops.to(feeds[s.name], s.dtype)
             keep.append(t)
             binding.bind_input(s.name, dev_type, dev_id, _np_dtype(s.dtype), tuple(t.shape), t.data_ptr())
         for s in self.outputs:
             dst = (outputs or {}).get(s.name)
-            if dst is not None and dst.is_contiguous() and dst.device == self.device and dst.dtype == s.dtype:
+            if dst is not None and dst.is_contiguous() and dst.device == device and dst.dtype == self.ops.dtype(s.dtype):
                 binding.bind_output(s.name, dev_type, dev_id, _np_dtype(s.dtype), tuple(dst.shape), dst.data_ptr())
             else:
                 binding.bind_output(s.name, dev_type, dev_id)
@@ -236,7 +244,7 @@ class OrtSession(Session):
         except Exception as err:
             raise SessionError(f"{self.name}: ONNX Runtime failed: {err}") from err
         values = binding.get_outputs()
-        result: dict[str, Tensor] = {}
+        result: dict[str, Any] = {}
         for s, v in zip(self.outputs, values, strict=True):
             dst = (outputs or {}).get(s.name)
             if dst is not None and v.data_ptr() == dst.data_ptr():
@@ -244,6 +252,26 @@ class OrtSession(Session):
             else:
                 result[s.name] = torch.from_dlpack(v)
         return result
+
+
+def _ops(on_gpu: bool, device_id: int, io_binding: bool | None) -> ArrayOps:
+    """numpy on the host, unless the session binds by address: a CUDA provider when PyTorch has CUDA (by
+    default), or `io_binding=True` (torch on the CPU when there is no CUDA)."""
+    if io_binding is False:
+        return NumpyOps()
+    if on_gpu or io_binding:
+        try:
+            import torch
+        except ImportError as err:
+            if io_binding:
+                raise BackendUnavailable("io_binding needs PyTorch (torch tensors are bound by address)") from err
+            log.warning("ONNX Runtime runs on CUDA without PyTorch: every graph's inputs and outputs go through host memory")
+            return NumpyOps()
+        if on_gpu and torch.cuda.is_available():
+            return TorchOps(torch.device("cuda", device_id))
+        if io_binding:
+            return TorchOps(torch.device("cpu"))
+    return NumpyOps()
 
 
 def ort_stages(

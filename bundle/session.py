@@ -1,9 +1,10 @@
 """One session interface for every backend, and the stage adapter that stitches a bundle's sessions together.
 
-A `Session` runs one graph: inputs by name in, outputs by name out, all torch tensors on the session's
-`device` (CPU for ONNX Runtime on CPU; CUDA memory for TensorRT and ONNX Runtime's CUDA provider, so the
-decode loop never copies the KV cache to the host). A caller may pass preallocated `outputs`; the session
-writes into them and returns them (TensorRT writes there directly; other backends copy).
+A `Session` runs one graph: inputs by name in, outputs by name out, in the session's kind of array
+(`ops`, `bundle.arrays`): numpy arrays for ONNX Runtime on CPU (no torch anywhere), torch tensors in CUDA
+memory for AnyRT and ONNX Runtime's CUDA provider, so the decode loop never copies the KV cache to the
+host. A caller may pass preallocated `outputs`; the session writes into them and returns them (AnyRT
+writes there directly; other backends copy).
 
 `SessionStages` puts the graph sessions (vision_encoder, embed_tokens, the decoder splice, segments and
 reductions) behind `ficoco.generation.StagedModel`, so `ficoco.generation.generate_tokens` drives every backend with
@@ -15,10 +16,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
+from bundle.arrays import ArrayOps
 from bundle.names import (
     EMBED,
     SPLICE,
@@ -29,6 +31,7 @@ from bundle.names import (
     reduce_graph,
     segment_graph,
 )
+from ficoco.generation import host_ids, host_logits
 from ficoco.segments import DecoderSegment
 
 
@@ -42,10 +45,11 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output: its name, dtype and shape (ints, or None where the axis is dynamic)."""
+    """One graph input or output: its name, element type ("float32", "int64", ... `bundle.arrays`) and
+    shape (ints, or None where the axis is dynamic)."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str
     shape: tuple[int | None, ...]
 
 
@@ -56,7 +60,12 @@ class Session(abc.ABC):
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    device: torch.device
+    #: where its tensors live and how they are made (numpy on the host, or torch on a device)
+    ops: ArrayOps
+
+    @property
+    def device(self) -> str:
+        return self.ops.device
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -80,7 +89,7 @@ class Session(abc.ABC):
         """The smallest shape this session accepts for input `name` (None: the backend sets no limit)."""
         return None
 
-    def check_feeds(self, feeds: Mapping[str, Tensor]) -> None:
+    def check_feeds(self, feeds: Mapping[str, Any]) -> None:
         """Every input present, right rank, static axes equal, dynamic axes within the backend's range."""
         missing = [n for n in self.input_names if n not in feeds]
         extra = [n for n in feeds if n not in self.input_names]
@@ -101,13 +110,12 @@ class Session(abc.ABC):
                 )
 
     @abc.abstractmethod
-    def run(self, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def run(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Run the graph; returns every output by name (the given `outputs` tensors where passed)."""
 
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on CPU); used by timing hooks, never inside the decode loop."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.ops.synchronize()
 
 
 def _fmt(shape: Sequence[int | None]) -> str:
@@ -119,10 +127,11 @@ class SessionStages:
 
     Prefill runs the splice, then each decoder segment with an empty past and, between two, the reduction
     graph; a decode step runs the same segment graphs on one token and the cache (`ficoco.segments`:
-    segment s numbers its token `position - offset_s`). Inputs arrive as CPU tensors from the generation
-    loop (token ids, positions) or as tensors of an earlier graph (already on `device`); the visual tokens,
-    hidden states and the KV cache stay on the session device. Logits go back to the host as float32
-    ([B, V], the one transfer per decode step the CPU sampler needs). Every graph runs through `run_graph`
+    segment s numbers its token `position - offset_s`). Inputs arrive as numpy arrays from the generation
+    loop (token ids, positions), as arrays of an earlier graph (already in the sessions' storage), or as
+    another backend's tensors (a comparison feeding the reference's); the visual tokens, hidden states and
+    the KV cache stay in the sessions' storage. Logits go back to the host as float32 numpy ([B, V], the
+    one transfer per decode step the host sampler needs). Every graph runs through `run_graph`
     (a subclass may record what a graph returned there, or manage the KV buffers itself).
     """
 
@@ -135,7 +144,8 @@ class SessionStages:
         self.num_layers = sum(len(seg.attention_blocks) for seg in self.segments)
         self.past_names = past_names(self.num_layers)
         self.present_names = present_names(self.num_layers)
-        self.device = self.sessions[VISION].device
+        self.ops = self.sessions[VISION].ops
+        self.device = self.ops.device
         self.dtype = self.sessions[VISION].input_spec("pixel_values").dtype
         with_cache = next((seg for seg in self.segments if seg.attention_blocks), None)
         if with_cache is None:
@@ -146,16 +156,13 @@ class SessionStages:
         self.kv_heads, self.head_dim, self.kv_dtype = int(spec.shape[1]), int(spec.shape[3]), spec.dtype
 
     # -- helpers ---------------------------------------------------------------------------------------------
-    def _to(self, t: Tensor, dtype: torch.dtype) -> Tensor:
-        return t.to(device=self.device, dtype=dtype, non_blocking=True).contiguous()
+    def _feed(self, graph: str, name: str, t: Any) -> Any:
+        return self.ops.to(t, self.sessions[graph].input_spec(name).dtype)
 
-    def _feed(self, graph: str, name: str, t: Tensor) -> Tensor:
-        return self._to(t, self.sessions[graph].input_spec(name).dtype)
+    def _logits(self, logits: Any) -> np.ndarray:
+        return host_logits(logits)
 
-    def _logits(self, logits: Tensor) -> Tensor:
-        return logits.float().cpu()
-
-    def run_graph(self, graph: str, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def run_graph(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """One graph's session on `feeds` (already on the device, in the graph's dtypes): every output by name."""
         return self.sessions[graph].run(feeds)
 
@@ -168,29 +175,29 @@ class SessionStages:
         hi = sess.max_shape(sess.input_names[0])
         return None if hi is None else int(hi[0])
 
-    def segment_feeds(self, seg: DecoderSegment, hidden: Tensor, position_ids: Tensor,
-                      past: Sequence[Tensor] | None) -> dict[str, Tensor]:
+    def segment_feeds(self, seg: DecoderSegment, hidden: Any, position_ids: Any,
+                      past: Sequence[Any] | None) -> dict[str, Any]:
         """The inputs of segment `seg`'s graph; `past` None: an empty cache (a prefill)."""
         graph = segment_graph(seg.index)
         feeds = {"hidden_states": self._feed(graph, "hidden_states", hidden),
                  "position_ids": self._feed(graph, "position_ids", position_ids)}
         names = past_names(seg.attention_blocks)
         if past is None:
-            empty = torch.zeros((hidden.shape[0], self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype, device=self.device)
+            empty = self.ops.zeros((hidden.shape[0], self.kv_heads, 0, self.head_dim), self.kv_dtype)
             feeds.update(dict.fromkeys(names, empty))
         else:
             feeds.update({n: self._feed(graph, n, p) for n, p in zip(names, past, strict=True)})
         return feeds
 
     # -- StagedModel -------------------------------------------------------------------------------------------
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
+    def encode_image(self, pixel_values: Any) -> Any:
         out = self.run_graph(VISION, {"pixel_values": self._feed(VISION, "pixel_values", pixel_values)})
         return out["visual_tokens"]
 
-    def embed(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Any) -> Any:
         return self.run_graph(EMBED, {"input_ids": self._feed(EMBED, "input_ids", input_ids)})["inputs_embeds"]
 
-    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def prefill(self, embeds: Any, visual: Any, image_offset: Any) -> tuple[Any, list[Any]]:
         offset = self._feed(SPLICE, "image_offset", image_offset)
         h = self.run_graph(SPLICE, {
             "inputs_embeds": self._feed(SPLICE, "inputs_embeds", embeds),
@@ -198,8 +205,8 @@ class SessionStages:
             "image_offset": offset,
         })["hidden_states"]
         b, length = h.shape[0], h.shape[1]
-        position_ids = torch.arange(length, device=self.device).unsqueeze(0).expand(b, -1)
-        presents: list[Tensor] = []
+        position_ids = self.ops.positions(b, length)
+        presents: list[Any] = []
         for seg in self.segments:
             out = self.run_graph(segment_graph(seg.index), self.segment_feeds(seg, h, position_ids, None))
             presents += [out[n] for n in present_names(seg.attention_blocks)]
@@ -216,11 +223,11 @@ class SessionStages:
             h, position_ids = red["hidden_out"], red["position_ids_out"]
         raise SessionError("the decoder has no last segment; re-export the bundle")
 
-    def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def step(self, embeds: Any, position: Any, past: list[Any]) -> tuple[Any, list[Any]]:
         h = embeds
         b = embeds.shape[0]
-        position = position.reshape(b, 1)
-        presents: list[Tensor] = []
+        position = host_ids(position).reshape(b, 1)
+        presents: list[Any] = []
         first = 0
         for seg in self.segments:
             n = 2 * len(seg.attention_blocks)

@@ -44,14 +44,33 @@ def fail(message: str, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+#: the modules only the export extra installs (a runtime-only install has none of them)
+EXPORT_MODULES = frozenset({"torch", "transformers", "onnx", "onnxscript", "onnx_ir", "safetensors", "easy_vqa", "skimage"})
+EXPORT_EXTRA = "pip install 'ficoco-export[export]'"
+
+
 def input_error_types() -> tuple[type[BaseException], ...]:
     """The exception classes, besides ValueError, that mean "the input is wrong" (exit 2)."""
     from bundle.layout import BundleError
     from bundle.session import BackendUnavailable
-    from ficoco.models import ModelNotFoundError
-    from ficoco.vqa import DatasetError
 
-    return (BundleError, BackendUnavailable, ModelNotFoundError, DatasetError, click.BadParameter)
+    types: list[type[BaseException]] = [BundleError, BackendUnavailable, click.BadParameter]
+    try:  # the model side needs the export extra; a runtime-only install has neither error to raise
+        from ficoco.models import ModelNotFoundError
+        from ficoco.vqa import DatasetError
+
+        types += [ModelNotFoundError, DatasetError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def missing_extra(err: BaseException) -> str | None:
+    """The message for a command that needs the export extra on a runtime-only install (else None)."""
+    if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in EXPORT_MODULES:
+        return (f"this needs {err.name}, which the runtime-only install leaves out (it runs bundles: ficoco-run, "
+                f"ficoco-serve, ficoco-check --reference); install the export side with {EXPORT_EXTRA}")
+    return None
 
 
 def exit_code(err: BaseException) -> int:
@@ -74,6 +93,9 @@ def guarded(verbose: bool, body: Callable[[], None], interrupted: str = "interru
     except click.ClickException as err:  # raised by a command's own checks: the same one-line form
         fail(err.format_message(), err.exit_code)
     except Exception as err:  # every failure becomes one clear line; --verbose shows the traceback
+        extra = missing_extra(err)
+        if extra is not None:
+            fail(extra, 2)
         if verbose:
             import traceback
 

@@ -21,11 +21,15 @@ from commands.common import CONTEXT, VERBOSE_HELP, run_command
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True, help="auto: TensorRT when it, a GPU and engines built for them exist, else ONNX Runtime.")
 @click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu has it, else CPU).")
 @click.option("--max-new-tokens", type=int, help="Most tokens to generate [default: the bundle's limit, shape_ranges.max_new_tokens].")
-@click.option("--greedy", is_flag=True, help="Greedy decoding (the default when no --temperature/--top-p is given).")
+@click.option("--greedy", is_flag=True, help="Greedy decoding, whatever the bundle's generation_config.json says [default: that file's choice; greedy when it sets none].")
 @click.option("--temperature", type=float, help="Sample with this temperature (> 0) instead of greedy decoding.")
+@click.option("--top-k", type=click.IntRange(min=0), help="Sample from the k most likely tokens only (0: all) [default: the bundle's generation_config.json, else 0; 50 when that file samples without naming it].")
 @click.option("--top-p", type=float, help="Sample from the smallest token set with this much probability mass, in (0, 1].")
+@click.option("--repetition-penalty", type=float, help="Divide (> 0 logits) or multiply (< 0) the logits of tokens already in the prompt or answer by this; 1.0 is off [default: the bundle's, else 1.0].")
+@click.option("--min-new-tokens", type=click.IntRange(min=0), help="Hold the stop tokens back until this many tokens are generated [default: the bundle's, else 0].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler: the same seed gives the same answer.")
 @click.option("--stop-token-id", "stop_ids", type=int, multiple=True, help="Token id that ends the answer (repeatable) [default: the bundle's EOS id].")
+@click.option("--stop", "stop_strings", multiple=True, help="Text that ends the answer where it first appears; not printed (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-new-tokens tokens (no stop token; for benchmarks).")
 @click.option("--device", type=int, default=0, show_default=True, help="CUDA device index (TensorRT / ONNX Runtime CUDA).")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime CPU threads [default: all cores].")
@@ -41,20 +45,19 @@ def main(bundle: Path, **kw: Any) -> None:
     run_command(bool(kw["verbose"]), lambda: _run(bundle, kw))
 
 
-def _sampling(kw: dict[str, Any]) -> Any:
-    from ficoco.sampling import SamplingConfig
-
-    sample = kw["temperature"] is not None or kw["top_p"] is not None
+def _sampling(kw: dict[str, Any], defaults: Any) -> Any:
+    """The request's SamplingConfig: the bundle's defaults (generation_config.json) with the flags given."""
+    sample = any(kw[k] is not None for k in ("temperature", "top_p", "top_k"))
     if kw["greedy"] and sample:
-        raise click.BadParameter("--greedy cannot be combined with --temperature/--top-p")
-    if not sample:
-        return SamplingConfig()
-    return SamplingConfig(
-        do_sample=True,
-        temperature=1.0 if kw["temperature"] is None else float(kw["temperature"]),
-        top_p=1.0 if kw["top_p"] is None else float(kw["top_p"]),
-        seed=int(kw["seed"]),
-    )
+        raise click.BadParameter("--greedy cannot be combined with --temperature/--top-p/--top-k")
+    do_sample = False if kw["greedy"] else (True if sample else None)
+    try:
+        return defaults.merged(
+            do_sample=do_sample, temperature=kw["temperature"], top_p=kw["top_p"], top_k=kw["top_k"],
+            repetition_penalty=kw["repetition_penalty"], min_new_tokens=kw["min_new_tokens"], seed=int(kw["seed"]),
+        )
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from err
 
 
 def _run(bundle: Path, kw: dict[str, Any]) -> None:
@@ -62,12 +65,12 @@ def _run(bundle: Path, kw: dict[str, Any]) -> None:
     from engines.runtime import Pipeline, describe
     from ficoco.preprocess import load_image
 
-    sampling = _sampling(kw)
     images = [load_image(p) for p in kw["images"]]  # a bad file fails before the bundle is loaded
     # the request is tokenized and checked against the bundle once, before any engine or session is loaded
     front = Frontend.from_bundle(bundle, verify=not kw["no_verify"])
+    sampling = _sampling(kw, front.default_sampling)
     stops: list[int] | None = [] if kw["ignore_eos"] else (list(kw["stop_ids"]) or None)
-    text = front.prepare_text([kw["prompt"]] * len(images), kw["max_new_tokens"], stops)
+    text = front.prepare_text([kw["prompt"]] * len(images), kw["max_new_tokens"], stops, list(kw["stop_strings"]) or None)
     pipe = Pipeline.from_bundle(
         front, backend=kw["backend"], verify=not kw["no_verify"], device=int(kw["device"]),
         ort_provider=kw["ort_provider"], threads=kw["threads"], low_memory=bool(kw["low_memory"]),

@@ -1,4 +1,4 @@
-"""`Pipeline`: a bundle -> answers. Image + question in, streamed text out, on ONNX Runtime or TensorRT.
+"""`Pipeline`: a bundle -> answers. Image + question in, streamed text out, on ONNX Runtime or AnyRT.
 
     pipe = Pipeline.from_bundle("out/llava-vl25", backend="auto")
     answer = pipe.generate("cat.jpg", "What is in the picture?", on_text=lambda row, s: print(s, end=""))
@@ -29,14 +29,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from bundle import layout as B
 from bundle.frontend import Frontend, InputError, TextRequest
 from bundle.names import VISION
 from bundle.session import BackendUnavailable, SessionStages
-from ficoco.generation import decode_tokens
+from engines.streaming import TextCallback, TextStream
+from ficoco.generation import decode_tokens, host_ids
 from ficoco.inputs import PromptError
 from ficoco.preprocess import ImageError, ImageLike
 from ficoco.sampling import SamplingConfig
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 _ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "trt": "tensorrt"}
 
-TextCallback = Callable[[int, str], None]  # (row in the batch, newly decoded text)
 
 __all__ = ["Answer", "BACKENDS", "ImageError", "InputError", "Pipeline", "PromptError", "TextRequest", "Timings"]
 
@@ -110,51 +109,16 @@ class _TimedStages:
             setattr(self.timings, key, getattr(self.timings, key) + ms)
         return out
 
-    def embed(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Any) -> Any:
         if input_ids.shape[1] == 1:  # a decode token (prompts have >= 2): part of the decode time
             return self.stages.embed(input_ids)
         return self._timed("embed_ms", lambda: self.stages.embed(input_ids))
 
-    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def prefill(self, embeds: Any, visual: Any, image_offset: Any) -> tuple[Any, list[Any]]:
         return self._timed("prefill_ms", lambda: self.stages.prefill(embeds, visual, image_offset))
 
-    def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def step(self, embeds: Any, position: Any, past: list[Any]) -> tuple[Any, list[Any]]:
         return self._timed("step", lambda: self.stages.step(embeds, position, past))
-
-
-class _TextStream:
-    """Incremental detokenization of one row: emits only text that later tokens cannot change."""
-
-    def __init__(self, tokenizer: Any, stop_ids: set[int], row: int, callback: TextCallback | None) -> None:
-        self.tokenizer, self.stop_ids, self.row, self.callback = tokenizer, stop_ids, row, callback
-        self.ids: list[int] = []
-        self.emitted = ""
-        self.stopped = False
-
-    def push(self, token: int) -> None:
-        if self.stopped:
-            return
-        if token in self.stop_ids:
-            self.stopped = True
-            self.flush()
-            return
-        self.ids.append(token)
-        text = self.text()
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte token
-            return
-        self._emit(text)
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def flush(self) -> None:
-        self._emit(self.text())
-
-    def _emit(self, text: str) -> None:
-        if self.callback is not None and text.startswith(self.emitted) and len(text) > len(self.emitted):
-            self.callback(self.row, text[len(self.emitted) :])
-        if text.startswith(self.emitted):
-            self.emitted = text
 
 
 def _normalise_backend(backend: str) -> str:
@@ -168,7 +132,7 @@ class Pipeline(Frontend):
     """A loaded bundle with one backend; `generate` answers questions about images."""
 
     def __init__(self, front: Frontend, stages: SessionStages, backend: str, engine_dir: Path | None = None) -> None:
-        super().__init__(front.bundle, front.manifest, front.tokenizer, front.processor_config)
+        super().__init__(front.bundle, front.manifest, front.tokenizer, front.processor_config, front.generation_config)
         self.stages = stages
         self.backend = backend
         self.engine_dir = engine_dir
@@ -190,10 +154,10 @@ class Pipeline(Frontend):
 
         `low_memory` (ONNX Runtime): each graph is opened only while it runs (`bundle.ort.OrtSession`).
 
-        auto takes TensorRT when it is installed, a GPU is visible and the bundle has engines built for
-        this TensorRT version and GPU; otherwise ONNX Runtime (CUDA provider where available, else CPU),
-        logging why. An explicit `tensorrt` raises instead: BackendUnavailable (no TensorRT / GPU),
-        EngineError (no engines) or EngineMismatch (engines for another TensorRT version or SM).
+        auto takes AnyRT when it is installed, a GPU is visible and the bundle has engines built for
+        this AnyRT version and GPU; otherwise ONNX Runtime (CUDA provider where available, else CPU),
+        logging why. An explicit `tensorrt` raises instead: BackendUnavailable (no AnyRT / GPU),
+        EngineError (no engines) or EngineMismatch (engines for another AnyRT version or SM).
         With `verify`, every bundle file's sha256 (and each engine's) is checked first.
         """
         backend = _normalise_backend(backend)
@@ -209,7 +173,7 @@ class Pipeline(Frontend):
             except (BackendUnavailable, EngineError) as err:
                 if backend == "tensorrt":
                     raise
-                log.info("backend auto: using ONNX Runtime, not TensorRT: %s", err)
+                log.info("backend auto: using ONNX Runtime, not AnyRT: %s", err)
         if stages is None:
             from bundle.ort import ort_stages
 
@@ -247,6 +211,7 @@ class Pipeline(Frontend):
         max_new_tokens: int | None = None,
         sampling: SamplingConfig | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        stop_strings: Sequence[str] | None = None,
         on_text: Callable[[str], None] | None = None,
         timings: dict[str, Any] | None = None,
     ) -> Answer:
@@ -254,7 +219,7 @@ class Pipeline(Frontend):
         cb: TextCallback | None = None if on_text is None else (lambda row, s: on_text(s))
         return self.generate_batch(
             [image], [question], max_new_tokens=max_new_tokens, sampling=sampling,
-            stop_token_ids=stop_token_ids, on_text=cb, timings=timings,
+            stop_token_ids=stop_token_ids, stop_strings=stop_strings, on_text=cb, timings=timings,
         )[0]
 
     def generate_batch(
@@ -265,13 +230,16 @@ class Pipeline(Frontend):
         max_new_tokens: int | None = None,
         sampling: SamplingConfig | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        stop_strings: Sequence[str] | None = None,
         on_text: TextCallback | None = None,
         timings: dict[str, Any] | None = None,
     ) -> list[Answer]:
         """Answer one question per image (a single question is asked of every image), or a `TextRequest`
-        that `prepare_text` made (then `max_new_tokens` and `stop_token_ids` are the request's).
+        that `prepare_text` made (then `max_new_tokens`, `stop_token_ids` and `stop_strings` are the request's).
 
+        `sampling` defaults to the bundle's generation_config.json (greedy when it sets nothing).
         `stop_token_ids` default to the bundle's EOS id; pass [] to generate exactly `max_new_tokens`.
+        `stop_strings` end an answer where its text first contains one (`engines.streaming`).
         `max_new_tokens` defaults to the bundle's limit. `timings`, when given, is filled with `Timings`
         fields (per-stage milliseconds, TTFT, decode tokens/s).
         """
@@ -282,7 +250,7 @@ class Pipeline(Frontend):
             qs = [questions] * len(images) if isinstance(questions, str) else list(questions)
             if len(qs) != len(images):
                 raise InputError(f"{len(images)} images but {len(qs)} questions; give one question, or one per image")
-            text = self.prepare_text(qs, max_new_tokens, stop_token_ids)
+            text = self.prepare_text(qs, max_new_tokens, stop_token_ids, stop_strings)
         if int(text.input_ids.shape[0]) != len(images):
             raise InputError(f"{len(images)} images for {int(text.input_ids.shape[0])} prompts")
         tm = Timings(backend=self.backend, batch=len(images)) if timings is not None else None
@@ -291,31 +259,26 @@ class Pipeline(Frontend):
         if tm is not None:
             tm.preprocess_ms, tm.tokenize_ms = (time.perf_counter() - t0) * 1e3, text.tokenize_ms
             tm.text_len = int(text.input_ids.shape[1])
-        stops = list(text.stop_token_ids)
-        tokens = self._generate(pixel_values, text, sampling=sampling, on_text=on_text, timings=tm)
-        answers = [self._answer(row.tolist(), set(stops)) for row in tokens]
+        streams: list[TextStream] = []
+        self._generate(pixel_values, text, sampling=sampling, on_text=on_text, timings=tm, streams=streams)
+        answers = [Answer(st.answer_text(), list(st.ids), st.stopped) for st in streams]
         if tm is not None and timings is not None:
             tm.total_ms = (time.perf_counter() - t_start) * 1e3
             timings.update(tm.to_dict())
         return answers
 
-    def _answer(self, ids: list[int], stops: set[int]) -> Answer:
-        cut = next((i for i, t in enumerate(ids) if t in stops), None)
-        kept = ids if cut is None else ids[:cut]
-        return Answer(self.tokenizer.decode(kept, skip_special_tokens=True), kept, cut is not None)
-
     def generate_ids(
         self,
-        pixel_values: Tensor,
-        input_ids: Tensor,
-        image_offset: Tensor | int,
+        pixel_values: Any,
+        input_ids: Any,
+        image_offset: Any | int,
         max_new_tokens: int,
         *,
         sampling: SamplingConfig | None = None,
         stop_token_ids: Sequence[int] | None = None,
         on_text: TextCallback | None = None,
         timings: Timings | None = None,
-    ) -> Tensor:
+    ) -> Any:
         """Token ids [B, n] (n <= max_new_tokens; rows that stopped early repeat their stop token), from
         preprocessed pixel_values [B, 3, H, W] and text ids [B, T] without the image placeholder.
 
@@ -326,56 +289,60 @@ class Pipeline(Frontend):
         if pixel_values.shape[0] != b:
             raise InputError(f"{pixel_values.shape[0]} images for {b} prompts")
         self.check_request(int(input_ids.shape[1]), max_new_tokens)
-        offsets = torch.as_tensor(image_offset, dtype=torch.long).reshape(-1).expand(b).contiguous()
+        offsets = np.ascontiguousarray(np.broadcast_to(host_ids(image_offset).reshape(-1), (b,)))
+        input_ids = host_ids(input_ids)
         stops = tuple(int(t) for t in (self.eos_token_ids if stop_token_ids is None else stop_token_ids))
         text = TextRequest(input_ids, offsets, int(max_new_tokens), stops)
         return self._generate(pixel_values, text, sampling=sampling, on_text=on_text, timings=timings)
 
-    def _generate(self, pixel_values: Tensor, text: TextRequest, *, sampling: SamplingConfig | None,
-                  on_text: TextCallback | None, timings: Timings | None) -> Tensor:
-        """`generate_ids` on a checked request."""
+    def _generate(self, pixel_values: Any, text: TextRequest, *, sampling: SamplingConfig | None,
+                  on_text: TextCallback | None, timings: Timings | None, streams: list[TextStream] | None = None) -> Any:
+        """`generate_ids` on a checked request; `streams`, when given, receives each row's `TextStream`."""
         input_ids, offsets, max_new_tokens = text.input_ids, text.image_offsets, text.max_new_tokens
+        sampling = self.default_sampling if sampling is None else sampling
         b = int(input_ids.shape[0])
         stops = list(text.stop_token_ids)
-        streams = [_TextStream(self.tokenizer, set(stops), r, on_text) for r in range(b)]
+        streams = [] if streams is None else streams
+        streams += [TextStream(self.tokenizer, set(stops), r, on_text, text.stop_strings) for r in range(b)]
         # vision, in chunks of the vision tower's limit
         tv = time.perf_counter()
         vb = self.max_vision_batch
         visual_parts = [self.stages.encode_image(pixel_values[i : i + vb]) for i in range(0, b, vb)]
-        visual = visual_parts[0] if len(visual_parts) == 1 else torch.cat(visual_parts, dim=0)
+        visual = visual_parts[0] if len(visual_parts) == 1 else _concat(visual_parts)
         if timings is not None:
             self.stages.synchronize()
             timings.vision_ms = (time.perf_counter() - tv) * 1e3
         token_times: list[list[float]] = []  # per decoder chunk: when each token column was chosen
-        outputs: list[Tensor] = []
+        outputs: list[Any] = []
         db = self.max_decoder_batch
         for start in range(0, b, db):
             rows = slice(start, min(b, start + db))
             times: list[float] = []
             token_times.append(times)
 
-            def on_token(col: Tensor, chunk: list[_TextStream] = streams[rows], times: list[float] = times) -> None:
+            def on_token(col: np.ndarray, chunk: list[TextStream] = streams[rows], times: list[float] = times) -> None:
                 times.append(time.perf_counter())
                 for s, t in zip(chunk, col.tolist(), strict=True):
                     s.push(int(t))
 
-            with torch.inference_mode():  # the vision tower already ran, in chunks of its own batch limit
-                ids = decode_tokens(
-                    _TimedStages(self.stages, timings),
-                    visual[rows],
-                    input_ids[rows],
-                    offsets[rows],
-                    max_new_tokens,
-                    sampling,
-                    stops or None,
-                    on_token,
-                )
+            ids = decode_tokens(  # the vision tower already ran, in chunks of its own batch limit
+                _TimedStages(self.stages, timings),
+                visual[rows],
+                input_ids[rows],
+                offsets[rows],
+                max_new_tokens,
+                sampling,
+                stops or None,
+                on_token,
+                should_stop=(lambda col, chunk=streams[rows]: np.array([st.stopped for st in chunk]))
+                if text.stop_strings else None,
+            )
             outputs.append(ids)
         for s in streams:
             s.flush()
         n = max(int(o.shape[1]) for o in outputs)
         fill = stops[0] if stops else 0
-        tokens = torch.cat([torch.nn.functional.pad(o, (0, n - o.shape[1]), value=fill) for o in outputs], dim=0)
+        tokens = np.concatenate([np.pad(o, ((0, 0), (0, n - o.shape[1])), constant_values=fill) for o in outputs], axis=0)
         if timings is not None:
             timings.ttft_ms = (token_times[0][0] - tv) * 1e3 if token_times[0] else 0.0
             timings.decode_steps = len(timings.step_ms)
@@ -386,6 +353,15 @@ class Pipeline(Frontend):
             timings.decode_tokens_per_s = later / decode_s if decode_s > 0 else 0.0
             timings.new_tokens = n
         return tokens
+
+
+def _concat(parts: Sequence[Any]) -> Any:
+    """Concatenate a backend's arrays along the batch (numpy arrays, or torch tensors on a device)."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=0)
+    import torch
+
+    return torch.cat(list(parts), dim=0)
 
 
 def describe(pipe: Pipeline) -> Mapping[str, Any]:

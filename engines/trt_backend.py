@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bundle.arrays import TorchOps
 from bundle.manifest import Manifest
 from bundle.names import graph_names, past_names, present_names, segment_graph, segment_index
 from bundle.session import Session, SessionError, SessionStages, TensorSpec
@@ -55,19 +56,19 @@ log = logging.getLogger(__name__)
 ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
-def _dtype_map(trt: Any) -> dict[Any, torch.dtype]:
+def _dtype_map(trt: Any) -> dict[Any, str]:
     pairs = [
-        ("FLOAT", torch.float32),
-        ("HALF", torch.float16),
-        ("BF16", torch.bfloat16),
-        ("INT32", torch.int32),
-        ("INT64", torch.int64),
-        ("INT8", torch.int8),
-        ("UINT8", torch.uint8),
-        ("BOOL", torch.bool),
-        ("FP8", getattr(torch, "float8_e4m3fn", None)),
+        ("FLOAT", "float32"),
+        ("HALF", "float16"),
+        ("BF16", "bfloat16"),
+        ("INT32", "int32"),
+        ("INT64", "int64"),
+        ("INT8", "int8"),
+        ("UINT8", "uint8"),
+        ("BOOL", "bool"),
+        ("FP8", "float8_e4m3fn"),
     ]
-    return {getattr(trt.DataType, k): v for k, v in pairs if hasattr(trt.DataType, k) and v is not None}
+    return {getattr(trt.DataType, k): v for k, v in pairs if hasattr(trt.DataType, k)}
 
 
 def _on(device: torch.device) -> Any:
@@ -138,7 +139,8 @@ class TrtSession(Session):
         scratch: DeviceScratch | None = None,
     ) -> None:
         self.name = name or plan.stem
-        self.device = device
+        self.ops = TorchOps(device)
+        self._dev = self.ops.torch_device
         self._trt = trt
         with _on(device):
             self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
@@ -271,7 +273,7 @@ class TrtSession(Session):
         if t.numel() > 0:
             return int(t.data_ptr())
         if self._null is None:
-            self._null = torch.empty(256, dtype=torch.uint8, device=self.device)
+            self._null = torch.empty(256, dtype=torch.uint8, device=self._dev)
         return int(self._null.data_ptr())
 
     def run(self, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -282,9 +284,9 @@ class TrtSession(Session):
         for spec in self.inputs:
             t = feeds[spec.name]
             if spec.name in self._host_inputs:
-                t = t.detach().to(device="cpu", dtype=spec.dtype).contiguous()
+                t = torch.as_tensor(t).detach().to(device="cpu", dtype=self.ops.dtype(spec.dtype)).contiguous()
             else:
-                t = t.detach().to(device=self.device, dtype=spec.dtype, non_blocking=True).contiguous()
+                t = self.ops.to(t, spec.dtype)
             keep.append(t)
             if not ctx.set_input_shape(spec.name, tuple(t.shape)):
                 raise SessionError(f"{self.name}: TensorRT rejected shape {list(t.shape)} for input {spec.name} "
@@ -296,18 +298,19 @@ class TrtSession(Session):
             if any(d < 0 for d in shape):
                 raise SessionError(f"{self.name}: output {spec.name} has unresolved shape {list(shape)} after setting the inputs")
             dst = (outputs or {}).get(spec.name)
+            want = self.ops.dtype(spec.dtype)
             if dst is None:
-                dst = torch.empty(shape, dtype=spec.dtype, device=self.device)
-            elif tuple(dst.shape) != shape or dst.dtype != spec.dtype or dst.device != self.device or not dst.is_contiguous():
+                dst = torch.empty(shape, dtype=want, device=self._dev)
+            elif tuple(dst.shape) != shape or dst.dtype != want or dst.device != self._dev or not dst.is_contiguous():
                 raise SessionError(
                     f"{self.name}: the buffer for {spec.name} is {list(dst.shape)} {dst.dtype} on {dst.device}; "
-                    f"the engine writes {list(shape)} {spec.dtype} on {self.device}"
+                    f"the engine writes {list(shape)} {spec.dtype} on {self._dev}"
                 )
             ctx.set_tensor_address(spec.name, self._address(dst))
             result[spec.name] = dst
         # the current torch stream: the inputs were produced and the outputs will be read in stream order, and
         # the caching allocator only reuses `keep`'s memory for later work on this same stream
-        if not ctx.execute_async_v3(_stream(self.device)):
+        if not ctx.execute_async_v3(_stream(self._dev)):
             raise SessionError(f"{self.name}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
         del keep
         return result
@@ -365,10 +368,11 @@ class TrtStages(SessionStages):
         if batch <= self._batch and self._sets:
             return
         self._sets = [
-            {n: torch.empty(batch * h * cap * hd, dtype=self.kv_dtype, device=self.device) for n, (h, cap, hd) in self._kv_spec.items()}
+            {n: torch.empty(batch * h * cap * hd, dtype=self.ops.dtype(self.kv_dtype), device=self.ops.torch_device)
+             for n, (h, cap, hd) in self._kv_spec.items()}
             for _ in range(2)
         ]
-        self._logits_buf = torch.empty(batch * self._vocab, dtype=self._logits_dtype, device=self.device)
+        self._logits_buf = torch.empty(batch * self._vocab, dtype=self.ops.dtype(self._logits_dtype), device=self.ops.torch_device)
         self._batch = batch
         mib = sum(t.numel() * t.element_size() for s in self._sets for t in s.values()) / 2**20
         log.info("TensorRT KV cache: 2 x %d blocks, batch %d, %.1f MiB", len(self._kv_spec) // 2, batch, mib)

@@ -193,6 +193,9 @@ def export_bundle(
         if loaded is not None:
             loaded.tokenizer.save_pretrained(str(stage_dir / B.TOKENIZER_DIR))
             B.write_json(stage_dir / B.PREPROCESSOR, dict(loaded.processor_config))
+            gen = getattr(loaded.model, "generation_config", None)
+            if gen is not None:  # the checkpoint's generation defaults (the runtime's, unless a request overrides them)
+                B.write_json(stage_dir / B.GENERATION_CONFIG, gen.to_diff_dict())
         tok = loaded.tokenizer if loaded is not None else None
         manifest = Manifest(
             source_model=source,

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ficoco.chat_template import TemplateError, render_chat
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -25,7 +28,7 @@ class PromptInputs:
     """`text_ids` [1, T]: the prompt's tokens WITHOUT the image placeholder; `image_offset`: where in
     `text_ids` the visual tokens go (tokens ``text_ids[:, :a]`` precede the image)."""
 
-    text_ids: torch.LongTensor
+    text_ids: torch.Tensor
     image_offset: int
 
     @property
@@ -38,12 +41,7 @@ class PromptInputs:
 
 
 def _render(chat_template: str, messages: list[dict[str, Any]]) -> str:
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    rendered, _ = render_jinja_template(
-        conversations=[messages], chat_template=chat_template, add_generation_prompt=True
-    )
-    return rendered[0]
+    return render_chat(chat_template, messages, add_generation_prompt=True)
 
 
 _MARKER = re.compile(r"<\|[^|<>]+\|>|</?[A-Za-z_][^<>\s]*>|\[/?[A-Z_]+\]|\b[A-Za-z_]+:")
@@ -91,8 +89,8 @@ def format_prompt(chat_template: str, question: str) -> str:
     for messages in (list_form, string_form):
         try:
             text = _render(chat_template, messages)
-        except Exception as err:  # a template may reject one of the two message forms
-            errors.append(f"{type(err).__name__}: {err}")
+        except TemplateError as err:  # a template may reject one of the two message forms
+            errors.append(str(err))
             continue
         if text.count(IMAGE_PLACEHOLDER) == 1 and question in text:
             _refuse_role_markers(text, question)
@@ -101,9 +99,9 @@ def format_prompt(chat_template: str, question: str) -> str:
     raise PromptError("the chat template does not render one image and the question: " + "; ".join(errors))
 
 
-def encode_prompt(tokenizer: Any, prompt_text: str, image_token_id: int) -> PromptInputs:
+def prompt_ids(tokenizer: Any, prompt_text: str, image_token_id: int) -> tuple[list[int], int]:
     """Tokenize a rendered prompt (with the tokenizer's own special-token handling, e.g. BOS) and take out
-    its single image token; the image offset is that token's index."""
+    its single image token: (the text ids without it, the image offset = that token's index)."""
     ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
     if ids and isinstance(ids[0], list):
         ids = ids[0]
@@ -114,12 +112,21 @@ def encode_prompt(tokenizer: Any, prompt_text: str, image_token_id: int) -> Prom
             f"in {prompt_text!r}"
         )
     a = positions[0]
-    text_ids = torch.tensor([ids[:a] + ids[a + 1 :]], dtype=torch.long)
-    return PromptInputs(text_ids=text_ids, image_offset=a)
+    return [int(t) for t in ids[:a] + ids[a + 1 :]], a
 
 
-def hf_input_ids(inputs: PromptInputs, image_token_id: int, num_image_tokens: int = 576) -> torch.LongTensor:
+def encode_prompt(tokenizer: Any, prompt_text: str, image_token_id: int) -> PromptInputs:
+    """`prompt_ids` as `PromptInputs` (a torch tensor [1, T], for the PyTorch side)."""
+    import torch
+
+    ids, a = prompt_ids(tokenizer, prompt_text, image_token_id)
+    return PromptInputs(text_ids=torch.tensor([ids], dtype=torch.long), image_offset=a)
+
+
+def hf_input_ids(inputs: PromptInputs, image_token_id: int, num_image_tokens: int = 576) -> torch.Tensor:
     """`input_ids` [1, T + num_image_tokens] with the placeholder expanded, as transformers' LLaVA expects."""
+    import torch
+
     a = inputs.image_offset
     ids = inputs.text_ids
     image = torch.full((ids.shape[0], num_image_tokens), image_token_id, dtype=ids.dtype)

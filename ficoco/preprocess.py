@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 ImageLike = Image.Image | str | os.PathLike[str]
@@ -115,8 +114,8 @@ def _size_pair(d: dict[str, Any]) -> tuple[int, int]:
     raise ValueError(f"size {d!r} has neither height/width nor shortest_edge")
 
 
-def preprocess_image(image: ImageLike, processor_config: dict[str, Any]) -> torch.FloatTensor:
-    """`pixel_values` [1, 3, H, W] (float32) for one image, per a CLIP `preprocessor_config.json` dict."""
+def pixel_array(image: ImageLike, processor_config: dict[str, Any]) -> np.ndarray:
+    """`pixel_values` [1, 3, H, W] (float32 numpy) for one image, per a CLIP `preprocessor_config.json` dict."""
     cfg = processor_config
     img = load_image(image) if isinstance(image, (str, os.PathLike)) else image
     if not isinstance(img, Image.Image):
@@ -146,12 +145,25 @@ def preprocess_image(image: ImageLike, processor_config: dict[str, Any]) -> torc
         mean = np.asarray(cfg["image_mean"], dtype=out.dtype)
         std = np.asarray(cfg["image_std"], dtype=out.dtype)
         out = (out - mean) / std
-    out = np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
-    return torch.from_numpy(out)[None]
+    return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)[None]
 
 
-def preprocess_batch(images: Sequence[ImageLike], processor_config: dict[str, Any]) -> torch.FloatTensor:
-    """`pixel_values` [B, 3, H, W] for several images (all cropped to the same size)."""
+def pixel_batch(images: Sequence[ImageLike], processor_config: dict[str, Any]) -> np.ndarray:
+    """`pixel_values` [B, 3, H, W] (float32 numpy) for several images (all cropped to the same size)."""
     if not images:
-        raise ImageError("preprocess_batch got no images")
-    return torch.cat([preprocess_image(im, processor_config) for im in images], dim=0)
+        raise ImageError("no images given")
+    return np.concatenate([pixel_array(im, processor_config) for im in images], axis=0)
+
+
+def preprocess_image(image: ImageLike, processor_config: dict[str, Any]) -> Any:
+    """`pixel_array` as a torch tensor [1, 3, H, W] (for the PyTorch side)."""
+    import torch
+
+    return torch.from_numpy(pixel_array(image, processor_config))
+
+
+def preprocess_batch(images: Sequence[ImageLike], processor_config: dict[str, Any]) -> Any:
+    """`pixel_batch` as a torch tensor [B, 3, H, W] (for the PyTorch side)."""
+    import torch
+
+    return torch.from_numpy(pixel_batch(images, processor_config))

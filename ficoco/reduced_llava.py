@@ -18,13 +18,15 @@ Data flow:  pixel_values -> encode_image -> visual [B, n_V, D]
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ficoco.generation import generate_tokens
+from ficoco.generation import generate_tokens, host_logits
 from ficoco.geometry import LlavaGeometry
 from ficoco.methods import MethodParams, VisionTokens, decoder_compress, decoder_plan, vision_step
 from ficoco.methods.ficoco_l import visual_index
@@ -373,29 +375,45 @@ class ReducedLlava(nn.Module):
         eos_token_id: int | list[int] | None = None,
     ) -> Tensor:
         """Greedy (default) or sampled generation; input_ids [B, T] without the image placeholder."""
-        return generate_tokens(
+        return torch.from_numpy(generate_tokens(
             self.stages(), pixel_values, input_ids, image_offset, max_new_tokens, sampling, eos_token_id
-        )
+        ))
+
+
+def _tensor(x: Any, dtype: torch.dtype | None = None) -> Tensor:
+    """A stage input (a torch tensor, or a numpy array from the generation loop or another backend) as a tensor."""
+    if not isinstance(x, Tensor):
+        a = np.ascontiguousarray(x)
+        x = torch.from_numpy(a if a.flags.writeable else a.copy())
+    t = x
+    return t if dtype is None else t.to(dtype)
 
 
 class TorchStages:
-    """A `ReducedLlava` behind the stage interface used by `ficoco.generation.generate_tokens`."""
+    """A `ReducedLlava` behind the stage interface of `ficoco.generation` (numpy ids in, host logits out)."""
 
     def __init__(self, model: ReducedLlava, follow: FollowedSelection | None = None) -> None:
         self.model = model
         self.follow = follow
 
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        return self.model.encode_image(pixel_values, self.follow).visual
+    def _float(self, x: Any) -> Tensor:
+        """A torch tensor as it is (the reference's own dtype); a numpy array in the model's dtype."""
+        if isinstance(x, Tensor):
+            return x
+        return _tensor(x, next(self.model.parameters()).dtype)
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embed_text(input_ids)
+    def encode_image(self, pixel_values: Any) -> Tensor:
+        return self.model.encode_image(self._float(pixel_values), self.follow).visual
 
-    def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:
-        out = self.model.prefill(embeds, visual, image_offset, self.follow)
-        return out.logits, [t for kv in out.cache for t in kv]
+    def embed(self, input_ids: Any) -> Tensor:
+        return self.model.embed_text(_tensor(input_ids, torch.long))
 
-    def step(self, embeds: Tensor, position: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, new = self.model.decode_step(embeds, position, cache)
-        return logits, [t for kv in new for t in kv]
+    def prefill(self, embeds: Any, visual: Any, image_offset: Any) -> tuple[np.ndarray, list[Tensor]]:
+        out = self.model.prefill(self._float(embeds), self._float(visual), _tensor(image_offset, torch.long), self.follow)
+        return host_logits(out.logits), [t for kv in out.cache for t in kv]
+
+    def step(self, embeds: Any, position: Any, past: list[Any]) -> tuple[np.ndarray, list[Tensor]]:
+        kv = [self._float(t) for t in past]
+        cache = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
+        logits, new = self.model.decode_step(self._float(embeds), _tensor(position, torch.long), cache)
+        return host_logits(logits), [t for kv in new for t in kv]

@@ -4,9 +4,8 @@
 
 from __future__ import annotations
 
-import sys
-
 import copy
+import sys
 
 import pytest
 import torch

@@ -41,6 +41,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bundle.compare import compare_stages, forced_agreement, token_agreement
@@ -64,7 +65,7 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
     """
     from bundle.frontend import Frontend
     from engines.runtime import Pipeline
-    from ficoco.generation import decode_tokens, forced_logits
+    from ficoco.generation import decode_tokens, forced_logits, host_logits
 
     options = options or CheckOptions()
     options.validate()
@@ -104,8 +105,8 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
     selection, report.selection_note = selection_checker(front.bundle, options.threads)
     for i, s in enumerate(samples):
         t0 = time.perf_counter()
-        px = pipe.preprocess([s.image])
-        ids, offsets = pipe.tokenize([s.prompt])
+        px = torch.from_numpy(pipe.preprocess([s.image]))
+        ids, offsets = (torch.from_numpy(a) for a in pipe.tokenize([s.prompt]))
         flips = None
         if selection is not None:
             with torch.inference_mode():
@@ -121,14 +122,14 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
             else:
                 ref_visual = ref_stages.encode_image(px)
                 ref_logits, ref_past = ref_stages.prefill(ref_stages.embed(ids), ref_visual, offsets)
-            ref_rows: list[torch.Tensor] = []  # the logits each reference token was chosen from
+            ref_rows: list[np.ndarray] = []  # the logits each reference token was chosen from
             ref_ids = decode_tokens(ref_stages, ref_visual, ids, offsets, n_new, prefilled=(ref_logits, ref_past),
                                     on_logits=ref_rows.append)
             ref_tokens = ref_ids[0].tolist()
             # teacher forcing: the bundle along the reference's own tokens, so every position has one prefix
             got_rows = forced_logits(pipe.stages, pipe.stages.encode_image(px), ids, offsets, ref_ids)
-        forced = forced_agreement(got_rows[0], torch.stack(ref_rows, dim=1)[0], ref_tokens, thresholds.tie_margin)
-        cost = reduction_cost(loaded, px, ids, int(offsets[0]), ref_logits.float()[0], ref_tokens, n_new)
+        forced = forced_agreement(got_rows[0], np.stack(ref_rows, axis=1)[0], ref_tokens, thresholds.tie_margin)
+        cost = reduction_cost(loaded, px, ids, int(offsets[0]), torch.from_numpy(host_logits(ref_logits)[0]), ref_tokens, n_new)
         report.samples.append(
             SampleResult(s.image_name, s.prompt, sc.comparisons, token_agreement(got_tokens, ref_tokens), cost,
                          time.perf_counter() - t0, flips, forced)
