@@ -224,14 +224,18 @@ class SessionStages:
         raise SessionError("the decoder has no last segment; re-export the bundle")
 
     def step(self, embeds: Any, position: Any, past: list[Any]) -> tuple[Any, list[Any]]:
+        return self.extend(embeds, position, past)
+
+    def extend(self, embeds: Any, position: Any, past: list[Any]) -> tuple[Any, list[Any]]:
+        """T tokens [B, T, D] on the cache: every segment graph on them (T = 1: a decode step)."""
         h = embeds
-        b = embeds.shape[0]
-        position = host_ids(position).reshape(b, 1)
+        b, t = int(embeds.shape[0]), int(embeds.shape[1])
+        positions = host_ids(position).reshape(b, 1) + np.arange(t, dtype=np.int64)[None, :]
         presents: list[Any] = []
         first = 0
         for seg in self.segments:
             n = 2 * len(seg.attention_blocks)
-            feeds = self.segment_feeds(seg, h, position - seg.position_offset, past[first:first + n])
+            feeds = self.segment_feeds(seg, h, positions - seg.position_offset, past[first:first + n])
             out = self.run_graph(segment_graph(seg.index), feeds)
             presents += [out[name] for name in present_names(seg.attention_blocks)]
             first += n

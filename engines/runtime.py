@@ -35,6 +35,7 @@ from bundle import layout as B
 from bundle.frontend import Frontend, InputError, TextRequest
 from bundle.names import VISION
 from bundle.session import BackendUnavailable, SessionStages
+from engines.chat import ChatSession, ChatTurn
 from engines.streaming import TextCallback, TextStream
 from ficoco.generation import decode_tokens, host_ids
 from ficoco.inputs import PromptError
@@ -47,7 +48,7 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt")
 _ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "trt": "tensorrt"}
 
 
-__all__ = ["Answer", "BACKENDS", "ImageError", "InputError", "Pipeline", "PromptError", "TextRequest", "Timings"]
+__all__ = ["Answer", "BACKENDS", "ChatSession", "ChatTurn", "ImageError", "InputError", "Pipeline", "PromptError", "TextRequest", "Timings"]
 
 
 @dataclass
@@ -203,6 +204,11 @@ class Pipeline(Frontend):
         return max(1, m if m is not None else int(self.batch_range[1]))
 
     # -- generation ------------------------------------------------------------------------------------------
+    def chat(self, image: ImageLike) -> ChatSession:
+        """A multi-turn conversation about `image`: each `ask` reuses the cache of the turns before it
+        (`engines.chat`)."""
+        return ChatSession(self.stages, self, self.preprocess([image]))
+
     def generate(
         self,
         image: ImageLike,

@@ -48,6 +48,7 @@ from engines.engine_store import (
     import_tensorrt,
     local_target,
 )
+from ficoco.generation import host_ids
 from ficoco.segments import DecoderSegment
 
 log = logging.getLogger(__name__)
@@ -388,6 +389,18 @@ class TrtStages(SessionStages):
 
     def _in_set(self, which: int, present: str, t: Tensor) -> bool:
         return bool(self._sets) and t.numel() > 0 and t.data_ptr() == self._sets[which][present].data_ptr()
+
+    def extend(self, embeds: Tensor, position: Any, past: list[Tensor]) -> tuple[Any, list[Tensor]]:
+        """T tokens on the cache as T decode steps: the engines' profiles are a prefill (no past) and a
+        decode step (one token), so several tokens on a cache fit neither."""
+        t = int(embeds.shape[1])
+        if t == 1:
+            return super().extend(embeds, position, past)
+        base = host_ids(position).reshape(-1)
+        logits: Any = None
+        for i in range(t):
+            logits, past = super().extend(embeds[:, i : i + 1], base + i, past)
+        return logits, past
 
     def run_graph(self, graph: str, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Segment graphs write their presents into a KV buffer set and their logits into the logits buffer."""

@@ -34,6 +34,10 @@ class DecoderStages(Protocol):
     def step(self, embeds: Array, position: np.ndarray, past: list[Array]) -> tuple[np.ndarray, list[Array]]:
         """One token [B, 1, D] at `position` [B] (int64) -> logits [B, V] (float32, host) and the grown K/V list."""
 
+    def extend(self, embeds: Array, position: np.ndarray, past: list[Array]) -> tuple[np.ndarray, list[Array]]:
+        """T tokens [B, T, D], the first at `position` [B] -> logits [B, V] at the last and the K/V grown by T
+        (a chat's next turn; `step` is the case T = 1)."""
+
 
 class StagedModel(DecoderStages, Protocol):
     """All four stages: what `generate_tokens` drives."""
@@ -90,6 +94,7 @@ def decode_tokens(
     on_logits: Callable[[np.ndarray], None] | None = None,
     should_stop: Callable[[np.ndarray], np.ndarray] | None = None,
     on_cache: Callable[[list[Array]], None] | None = None,
+    start_position: int | None = None,
 ) -> np.ndarray:
     """Generate up to `max_new_tokens` ids [B, <= max_new_tokens] (int64) from visual tokens [B, n_V, D] that
     the vision tower already produced, for prompts `input_ids` [B, T] without the image placeholder.
@@ -104,6 +109,8 @@ def decode_tokens(
     `on_logits` the logits [B, V] each column was chosen from (greedy: the model's `forced_logits` along its
     own tokens, without running the steps again); `on_cache` the K/V list that holds every token the loop
     fed (the prompt, then each chosen token but the last), for callers that continue the conversation.
+    `start_position` (with `prefilled`): the first decode token's position when the cache holds more than
+    the prompt (a chat's later turn; `input_ids` is then the whole conversation, for the repetition penalty).
     """
     ids = host_ids(input_ids)
     b = ids.shape[0]
@@ -114,7 +121,8 @@ def decode_tokens(
     fill = eos_ids[0] if eos_ids else 0
     logits, past = prefilled if prefilled is not None else model.prefill(model.embed(ids), visual, offset)
     logits = host_logits(logits)
-    position = np.full((b,), ids.shape[1] + int(visual.shape[1]), dtype=np.int64)
+    first = ids.shape[1] + int(visual.shape[1]) if start_position is None else int(start_position)
+    position = np.full((b,), first, dtype=np.int64)
     done = np.zeros(b, dtype=bool)
     history = [row for row in ids] if config.repetition_penalty != 1.0 else []
     tokens: list[np.ndarray] = []
@@ -140,6 +148,15 @@ def decode_tokens(
     if on_cache is not None:
         on_cache(past)
     return np.stack(tokens, axis=1) if tokens else np.zeros((b, 0), dtype=np.int64)
+
+
+def extend_cache(model: DecoderStages, ids: Any, position: int, past: list[Array]) -> tuple[np.ndarray, list[Array]]:
+    """Feed token ids [B, T] (T >= 1) into the cache, the first at `position`: logits [B, V] after the last
+    and the grown K/V list, in one `extend` call."""
+    tokens = host_ids(ids)
+    b = tokens.shape[0]
+    logits, past = model.extend(model.embed(tokens), np.full((b,), int(position), dtype=np.int64), past)
+    return host_logits(logits), past
 
 
 def forced_logits(

@@ -72,31 +72,55 @@ def _refuse_role_markers(rendered: str, question: str) -> None:
         )
 
 
-def format_prompt(chat_template: str, question: str) -> str:
-    """Render a single user turn (one image, then `question`) with `chat_template`, ready for generation.
+def _messages(questions: list[str], answers: list[str], list_form: bool) -> list[dict[str, Any]]:
+    """User and assistant messages, the image in the first user message (llava-hf's content-list form, or
+    plain strings with ``<image>\n`` in front of the first question)."""
+    out: list[dict[str, Any]] = []
+    for i, q in enumerate(questions):
+        if list_form:
+            parts: list[dict[str, Any]] = [{"type": "image"}] if i == 0 else []
+            out.append({"role": "user", "content": [*parts, {"type": "text", "text": q}]})
+        else:
+            out.append({"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q}" if i == 0 else q})
+        if i < len(answers):
+            a = answers[i]
+            out.append({"role": "assistant", "content": [{"type": "text", "text": a}] if list_form else a})
+    return out
 
-    The message uses llava-hf's content-list form ``[{"type": "image"}, {"type": "text", "text": question}]``;
-    a template that only understands string content gets ``"<image>\\n" + question`` instead. The result
-    contains exactly one ``<image>`` (PromptError otherwise, e.g. when the question itself contains one).
+
+def format_conversation(chat_template: str, questions: list[str], answers: list[str] = ()) -> str:  # type: ignore[assignment]
+    """Render a conversation about one image with `chat_template`, ready for the next answer: user turn i
+    asks `questions[i]`, assistant turn i answered `answers[i]` (one answer fewer than questions).
+
+    The messages use llava-hf's content-list form (``[{"type": "image"}, {"type": "text", "text": q}]`` in
+    the first user turn); a template that only understands string content gets ``"<image>\n" + q``
+    instead. The result contains exactly one ``<image>`` and every question (PromptError otherwise, e.g.
+    when a question contains ``<image>`` or one of the template's own turn markers).
     """
-    if IMAGE_PLACEHOLDER in question:
-        raise PromptError(
-            f"the question must not contain {IMAGE_PLACEHOLDER!r}; the template places the image"
-        )
-    list_form = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    string_form = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"}]
+    answers = list(answers)
+    if len(answers) != len(questions) - 1:
+        raise PromptError(f"{len(questions)} questions need {len(questions) - 1} earlier answers, got {len(answers)}")
+    for q in questions:
+        if IMAGE_PLACEHOLDER in q:
+            raise PromptError(f"the question must not contain {IMAGE_PLACEHOLDER!r}; the template places the image")
     errors: list[str] = []
-    for messages in (list_form, string_form):
+    for list_form in (True, False):
         try:
-            text = _render(chat_template, messages)
+            text = _render(chat_template, _messages(list(questions), answers, list_form))
         except TemplateError as err:  # a template may reject one of the two message forms
             errors.append(str(err))
             continue
-        if text.count(IMAGE_PLACEHOLDER) == 1 and question in text:
-            _refuse_role_markers(text, question)
+        if text.count(IMAGE_PLACEHOLDER) == 1 and all(q in text for q in questions):
+            for q in questions:
+                _refuse_role_markers(text, q)
             return text
         errors.append(f"rendered {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER!r} in {text!r}")
-    raise PromptError("the chat template does not render one image and the question: " + "; ".join(errors))
+    raise PromptError("the chat template does not render one image and the questions: " + "; ".join(errors))
+
+
+def format_prompt(chat_template: str, question: str) -> str:
+    """Render a single user turn (one image, then `question`) with `chat_template` (`format_conversation`)."""
+    return format_conversation(chat_template, [question])
 
 
 def prompt_ids(tokenizer: Any, prompt_text: str, image_token_id: int) -> tuple[list[int], int]:

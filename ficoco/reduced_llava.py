@@ -413,7 +413,10 @@ class TorchStages:
         return host_logits(out.logits), [t for kv in out.cache for t in kv]
 
     def step(self, embeds: Any, position: Any, past: list[Any]) -> tuple[np.ndarray, list[Tensor]]:
+        return self.extend(embeds, position, past)
+
+    def extend(self, embeds: Any, position: Any, past: list[Any]) -> tuple[np.ndarray, list[Tensor]]:
         kv = [self._float(t) for t in past]
         cache = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
-        logits, new = self.model.decode_step(self._float(embeds), _tensor(position, torch.long), cache)
+        logits, new = self.model.extend(self._float(embeds), _tensor(position, torch.long), cache)
         return host_logits(logits), [t for kv in new for t in kv]

@@ -283,3 +283,37 @@ def test_engine_version_and_sm_check(bundle: Path, tmp_path: Path, monkeypatch: 
     # auto: falls back to ONNX Runtime instead
     code, _ = run_cli([str(b), "--image", str(images[0]), "--prompt", QUESTION, "--max-new-tokens", "2", "--no-verify"])
     assert code == 0
+
+
+TOKENIZER_TEXTS = ["USER: <image>\nWhat is in the picture? ASSISTANT:", "  two  spaces, émigré café — 東京 🙂", "a\nb\tc </s> <s>"]
+
+
+@pytest.mark.parametrize("which", ["tiny", "smol"])
+def test_bundle_tokenizer_equals_transformers(which: str, tiny: LoadedModel, smol: LoadedModel, tmp_path) -> None:
+    """The runtime's tokenizer (tokenizers alone, from the bundle's file) encodes and decodes as transformers does."""
+    from bundle.tokenizer import BundleTokenizer
+
+    hf = {"tiny": tiny, "smol": smol}[which].tokenizer
+    hf.save_pretrained(str(tmp_path))
+    ours = BundleTokenizer.from_dir(tmp_path)
+    assert len(ours) == len(hf)
+    for text in TOKENIZER_TEXTS:
+        ids = hf(text, add_special_tokens=True)["input_ids"]
+        assert ours(text)["input_ids"] == ids
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+def test_stop_strings_end_the_answer_before_the_string(tiny_bundle) -> None:
+    pipe = Pipeline.from_bundle(tiny_bundle, backend="onnxruntime")
+    image = test_image("rocket")
+    full = pipe.generate(image, QUESTION, max_new_tokens=16, stop_token_ids=[])
+    assert len(full.text) >= 4
+    stop = full.text[2:4]  # a string the answer is known to contain
+    pieces: list[str] = []
+    cut = pipe.generate(image, QUESTION, max_new_tokens=16, stop_token_ids=[], stop_strings=[stop], on_text=pieces.append)
+    assert cut.stopped and cut.text == full.text[: full.text.index(stop)]
+    assert "".join(pieces) == cut.text  # the stop string is never streamed, not even in part
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(full.token_ids)
+    with pytest.raises(InputError, match="stop string"):
+        pipe.generate(image, QUESTION, stop_strings=[""])
