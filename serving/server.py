@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 #: an idle keep-alive connection is closed after this long (seconds); also bounds a stalled body upload
 IDLE_TIMEOUT_S = 60.0
+#: a refused request's unread body is read away (keeping the connection) up to this many times the body limit
+DISCARD_FACTOR = 4
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 HEALTH_PATH = "/health"
@@ -271,9 +273,34 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("unexpected error answering %s %s", self.command, self.path)
             self._refuse(RequestError(500, "internal server error (logged by the server)", code="internal_error"))
         finally:
-            if not self._body_read and int(self.headers.get("Content-Length") or 0) > 0:
-                self.close_connection = True  # an unread body would be taken for the next request
+            self._discard_unread_body()
             app.end()
+
+    def _discard_unread_body(self) -> None:
+        """Read away the body of a request refused before its body was read (404, 405, 413...), so the
+        connection stays in step and the client reads the answer instead of a reset; a body of more than
+        DISCARD_FACTOR times the limit closes the connection instead."""
+        if self._body_read:
+            return
+        try:
+            left = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            left = -1
+        if left == 0:
+            return
+        if left < 0 or left > DISCARD_FACTOR * self.server.app.options.max_body_bytes:
+            self.close_connection = True
+            return
+        try:
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+        if left:
+            self.close_connection = True
 
     def _refuse(self, err: RequestError) -> None:
         if err.status >= 500:

@@ -82,6 +82,11 @@ class Worker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def waiting(self) -> int:
+        """Jobs queued behind the running one."""
+        return self._jobs.qsize()
+
     def refuse_if_full(self) -> None:
         """RequestError(503) when a job submitted now would be refused (a hint: `submit` decides)."""
         if not self._accepting:
