@@ -301,3 +301,12 @@ def test_sigterm_stops_the_command(tiny_bundle: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serving_imports_no_torch() -> None:
+    """The server's own modules import neither torch nor the runtime at module level."""
+    code = ("import sys, serving, serving.server, serving.worker, serving.images, commands.serve; "
+            "print(sorted(m for m in ('torch', 'engines.runtime', 'bundle.frontend') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
