@@ -172,7 +172,7 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
         max_tokens_param=max_param,
         temperature=_number(data.get("temperature"), "temperature", 0.0, 2.0, low_open=False),
         top_p=_number(data.get("top_p"), "top_p", 0.0, 1.0, low_open=True),
-        seed=None if data.get("seed") is None else _int(data["seed"], "seed"),
+        seed=_seed(data.get("seed")),
         stop=_stop(data.get("stop")),
         stream=bool(stream),
         include_usage=_include_usage(data.get("stream_options")),
@@ -292,6 +292,15 @@ def _number(value: Any, param: str, lo: float, hi: float, *, low_open: bool) -> 
         interval = f"{'(' if low_open else '['}{lo:g}, {hi:g}]"
         raise bad_request(f"{param}={value} is outside {interval}", param)
     return float(value)
+
+
+def _seed(value: Any) -> int | None:
+    if value is None:
+        return None
+    seed = _int(value, "seed")
+    if not -(1 << 63) <= seed < (1 << 63):
+        raise bad_request(f"seed={seed} is not a signed 64-bit integer", "seed")
+    return seed
 
 
 def _stop(value: Any) -> tuple[str, ...]:
