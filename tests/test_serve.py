@@ -175,6 +175,8 @@ def test_bad_requests_are_json_errors_and_the_server_keeps_serving(server: ChatS
         ("prompt too long", {"body": _chat_body(url, "why " * 400)}, 400, "invalid_prompt"),
         ("bad temperature", {"body": _chat_body(url, temperature=-1)}, 400, "invalid_value"),
         ("malformed stop", {"body": _chat_body(url, stop=[1, 2])}, 400, "invalid_value"),
+        ("seed too large", {"body": _chat_body(url, temperature=0.7, seed=1 << 70)}, 400, "invalid_value"),
+        ("two images", {"body": json.dumps({"messages": _messages(url, "a") + _messages(url, "b")})}, 400, "too_many_images"),
         ("unknown model", {"body": _chat_body(url, model="gpt-4o")}, 404, "model_not_found"),
         ("body over the limit", {"body": _chat_body(url, pad="x" * BODY_LIMIT)}, 413, "request_too_large"),
         ("unknown path", {"body": "{}", "path": "/v1/completions"}, 404, "not_found"),
