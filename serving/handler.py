@@ -45,6 +45,12 @@ class HTTPServer(ThreadingHTTPServer):
         self.app = app
         super().__init__(address, Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """What escaped a handler (a connection that broke while an error was being written): logged, not
+        printed as a bare traceback; the connection is closed by the caller."""
+        log.warning("connection from %s ended with an error", client_address[0] if client_address else "?",
+                    exc_info=True)
+
 
 class Handler(BaseHTTPRequestHandler):
     """One connection (HTTP/1.1 keep-alive): each request is routed by `_dispatch`."""
@@ -129,6 +135,9 @@ class Handler(BaseHTTPRequestHandler):
         connection stays in step and the client reads the answer instead of a reset; a body of more than
         DISCARD_FACTOR times the limit closes the connection instead."""
         if self._body_read:
+            return
+        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
+            self.close_connection = True  # an unread chunked body: no way to stay in step
             return
         try:
             left = int(self.headers.get("Content-Length") or 0)
