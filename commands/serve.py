@@ -19,7 +19,7 @@ MiB = 1 << 20
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on. The default is this machine only; 0.0.0.0 opens it to the network (the server has no authentication, and reads local image files a request names).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port (0: any free port; the one taken is printed).")
 @click.option("--model-name", help="Model id served by /v1/models and expected in requests' `model` [default: the manifest's source model name, else the bundle directory's name].")
-@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=20 * MiB, show_default=True, help="Largest request body accepted, in bytes (larger: 413). Images travel inside it as base64 data URLs.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=20 * MiB, show_default=True, help="Largest request body accepted, in bytes (the default is 20 MiB; larger: 413). Images travel inside it as base64 data URLs.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True, help="Requests that may wait behind the one being generated (more: 503). One worker runs them in arrival order.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True, help="auto: TensorRT when it, a GPU and engines built for them exist, else ONNX Runtime.")
 @click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu has it, else CPU).")
