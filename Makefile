@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint clean train eval eval-bundles memory-check scale-check runtime-check
+.PHONY: install demo test test-all bench lint clean train eval eval-bundles memory-check scale-check runtime-check serve-load
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -102,7 +102,7 @@ eval-bundles: $(STAMP)
 	done; exit $$fail
 
 lint: $(STAMP)
-	$(BIN)/ruff check ficoco bundle commands exporter engines calibration evaluation training tests
+	$(BIN)/ruff check ficoco bundle commands exporter engines calibration evaluation training serving tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
@@ -119,3 +119,17 @@ scale-check: $(STAMP)
 # and measures both environments' size and ficoco-run start-up -> reports/runtime-install.{json,md}
 runtime-check: $(STAMP)
 	$(BIN)/python -m engines.bench.runtime_install
+
+# ficoco-serve under a bounded load (engines/bench/serve_load.py; not in CI): the real command on SERVE_BUNDLE
+# (the random-weight `tiny` built-in, FiCoCo-VL 0.25, exported when missing, ~1 min), SERVE_REQUESTS chat
+# completions from SERVE_CONCURRENCY clients; latency percentiles, throughput, errors and the load average
+# -> reports/serve-load.{md,json}. SERVE_LOAD_ARGS="--stream" streams every answer.
+SERVE_BUNDLE ?= out/tiny-vl25-serve
+SERVE_REQUESTS ?= 200
+SERVE_CONCURRENCY ?= 8
+SERVE_LOAD_ARGS ?=
+serve-load: $(STAMP)
+	@test -f $(SERVE_BUNDLE)/manifest.json || $(BIN)/ficoco-export --model tiny --variant VL --ratio 0.25 --l-end 7 \
+	  --no-validate --max-batch-size 1 --max-text-len 128 --max-new-tokens 32 -o $(SERVE_BUNDLE)
+	$(BIN)/python -m engines.bench.serve_load $(SERVE_BUNDLE) --requests $(SERVE_REQUESTS) \
+	  --concurrency $(SERVE_CONCURRENCY) $(SERVE_LOAD_ARGS)
