@@ -21,6 +21,7 @@ MiB = 1 << 20
 @click.option("--model-name", help="Model id served by /v1/models and expected in requests' `model` [default: the manifest's source model name, else the bundle directory's name].")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=20 * MiB, show_default=True, help="Largest request body accepted, in bytes (the default is 20 MiB; larger: 413). Images travel inside it as base64 data URLs.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True, help="Requests that may wait behind the one being generated (more: 503). One worker runs them in arrival order.")
+@click.option("--chat-cache", type=click.IntRange(min=0), default=4, show_default=True, help="Conversations kept with their KV cache, so a follow-up that sends the history back feeds only its new turn (0: every request prefills its whole history).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True, help="auto: TensorRT when it, a GPU and engines built for them exist, else ONNX Runtime.")
 @click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu has it, else CPU).")
 @click.option("--device", type=int, default=0, show_default=True, help="CUDA device index (TensorRT / ONNX Runtime CUDA).")
@@ -42,7 +43,8 @@ def _serve(bundle: Path, kw: dict[str, Any]) -> None:
     from serving.server import ChatServer, ServeOptions
 
     options = ServeOptions(host=kw["host"], port=int(kw["port"]), max_body_bytes=int(kw["max_body_bytes"]),
-                           max_queue=int(kw["max_queue"]), model_id=kw["model_name"] or None)
+                           max_queue=int(kw["max_queue"]), model_id=kw["model_name"] or None,
+                           chat_cache=int(kw["chat_cache"]))
     pipe = Pipeline.from_bundle(
         bundle, backend=kw["backend"], verify=not kw["no_verify"], device=int(kw["device"]),
         ort_provider=kw["ort_provider"], threads=kw["threads"], low_memory=bool(kw["low_memory"]),

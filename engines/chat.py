@@ -53,6 +53,8 @@ class ChatTurn:
     fed_tokens: int
     #: a stop string ended it: the cache holds text the rendered history does not, so the next turn is prefilled
     cut_by_string: bool = False
+    #: text tokens in the context the answer was generated from (the conversation so far)
+    context_tokens: int = 0
 
 
 @dataclass
@@ -73,15 +75,19 @@ class ChatSession:
     `default_sampling`, and the limits `text_len_range` and `max_new_tokens_limit`.
     """
 
-    def __init__(self, stages: StagedModel, front: Any, pixel_values: Any) -> None:
+    def __init__(self, stages: StagedModel, front: Any, pixel_values: Any,
+                 history: Sequence[tuple[str, str]] = ()) -> None:
+        """`history`: earlier (question, answer) turns this session did not generate (a client's message
+        history); the first `ask` prefills them with its own question, later ones reuse the cache."""
         self.stages = stages
         self.front = front
         self.pixel_values = pixel_values
+        self._given = [ChatTurn(q, a, [], True, "history", 0) for q, a in history]
         self._state: _State | None = None
 
     @property
     def turns(self) -> list[ChatTurn]:
-        return [] if self._state is None else list(self._state.history)
+        return self._given + ([] if self._state is None else list(self._state.history))
 
     @property
     def cached_tokens(self) -> int:
@@ -102,8 +108,10 @@ class ChatSession:
         stop_token_ids: Sequence[int] | None = None,
         stop_strings: Sequence[str] | None = None,
         on_text: Callable[[str], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> ChatTurn:
-        """Answer the next question of the conversation; `on_text` receives the answer as it is generated."""
+        """Answer the next question of the conversation; `on_text` receives the answer as it is generated,
+        `on_start` the context's length in text tokens once the question is checked and fed."""
         from bundle.frontend import check_stop_strings
 
         if not isinstance(question, str) or not question.strip():
@@ -141,13 +149,15 @@ class ChatSession:
             fed_count = len(new_ids)
         else:
             ids, offset = prompt_ids(self.front.tokenizer, text, self.front.image_token_id)
-            if st is None:
-                self.front.check_request(len(ids), n_new)  # the first turn: the bundle's own prompt limits
+            if st is None and not self._given:
+                self.front.check_request(len(ids), n_new)  # a first question: the bundle's own prompt limits
             self._check_length(len(ids) + n_new)
             visual = st.visual if st is not None else self.stages.encode_image(self.pixel_values)
             history_ids = np.asarray([ids], dtype=np.int64)
             prefilled = self.stages.prefill(self.stages.embed(history_ids), visual, np.asarray([offset], dtype=np.int64))
             fed, start, fed_count = list(ids), None, len(ids)
+        if on_start is not None:
+            on_start(len(fed))
         stream = TextStream(self.front.tokenizer, set(stops), 0, None if on_text is None else (lambda _r, s: on_text(s)), strings)
         caches: list[list[Any]] = []
         tokens = decode_tokens(
@@ -159,7 +169,7 @@ class ChatSession:
         stream.flush()
         gen = [int(t) for t in tokens[0]]
         turn = ChatTurn(question, stream.answer_text(), list(stream.ids), stream.stopped, fed_by, fed_count,
-                        cut_by_string=stream.final_text is not None)
+                        cut_by_string=stream.final_text is not None, context_tokens=len(fed))
         history = [] if st is None else st.history
         self._state = _State(visual, caches[0], fed + gen[:-1], offset, text, gen[-1] if gen else None, [*history, turn])
         return turn

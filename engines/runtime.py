@@ -204,10 +204,10 @@ class Pipeline(Frontend):
         return max(1, m if m is not None else int(self.batch_range[1]))
 
     # -- generation ------------------------------------------------------------------------------------------
-    def chat(self, image: ImageLike) -> ChatSession:
+    def chat(self, image: ImageLike, history: Sequence[tuple[str, str]] = ()) -> ChatSession:
         """A multi-turn conversation about `image`: each `ask` reuses the cache of the turns before it
-        (`engines.chat`)."""
-        return ChatSession(self.stages, self, self.preprocess([image]))
+        (`engines.chat`); `history`: earlier (question, answer) turns to start from (prefilled once)."""
+        return ChatSession(self.stages, self, self.preprocess([image]), history)
 
     def generate(
         self,

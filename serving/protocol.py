@@ -93,15 +93,32 @@ class ChatRequest:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    stop: tuple[str, ...] = ()  # accepted and kept, not applied yet (docs/serving.md)
+    stop: tuple[str, ...] = ()  # stop strings: the answer ends before the first one it produces
+    top_k: int | None = None  # the extensions vLLM and others accept beside OpenAI's fields
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     extra: dict[str, Any] = field(default_factory=dict)  # fields this server does not interpret
 
     @property
     def history(self) -> tuple[ChatMessage, ...]:
-        """The turns before the last user message (parsed, not used by generation yet)."""
+        """The turns before the last user message."""
         return self.messages[:-1]
+
+    def conversation(self) -> tuple[list[str], list[str]]:
+        """(user questions, assistant answers) from the message with the image on, system messages left out:
+        user and assistant alternate, the image comes with the first question, the last question is unanswered."""
+        turns = [m for m in self.messages[self.image_message:] if m.role != "system"]
+        if any(m.role == "user" for m in self.messages[: self.image_message]):
+            raise bad_request("the image must come with the first user message of the conversation", "messages")
+        questions = [m.text for m in turns[0::2]]
+        answers = [m.text for m in turns[1::2]]
+        roles_ok = all(m.role == "user" for m in turns[0::2]) and all(m.role == "assistant" for m in turns[1::2])
+        if not roles_ok or len(answers) != len(questions) - 1:
+            raise bad_request("after the system messages, user and assistant messages must alternate, starting and "
+                              "ending with the user", "messages", "invalid_conversation")
+        return questions, answers
 
     def sampling(self) -> SamplingParams | None:
         """None for greedy decoding: no temperature and no top_p, or temperature 0. Otherwise sampling at
@@ -160,7 +177,7 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
     if stream is not None and not isinstance(stream, bool):
         raise bad_request(f"stream must be true or false, not {_kind(stream)}", "stream")
     known = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-             "stream", "stream_options", "n"}
+             "stream", "stream_options", "n", "top_k", "repetition_penalty", "min_tokens"}
     image_at, image = images[0]
     return ChatRequest(
         model=model or None,
@@ -174,6 +191,9 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
         top_p=_number(data.get("top_p"), "top_p", 0.0, 1.0, low_open=True),
         seed=_seed(data.get("seed")),
         stop=_stop(data.get("stop")),
+        top_k=None if data.get("top_k") is None else _nonneg_int(data["top_k"], "top_k"),
+        repetition_penalty=_number(data.get("repetition_penalty"), "repetition_penalty", 0.0, 10.0, low_open=True),
+        min_tokens=None if data.get("min_tokens") is None else _nonneg_int(data["min_tokens"], "min_tokens"),
         stream=bool(stream),
         include_usage=_include_usage(data.get("stream_options")),
         extra={k: v for k, v in data.items() if k not in known},
@@ -275,6 +295,13 @@ def _max_tokens(data: dict[str, Any]) -> tuple[int | None, str]:
     if value < 1:
         raise bad_request(f"{key} must be at least 1 (got {value})", key)
     return value, key
+
+
+def _nonneg_int(value: Any, param: str) -> int:
+    v = _int(value, param)
+    if v < 0:
+        raise bad_request(f"{param} must be >= 0 (got {v})", param)
+    return v
 
 
 def _int(value: Any, param: str) -> int:

@@ -45,6 +45,7 @@ class ServeOptions:
     port: int = 8000  # 0: an ephemeral port (ChatServer.port says which)
     max_body_bytes: int = 20 * MiB
     max_queue: int = 16  # requests waiting behind the running one; more get 503
+    chat_cache: int = 4  # conversations kept with their KV cache for follow-ups (0: none)
     model_id: str | None = None  # default: the manifest's source model name, else the bundle directory's name
     drain_timeout_s: float = 600.0  # at shutdown, the longest wait for the running request
 
@@ -63,7 +64,7 @@ class ChatServer:
         self.model_id = self.options.model_id or model_id_of(pipe)
         manifest_file = Path(pipe.bundle) / "manifest.json"
         self.created = int(manifest_file.stat().st_mtime) if manifest_file.exists() else P.now()
-        self.worker = Worker(pipe, self.options.max_queue)
+        self.worker = Worker(pipe, self.options.max_queue, self.options.chat_cache)
         self.draining = threading.Event()
         self._active = 0  # requests being answered
         self._idle = threading.Condition()

@@ -4,6 +4,11 @@ A `Pipeline` runs one generation at a time: its sessions, KV caches and tokenize
 concurrent calls, so every request becomes a `Job` on one queue and one worker thread runs them in order.
 HTTP threads only wait on their job's events. A full queue, or a queue that is shutting down, is a 503.
 
+Each request is one turn of a chat (`engines.chat`): a conversation the worker answered before (same
+image, same questions, same answers back) continues in the `ChatSession` that holds its cache, so a
+follow-up feeds only its own tokens; any other history is prefilled once. The worker keeps the most recent
+`chat_cache` conversations.
+
 Events a job sends its HTTP thread, in order: ("start", prompt_tokens) once the prompt is tokenized and
 checked, then ("text", piece) per new piece of the answer, then ("done", `Result`); or ("error",
 `RequestError`) at any point instead of the rest.
@@ -15,6 +20,7 @@ import logging
 import queue
 import secrets
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +70,17 @@ class Job:
 class Worker:
     """Runs jobs one at a time on its own thread; at most `max_queue` jobs wait behind the running one."""
 
-    def __init__(self, pipe: Any, max_queue: int) -> None:
+    def __init__(self, pipe: Any, max_queue: int, chat_cache: int = 4) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1 (got {max_queue})")
+        if chat_cache < 0:
+            raise ValueError(f"chat_cache must be >= 0 (got {chat_cache})")
         self.pipe = pipe
+        #: conversations kept for their follow-ups (most recent last), keyed by image and turns so far;
+        #: only the worker thread touches it
+        self.chat_cache = chat_cache
+        self._chats: OrderedDict[tuple[str, tuple[str, ...], tuple[str, ...]], Any] = OrderedDict()
+        self.reused = 0  # requests that continued a kept conversation
         self.max_new_tokens_limit = int(pipe.max_new_tokens_limit)
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
@@ -158,34 +171,78 @@ class Worker:
                     refused = RequestError(500, f"generation failed: {type(err).__name__}: {err}", code="internal_error")
                 job.fail(refused)
 
+    def _sampling(self, req: ChatRequest) -> Any:
+        """The bundle's defaults (its generation_config.json) with what the request sets: temperature 0 is
+        greedy, a temperature or top_p samples (with the request's seed, else a fresh one)."""
+        base = self.pipe.default_sampling
+        do_sample: bool | None = None
+        if req.temperature == 0:
+            do_sample = False
+        elif req.temperature is not None or req.top_p is not None or req.top_k is not None:
+            do_sample = True
+        seed = req.seed
+        if seed is None and (do_sample or (do_sample is None and base.do_sample)):
+            seed = secrets.randbelow(1 << 31)
+        try:
+            return base.merged(do_sample=do_sample, temperature=req.temperature or None, top_p=req.top_p,
+                               top_k=req.top_k, repetition_penalty=req.repetition_penalty,
+                               min_new_tokens=req.min_tokens, seed=seed)
+        except ValueError as err:
+            raise RequestError(400, str(err), param="temperature") from err
+
+    def _chat(self, req: ChatRequest, image: Any) -> tuple[Any, list[str]]:
+        """The chat session that holds this conversation so far (its cache reused), or a new one."""
+        questions, answers = req.conversation()
+        key = (_image_key(req), tuple(questions[:-1]), tuple(answers))
+        chat = self._chats.pop(key, None)
+        if chat is None:
+            chat = self.pipe.chat(image, history=list(zip(questions[:-1], answers, strict=True)))
+        else:
+            self.reused += 1
+        return chat, [*key[1], questions[-1]]
+
     def _generate(self, job: Job) -> Result:
-        from ficoco.sampling import SamplingConfig
-
         req = job.request
-        text = self.pipe.prepare_text([req.question], req.max_tokens, None)  # InputError / PromptError -> 400
-        prompt_tokens = int(text.input_ids.shape[1])
-        params = req.sampling()
-        sampling = SamplingConfig()
-        if params is not None:
-            seed = secrets.randbelow(1 << 31) if params.seed is None else params.seed
-            try:
-                sampling = SamplingConfig(do_sample=True, temperature=params.temperature, top_p=params.top_p, seed=seed)
-            except ValueError as err:
-                raise RequestError(400, str(err), param="temperature") from err
-        job.events.put(("start", prompt_tokens))
+        chat, asked = self._chat(req, job.image)
+        n_new = self.max_new_tokens_limit if req.max_tokens is None else req.max_tokens
+        if n_new > self.max_new_tokens_limit:
+            raise RequestError(400, f"{req.max_tokens_param}={n_new}: this bundle generates at most "
+                               f"{self.max_new_tokens_limit} tokens per answer", param=req.max_tokens_param)
+        sampling = self._sampling(req)
 
-        def on_text(row: int, piece: str) -> None:
+        def on_text(piece: str) -> None:
             if job.cancelled.is_set():
                 raise Cancelled
             job.emit(piece)
 
-        answer = self.pipe.generate_batch([job.image], text, sampling=sampling, on_text=on_text)[0]
-        if answer.text.startswith(job.emitted):
-            if len(answer.text) > len(job.emitted):
-                job.emit(answer.text[len(job.emitted):])
+        turn = chat.ask(req.question, max_new_tokens=n_new, sampling=sampling, stop_strings=list(req.stop) or None,
+                        on_text=on_text, on_start=lambda n: job.events.put(("start", n)))
+        if self.chat_cache:
+            key = (_image_key(req), tuple(asked), tuple(t.text for t in chat.turns))
+            self._chats[key] = chat
+            while len(self._chats) > self.chat_cache:
+                self._chats.popitem(last=False)
+        if turn.text.startswith(job.emitted):
+            if len(turn.text) > len(job.emitted):
+                job.emit(turn.text[len(job.emitted):])
         else:  # the incremental detokenizer emitted text the final decode changed: say so, keep the final text
-            log.warning("streamed text %r is not a prefix of the answer %r", job.emitted, answer.text)
-        return Result(answer.text, "stop" if answer.stopped else "length", prompt_tokens, len(answer.token_ids))
+            log.warning("streamed text %r is not a prefix of the answer %r", job.emitted, turn.text)
+        return Result(turn.text, "stop" if turn.stopped else "length", turn.context_tokens, len(turn.token_ids))
+
+
+def _image_key(req: ChatRequest) -> str:
+    """What identifies a request's image across requests: its bytes, or its file's path, size and mtime."""
+    import hashlib
+    import os
+
+    img = req.image
+    if img.source == "data":
+        return "data:" + hashlib.sha256(img.data).hexdigest()
+    try:
+        st = os.stat(img.path)
+    except OSError:
+        return "file:" + img.path
+    return f"file:{img.path}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _as_request_error(err: Exception) -> RequestError | None:

@@ -63,11 +63,18 @@ def pipe(tiny_bundle: Path) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def expected(pipe: Pipeline, pngs: dict[str, bytes]) -> dict[tuple[str, str], str]:
-    """Greedy answers straight from the pipeline, taken before the server (and its worker) owns it."""
-    return {
+    """Greedy answers straight from the pipeline, taken before the server (and its worker) owns it:
+    single questions, a conversation with a given history, and one the pipeline's own chat continued."""
+    out = {
         (name, q): pipe.generate(Image.open(io.BytesIO(png)), q, max_new_tokens=TOKENS).text
         for name, png in pngs.items() for q in QUESTIONS
     }
+    image = Image.open(io.BytesIO(pngs["astronaut"]))
+    out[("astronaut", "history")] = pipe.chat(image, [("Describe it.", "A picture.")]).ask(QUESTIONS[1], max_new_tokens=TOKENS).text
+    chat = pipe.chat(Image.open(io.BytesIO(pngs["chelsea"])))
+    out[("chelsea", "turn0")] = chat.ask(QUESTIONS[0], max_new_tokens=TOKENS).text
+    out[("chelsea", "turn1")] = chat.ask(QUESTIONS[1], max_new_tokens=TOKENS).text
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +138,8 @@ def test_openai_client_plain_and_streamed(client: Any, server: ChatServer, pngs:
 
 def test_image_as_file_url_and_earlier_turn(client: Any, server: ChatServer, pngs: dict[str, bytes],
                                             expected: dict[tuple[str, str], str], tmp_path: Path) -> None:
-    """A file:// image in the first user turn, the question in the last: the answer is the single-turn one."""
+    """A file:// image in the first user turn, a history, the question in the last: the answer is the
+    pipeline's given that history."""
     path = tmp_path / "astronaut.png"
     path.write_bytes(pngs["astronaut"])
     messages = [
@@ -141,7 +149,34 @@ def test_image_as_file_url_and_earlier_turn(client: Any, server: ChatServer, png
         {"role": "user", "content": QUESTIONS[1]},
     ]
     r = client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=TOKENS, temperature=0)
-    assert r.choices[0].message.content == expected[("astronaut", QUESTIONS[1])]
+    assert r.choices[0].message.content == expected[("astronaut", "history")]
+
+
+def test_follow_up_continues_the_kept_conversation(client: Any, server: ChatServer, pngs: dict[str, bytes],
+                                                   expected: dict[tuple[str, str], str]) -> None:
+    """The client sends the history back (as OpenAI clients do): the server continues the cached chat."""
+    url = _data_url(pngs["chelsea"])
+    first = client.chat.completions.create(model=server.model_id, messages=_messages(url, QUESTIONS[0]), max_tokens=TOKENS)
+    a0 = first.choices[0].message.content
+    assert a0 == expected[("chelsea", "turn0")]
+    before = server.worker.reused
+    messages = [*_messages(url, QUESTIONS[0]), {"role": "assistant", "content": a0}, {"role": "user", "content": QUESTIONS[1]}]
+    second = client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=TOKENS)
+    assert server.worker.reused == before + 1
+    assert second.choices[0].message.content == expected[("chelsea", "turn1")]
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens - 1
+
+
+def test_stop_strings_are_applied(client: Any, server: ChatServer, pngs: dict[str, bytes],
+                                  expected: dict[tuple[str, str], str]) -> None:
+    full = expected[("astronaut", QUESTIONS[0])]
+    if len(full) < 3:
+        pytest.skip(f"the tiny model's answer {full!r} is too short to cut")
+    stop = full[1:3]
+    r = client.chat.completions.create(model=server.model_id, messages=_messages(_data_url(pngs["astronaut"]), QUESTIONS[0]),
+                                       max_tokens=TOKENS, stop=[stop])
+    assert r.choices[0].message.content == full[: full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
 
 
 def test_parse_keeps_the_conversation() -> None:
@@ -199,7 +234,8 @@ def test_bad_requests_are_json_errors_and_the_server_keeps_serving(server: ChatS
 def test_concurrent_requests_are_queued_not_interleaved(client: Any, server: ChatServer, pngs: dict[str, bytes],
                                                         expected: dict[tuple[str, str], str]) -> None:
     urls = {name: _data_url(png) for name, png in pngs.items()}
-    keys = [list(expected)[i % len(expected)] for i in range(16)]
+    single = [k for k in expected if k[1] in QUESTIONS]  # the single-question answers
+    keys = [single[i % len(single)] for i in range(16)]
 
     def ask(i: int) -> str:
         name, q = keys[i]
@@ -219,24 +255,35 @@ def test_concurrent_requests_are_queued_not_interleaved(client: Any, server: Cha
 
 
 class _BlockingPipe:
-    """The part of `Pipeline` the server uses; `generate_batch` waits until `release` is set."""
+    """The part of `Pipeline` the server uses; a chat's `ask` waits until `release` is set."""
 
     max_new_tokens_limit = 8
 
     def __init__(self, bundle: Path) -> None:
+        from ficoco.sampling import SamplingConfig
+
         self.bundle = bundle
         self.manifest = SimpleNamespace(source_model={"name": "stand-in"})
+        self.default_sampling = SamplingConfig()
         self.started = threading.Semaphore(0)
         self.release = threading.Event()
 
-    def prepare_text(self, questions: list[str], max_new_tokens: int | None, stops: Any) -> Any:
-        return SimpleNamespace(input_ids=SimpleNamespace(shape=(1, 3)))
+    def chat(self, image: Any, history: Any = ()) -> Any:
+        pipe = self
 
-    def generate_batch(self, images: list[Any], text: Any, *, sampling: Any, on_text: Any) -> list[Any]:
-        self.started.release()
-        assert self.release.wait(20)
-        on_text(0, "done")
-        return [SimpleNamespace(text="done", token_ids=[5], stopped=True)]
+        class _Chat:
+            turns: list[Any] = []
+
+            def ask(self, question: str, *, on_text: Any, on_start: Any, **kw: Any) -> Any:
+                on_start(3)
+                pipe.started.release()
+                assert pipe.release.wait(20)
+                on_text("done")
+                turn = SimpleNamespace(text="done", token_ids=[5], stopped=True, context_tokens=3)
+                self.turns = [turn]
+                return turn
+
+        return _Chat()
 
 
 def test_queue_full_then_shutdown_drains(tmp_path: Path, pngs: dict[str, bytes]) -> None:
