@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from bundle.names import EMBED, PREFILL, STEP, VISION
-from ficoco.generation import host_logits
+from ficoco.generation import host_ids, host_logits
 
 log = logging.getLogger(__name__)
 
@@ -243,39 +243,74 @@ def _no_grad() -> Any:
     return torch.inference_mode()
 
 
+@dataclass
+class StageRun:
+    """The reference's side of a stage comparison: every stage output by "<stage>:<output>", and the
+    inputs each stage of a backend is fed (the reference's own intermediate results), so a backend can be
+    judged against a run that was saved (`engines.check.saved`) as well as against a live model."""
+
+    outputs: dict[str, ArrayLike]
+    pixel_values: ArrayLike
+    input_ids: np.ndarray
+    image_offset: np.ndarray
+    visual: ArrayLike  # vision_encoder's visual tokens: decoder_prefill's input
+    embeds: ArrayLike  # embed_tokens' output: decoder_prefill's input
+    logits: np.ndarray  # [B, V] prefill logits, float32
+    past: list[ArrayLike]  # the prefill's K/V: decoder_step's input
+    step_embeds: ArrayLike  # the embedding of the reference's greedy token: decoder_step's input
+    step_position: np.ndarray  # [B] that token's position
+
+
+def reference_stages(reference: Any, pixel_values: ArrayLike, input_ids: ArrayLike, image_offset: ArrayLike) -> StageRun:
+    """Run every stage of `reference` (a `ficoco.generation.StagedModel`, e.g. `ReducedLlava.stages()`).
+
+    vision_encoder on the pixels; embed_tokens on the ids; decoder_prefill (the splice, every decoder
+    segment and reduction) on those embeddings and visual tokens (logits and every present K/V); one
+    decoder_step (every segment on one token) on the embedding of the greedy token and the prefill's K/V.
+    """
+    ids, offset = host_ids(input_ids), host_ids(image_offset)
+    out: dict[str, ArrayLike] = {}
+    with _no_grad():
+        visual = reference.encode_image(pixel_values)
+        embeds = reference.embed(ids)
+        logits, past = reference.prefill(embeds, visual, offset)
+        out[f"{VISION}:visual_tokens"], out[f"{EMBED}:inputs_embeds"], out[f"{PREFILL}:logits"] = visual, embeds, logits
+        out.update(_kv(PREFILL, past))
+        nxt = np.argmax(host_logits(logits), axis=-1)[:, None].astype(np.int64)
+        b = int(ids.shape[0])
+        position = np.full((b,), int(ids.shape[1]) + int(visual.shape[1]), dtype=np.int64)
+        tok = reference.embed(nxt)
+        step_logits, step_past = reference.step(tok, position, past)
+        out[f"{STEP}:logits"] = step_logits
+        out.update(_kv(STEP, step_past))
+    return StageRun(out, pixel_values, ids, offset, visual, embeds, host_logits(logits), list(past), tok, position)
+
+
+def backend_stages(backend: Any, run: StageRun) -> dict[str, ArrayLike]:
+    """Every stage of `backend` on the reference's inputs of that stage (`run`), so each stage's error is
+    its own: outputs named as `run.outputs`."""
+    got: dict[str, ArrayLike] = {}
+    with _no_grad():
+        got[f"{VISION}:visual_tokens"] = backend.encode_image(run.pixel_values)
+        got[f"{EMBED}:inputs_embeds"] = backend.embed(run.input_ids)
+        logits, past = backend.prefill(run.embeds, run.visual, run.image_offset)
+        got[f"{PREFILL}:logits"] = logits
+        got.update(_kv(PREFILL, past))
+        step_logits, step_past = backend.step(run.step_embeds, run.step_position, run.past)
+        got[f"{STEP}:logits"] = step_logits
+        got.update(_kv(STEP, step_past))
+    return got
+
+
 def compare_stages(
     backend: Any, reference: Any, pixel_values: ArrayLike, input_ids: ArrayLike, image_offset: ArrayLike, gates: OutputGates,
 ) -> StageComparison:
     """Every stage of `backend` on the reference's inputs of that stage, against `reference` (both
-    `ficoco.generation.StagedModel`s, e.g. `bundle.ort.ort_stages(...)` and `ReducedLlava.stages()`).
-
-    vision_encoder on the pixels; embed_tokens on the ids; decoder_prefill (the splice, every decoder
-    segment and reduction) on the reference's embeddings and visual tokens (logits and every present K/V);
-    one decoder_step (every segment on one token) on the embedding of the reference's greedy token and the
-    reference's K/V. Outputs are named "<stage>:<output>".
-    """
-    got: dict[str, ArrayLike] = {}
-    ref: dict[str, ArrayLike] = {}
-    with _no_grad():
-        ref_visual = reference.encode_image(pixel_values)
-        ref[f"{VISION}:visual_tokens"], got[f"{VISION}:visual_tokens"] = ref_visual, backend.encode_image(pixel_values)
-        ref_embeds = reference.embed(input_ids)
-        ref[f"{EMBED}:inputs_embeds"], got[f"{EMBED}:inputs_embeds"] = ref_embeds, backend.embed(input_ids)
-        ref_logits, ref_past = reference.prefill(ref_embeds, ref_visual, image_offset)
-        got_logits, got_past = backend.prefill(ref_embeds, ref_visual, image_offset)
-        ref[f"{PREFILL}:logits"], got[f"{PREFILL}:logits"] = ref_logits, got_logits
-        ref.update(_kv(PREFILL, ref_past))
-        got.update(_kv(PREFILL, got_past))
-        nxt = np.argmax(host_logits(ref_logits), axis=-1)[:, None].astype(np.int64)
-        b = int(input_ids.shape[0])
-        position = np.full((b,), int(input_ids.shape[1]) + int(ref_visual.shape[1]), dtype=np.int64)
-        tok = reference.embed(nxt)
-        ref_step, ref_step_past = reference.step(tok, position, ref_past)
-        got_step, got_step_past = backend.step(tok, position, ref_past)
-        ref[f"{STEP}:logits"], got[f"{STEP}:logits"] = ref_step, got_step
-        ref.update(_kv(STEP, ref_step_past))
-        got.update(_kv(STEP, got_step_past))
-    return StageComparison(compare_outputs(got, ref, gates), ref_visual, host_logits(ref_logits), ref_past)
+    `ficoco.generation.StagedModel`s, e.g. `bundle.ort.ort_stages(...)` and `ReducedLlava.stages()`):
+    `reference_stages`, then `backend_stages`, judged output by output."""
+    run = reference_stages(reference, pixel_values, input_ids, image_offset)
+    got = backend_stages(backend, run)
+    return StageComparison(compare_outputs(got, run.outputs, gates), run.visual, run.logits, run.past)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ graphs, which is what its engines were built from.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bundle.flips import SelectionCheck, StepFlips
 from exporter.probe import SelectionProbe, set_differences
 
 _ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -45,20 +45,6 @@ def _numpy_feeds(probe: SelectionProbe, feeds: Mapping[str, Tensor]) -> dict[str
         t = feeds[name].detach().cpu()
         out[name] = (t.float() if t.is_floating_point() else t).numpy().astype(dtype)
     return out
-
-
-@dataclass
-class StepFlips:
-    """One reduction step of one sample: how many kept tokens differ from the reference's."""
-
-    tower: str  # "vision" | "decoder"
-    block: int  # the block whose output it reduces
-    kept: int  # |T|
-    flips: int  # |T_ref \ T_bundle|, worst over the batch
-    tie_flips: int  # of those, swaps between two patches with identical pixels
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _flips(ref: np.ndarray, got: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -122,27 +108,6 @@ def compare_steps(
         if fused:
             pos = np.concatenate([pos, np.full((pos.shape[0], 1), -1, dtype=pos.dtype)], axis=1)
     return out
-
-
-@dataclass
-class SelectionCheck:
-    """The flips of every reduction step of one sample (vision steps, then decoder steps), and the bundle's
-    kept sets as a `FollowedSelection` (None when a tower could not be probed) for the reference to follow."""
-
-    steps: list[StepFlips]
-    note: str = ""  # why some tower could not be probed
-    follow: Any = None  # ficoco.reduced_llava.FollowedSelection of the bundle's choices
-
-    @property
-    def total(self) -> int:
-        return sum(s.flips for s in self.steps)
-
-    @property
-    def non_tie(self) -> int:
-        return sum(s.flips - s.tie_flips for s in self.steps)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "non_tie": self.non_tie, "steps": [s.to_dict() for s in self.steps], "note": self.note}
 
 
 class SelectionChecker:

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bundle.manifest import Manifest
 from engines.check.options import DEFAULT_IMAGES, DEFAULT_PROMPTS, IMAGE_SUFFIXES, CheckInputError
 
@@ -68,6 +66,8 @@ def make_samples(images: Sequence[tuple[str, Any]], prompts: Sequence[str], num_
 def reference_for_bundle(manifest: Manifest, model: str | None = None) -> tuple[Any, Any]:
     """(LoadedModel, ReducedLlava) in fp32: the source model (or `model`, e.g. a moved local directory)
     with the manifest's schedule. CheckInputError when the model cannot be found or does not fit."""
+    import torch
+
     from ficoco.models import ModelNotFoundError, load_model
     from ficoco.reduced_llava import ReducedLlava
     from ficoco.schedule import Schedule

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from bundle.compare import TokenAgreement, token_agreement
 
@@ -27,11 +26,16 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def first_token_kl(unreduced_logits: Tensor, reduced_logits: Tensor) -> float:
+def _log_softmax(x: Any) -> np.ndarray:
+    x = np.asarray(x.detach().double().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64).reshape(-1)
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def first_token_kl(unreduced_logits: Any, reduced_logits: Any) -> float:
     """KL(p_unreduced || p_reduced) in nats of the next-token distributions (logits [V] or [1, V])."""
-    lp = torch.log_softmax(unreduced_logits.double().reshape(-1), dim=-1)
-    lq = torch.log_softmax(reduced_logits.double().reshape(-1), dim=-1)
-    return max(0.0, float(torch.sum(lp.exp() * (lp - lq))))
+    lp, lq = _log_softmax(unreduced_logits), _log_softmax(reduced_logits)
+    return max(0.0, float(np.sum(np.exp(lp) * (lp - lq))))
 
 
 @dataclass
@@ -47,10 +51,12 @@ class ReductionCost:
 
 
 def reduction_cost(
-    loaded: Any, pixel_values: Tensor, input_ids: Tensor, image_offset: int,
-    reduced_logits: Tensor, reduced_tokens: Sequence[int], max_new_tokens: int,
+    loaded: Any, pixel_values: Any, input_ids: Any, image_offset: int,
+    reduced_logits: Any, reduced_tokens: Sequence[int], max_new_tokens: int,
 ) -> ReductionCost:
     """Run the unreduced transformers LLaVA on the same inputs (one sample, batch 1)."""
+    import torch
+
     from ficoco.inputs import PromptInputs, hf_input_ids
 
     prompt = PromptInputs(text_ids=input_ids, image_offset=int(image_offset))
@@ -66,7 +72,7 @@ def reduction_cost(
     logits = out.logits[0][0].float()  # the raw first-step logits (before any logits processor)
     return ReductionCost(
         kl=first_token_kl(logits, reduced_logits),
-        top1_agree=bool(int(torch.argmax(logits)) == int(torch.argmax(reduced_logits))),
+        top1_agree=bool(int(torch.argmax(logits)) == int(np.argmax(_log_softmax(reduced_logits)))),
         tokens=token_agreement(reduced_tokens, gen.tolist()),
     )
 

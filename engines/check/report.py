@@ -15,7 +15,7 @@ import numpy as np
 from bundle.compare import ForcedAgreement, OutputComparison, TokenAgreement, pool_forced
 from engines.check.levels import ReductionCost, TaskResult
 from engines.check.options import Thresholds
-from exporter.selection import SelectionCheck
+from bundle.flips import SelectionCheck
 from ficoco.atomic import write_atomic
 
 REPORT_JSON = "check.json"

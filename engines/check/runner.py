@@ -39,33 +39,88 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
-from bundle.compare import compare_stages, forced_agreement, token_agreement
-from engines.check.inputs import load_images, load_prompts, make_samples, reference_for_bundle
-from engines.check.levels import TASK_IMAGES, TASK_MODELS, check_task, reduction_cost, selection_checker
+from bundle.compare import (
+    ForcedAgreement,
+    OutputComparison,
+    StageRun,
+    TokenAgreement,
+    backend_stages,
+    compare_outputs,
+    forced_agreement,
+    reference_stages,
+    token_agreement,
+)
+from bundle.flips import SelectionCheck
+from engines.check.inputs import Sample, load_images, load_prompts, make_samples, reference_for_bundle
+from engines.check.levels import (
+    TASK_IMAGES,
+    TASK_MODELS,
+    ReductionCost,
+    check_task,
+    reduction_cost,
+    selection_checker,
+)
 from engines.check.options import (
     DEFAULT_MAX_NEW_TOKENS,
     CheckOptions,
     ProgressCallback,
+    Thresholds,
     bundle_kind,
     resolve_thresholds,
 )
 from engines.check.report import CheckReport, SampleResult, tool_versions
 
 
-def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = None, progress: ProgressCallback | None = None) -> CheckReport:
+@dataclass
+class SampleJudgement:
+    """Levels 1 and 2 of one sample: the bundle against a reference run (live or saved)."""
+
+    stages: list[OutputComparison]
+    greedy: TokenAgreement
+    forced: ForcedAgreement
+
+
+def judge_sample(pipe: Any, run: StageRun, ref_tokens: list[int], ref_rows: np.ndarray, n_new: int,
+                 thresholds: Thresholds) -> SampleJudgement:
+    """The bundle's stages on the reference's inputs of each stage (`run`), its free-running greedy tokens,
+    and teacher-forced along the reference's tokens (`ref_rows`: the logits [n, V] each was chosen from).
+    Torch-free: the same code judges against a live reference and against a saved one."""
+    from ficoco.generation import forced_logits
+
+    comparisons = compare_outputs(backend_stages(pipe.stages, run), run.outputs, thresholds.output_gates())
+    got_tokens = pipe.generate_ids(run.pixel_values, run.input_ids, run.image_offset, n_new, stop_token_ids=[])[0].tolist()
+    # teacher forcing: the bundle along the reference's own tokens, so every position has one prefix
+    path = np.asarray([ref_tokens], dtype=np.int64)
+    got_rows = forced_logits(pipe.stages, pipe.stages.encode_image(run.pixel_values), run.input_ids, run.image_offset, path)
+    forced = forced_agreement(got_rows[0], ref_rows, ref_tokens, thresholds.tie_margin)
+    return SampleJudgement(comparisons, token_agreement(got_tokens, ref_tokens), forced)
+
+
+#: what `run_check(record=...)` hands over per sample: the sample, the stage run, the reference's greedy
+#: tokens and the logits each was chosen from, the reduction's cost and the selection flips
+Recorder = Callable[[Sample, StageRun, list[int], np.ndarray, ReductionCost, "SelectionCheck | None"], None]
+
+
+def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = None, progress: ProgressCallback | None = None,
+              record: Recorder | None = None) -> CheckReport:
     """Check a bundle's backend against PyTorch at the four levels; returns the judged report.
 
     Raises BundleError (missing / modified / graph-only bundle), CheckInputError / ImageError /
-    InputError (bad images, prompts, options, reference model) before any sample runs.
+    InputError (bad images, prompts, options, reference model) before any sample runs. `record`, when
+    given, receives each sample's reference results (`engines.check.saved` writes them to a file).
     """
+    import torch
+
     from bundle.frontend import Frontend
     from engines.runtime import Pipeline
-    from ficoco.generation import decode_tokens, forced_logits, host_logits
+    from ficoco.generation import decode_tokens, host_logits
 
     options = options or CheckOptions()
     options.validate()
@@ -101,7 +156,6 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
         tool_versions=tool_versions(),
     )
     ref_stages = reduced.stages()
-    gates = thresholds.output_gates()
     selection, report.selection_note = selection_checker(front.bundle, options.threads)
     for i, s in enumerate(samples):
         t0 = time.perf_counter()
@@ -114,26 +168,24 @@ def run_check(bundle: str | os.PathLike[str], options: CheckOptions | None = Non
             report.selection_note = report.selection_note or flips.note
         follow = None if flips is None else flips.follow
         # the stages against the reference making the bundle's kept-token choices: arithmetic error only
-        sc = compare_stages(pipe.stages, reduced.stages(follow), px, ids, offsets, gates)
-        got_tokens = pipe.generate_ids(px, ids, offsets, n_new, stop_token_ids=[])[0].tolist()
+        run = reference_stages(reduced.stages(follow), px, ids, offsets)
         with torch.inference_mode():  # greedy tokens and level 3: the reference making its own choices
             if follow is None:  # its vision and prefill on these inputs already ran above
-                ref_visual, ref_logits, ref_past = sc.ref_visual, sc.ref_logits, sc.ref_past
+                ref_visual, ref_logits, ref_past = run.visual, run.logits, run.past
             else:
                 ref_visual = ref_stages.encode_image(px)
                 ref_logits, ref_past = ref_stages.prefill(ref_stages.embed(ids), ref_visual, offsets)
             ref_rows: list[np.ndarray] = []  # the logits each reference token was chosen from
             ref_ids = decode_tokens(ref_stages, ref_visual, ids, offsets, n_new, prefilled=(ref_logits, ref_past),
                                     on_logits=ref_rows.append)
-            ref_tokens = ref_ids[0].tolist()
-            # teacher forcing: the bundle along the reference's own tokens, so every position has one prefix
-            got_rows = forced_logits(pipe.stages, pipe.stages.encode_image(px), ids, offsets, ref_ids)
-        forced = forced_agreement(got_rows[0], np.stack(ref_rows, axis=1)[0], ref_tokens, thresholds.tie_margin)
-        cost = reduction_cost(loaded, px, ids, int(offsets[0]), torch.from_numpy(host_logits(ref_logits)[0]), ref_tokens, n_new)
-        report.samples.append(
-            SampleResult(s.image_name, s.prompt, sc.comparisons, token_agreement(got_tokens, ref_tokens), cost,
-                         time.perf_counter() - t0, flips, forced)
-        )
+        rows = np.stack(ref_rows, axis=1)[0]
+        cost = reduction_cost(loaded, px, ids, int(offsets[0]), torch.from_numpy(host_logits(ref_logits)[0]),
+                              ref_ids[0].tolist(), n_new)
+        if record is not None:
+            record(s, run, ref_ids[0].tolist(), rows, cost, flips)
+        result = judge_sample(pipe, run, ref_ids[0].tolist(), rows, n_new, thresholds)
+        report.samples.append(SampleResult(s.image_name, s.prompt, result.stages, result.greedy, cost,
+                                           time.perf_counter() - t0, flips, result.forced))
         if progress is not None:
             progress(i + 1, len(samples), f"{s.image_name} / {s.prompt}")
     task_images = options.task_images
