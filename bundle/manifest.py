@@ -154,6 +154,21 @@ def manifest_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def tool_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Python's and each package's installed version ("not installed" for a missing one), for manifests
+    and reports."""
+    import importlib.metadata
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
 def write_manifest(root: str | os.PathLike[str], manifest: Manifest, files: dict[str, str] | None = None) -> Manifest:
     """Write `root`/manifest.json (atomically) with its integrity digest; the one writer of manifests.
 

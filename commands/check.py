@@ -19,7 +19,6 @@ from engines.check.options import (
     CheckOptions,
 )
 from engines.check.report import write_report
-from engines.check.runner import run_check
 
 
 @click.command(context_settings=CONTEXT)
@@ -44,6 +43,8 @@ from engines.check.runner import run_check
 @click.option("--min-reduction-agreement", type=float, help="Fail when the greedy token agreement of the reduced vs the unreduced PyTorch model (rate in [0, 1]) is below this [default: informational, no gate].")
 @click.option("--task-images", type=int, help=f"Level 4: answer the questions of this many easy-vqa test images per split (easy-vqa, mosaic) with the bundle and with PyTorch; 0 turns it off [default: {TASK_IMAGES} for a model trained on easy-vqa ({', '.join(TASK_MODELS)}), else 0].")
 @click.option("--max-accuracy-drop", type=float, help="Level 4: fail when the bundle's answer accuracy is more than this fraction below PyTorch's (0.01 = one point) [default: 0 fp32, 0.01 fp16, 0.02 quantized].")
+@click.option("--save-reference", type=click.Path(path_type=Path), help="Also save the PyTorch reference's results for these inputs to this .npz file, so the bundle can be judged later where there is no PyTorch (--reference).")
+@click.option("--reference", type=click.Path(path_type=Path), help="Judge the bundle against a reference saved by --save-reference (no PyTorch needed): the same gates, the saved inputs; the file must be for this very bundle. Level 4 (--task-images) is not saved.")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Where check.json and check.md go [default: BUNDLE/reports].")
 @click.option("--device", type=int, default=0, show_default=True, help="CUDA device index (TensorRT / ONNX Runtime CUDA).")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime CPU threads [default: all cores].")
@@ -84,7 +85,21 @@ def _check(bundle: Path, kw: dict[str, Any]) -> None:
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label[:60])
 
-        report = run_check(bundle, options, progress)
+        if kw["reference"] is not None and kw["save_reference"] is not None:
+            raise click.BadParameter("give --save-reference (on a machine with PyTorch) or --reference (on the device), not both")
+        if kw["reference"] is not None:
+            from engines.check.saved import check_with_reference
+
+            report = check_with_reference(bundle, kw["reference"], options, progress)
+        elif kw["save_reference"] is not None:
+            from engines.check.saved import save_reference
+
+            report = save_reference(bundle, kw["save_reference"], options, progress)
+            click.echo(f"reference: {kw['save_reference']}", err=True)
+        else:
+            from engines.check.runner import run_check
+
+            report = run_check(bundle, options, progress)
     report_dir = kw["report_dir"] or Path(bundle) / "reports"
     json_path, _ = write_report(report, report_dir)
     click.echo(report.to_markdown(), nl=False)

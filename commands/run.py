@@ -17,7 +17,8 @@ from commands.common import CONTEXT, VERBOSE_HELP, run_command
 @click.version_option(package_name="ficoco-export")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, required=True, help="Image file (PNG, JPEG, ... anything PIL reads). Repeat for a batch: the prompt is asked of every image.")
-@click.option("--prompt", required=True, help="The question about the image (the bundle's chat template wraps it).")
+@click.option("--prompt", help="The question about the image (the bundle's chat template wraps it). Required unless --chat.")
+@click.option("--chat", is_flag=True, help="Hold a conversation about one --image: each line read from stdin is a follow-up question (the first is --prompt, if given); follow-ups reuse the cache of earlier turns. An empty line or end of input ends it.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True, help="auto: TensorRT when it, a GPU and engines built for them exist, else ONNX Runtime.")
 @click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu has it, else CPU).")
 @click.option("--max-new-tokens", type=int, help="Most tokens to generate [default: the bundle's limit, shape_ranges.max_new_tokens].")
@@ -65,11 +66,18 @@ def _run(bundle: Path, kw: dict[str, Any]) -> None:
     from engines.runtime import Pipeline, describe
     from ficoco.preprocess import load_image
 
+    if kw["chat"] and len(kw["images"]) != 1:
+        raise click.BadParameter("--chat holds a conversation about one image: give exactly one --image")
+    if not kw["chat"] and not kw["prompt"]:
+        raise click.BadParameter("give the question with --prompt (or --chat to read questions from stdin)")
     images = [load_image(p) for p in kw["images"]]  # a bad file fails before the bundle is loaded
     # the request is tokenized and checked against the bundle once, before any engine or session is loaded
     front = Frontend.from_bundle(bundle, verify=not kw["no_verify"])
     sampling = _sampling(kw, front.default_sampling)
     stops: list[int] | None = [] if kw["ignore_eos"] else (list(kw["stop_ids"]) or None)
+    if kw["chat"]:
+        _chat(front, images[0], kw, sampling, stops)
+        return
     text = front.prepare_text([kw["prompt"]] * len(images), kw["max_new_tokens"], stops, list(kw["stop_strings"]) or None)
     pipe = Pipeline.from_bundle(
         front, backend=kw["backend"], verify=not kw["no_verify"], device=int(kw["device"]),
@@ -95,6 +103,34 @@ def _run(bundle: Path, kw: dict[str, Any]) -> None:
     if timings is not None:
         timings.pop("step_ms", None)
         click.echo(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}), err=True)
+
+
+def _chat(front: Any, image: Any, kw: dict[str, Any], sampling: Any, stops: list[int] | None) -> None:
+    """The --chat loop: one question per stdin line, answers streamed to stdout."""
+    from engines.runtime import Pipeline
+
+    pipe = Pipeline.from_bundle(
+        front, backend=kw["backend"], verify=not kw["no_verify"], device=int(kw["device"]),
+        ort_provider=kw["ort_provider"], threads=kw["threads"], low_memory=bool(kw["low_memory"]),
+    )
+    chat = pipe.chat(image)
+    interactive = sys.stdin.isatty()
+    pending = kw["prompt"]
+    while True:
+        question = pending
+        pending = None
+        if question is None:
+            if interactive:
+                click.echo("> ", nl=False, err=True)
+            line = sys.stdin.readline()
+            question = line.strip()
+            if not question:
+                return
+        chat.ask(question, max_new_tokens=kw["max_new_tokens"], sampling=sampling, stop_token_ids=stops,
+                 stop_strings=list(kw["stop_strings"]) or None,
+                 on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

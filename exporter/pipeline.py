@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import logging
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,7 +13,7 @@ from typing import Any
 import torch
 
 from bundle import layout as B
-from bundle.manifest import GraphRecord, Manifest, write_manifest
+from bundle.manifest import GraphRecord, Manifest, tool_versions, write_manifest
 from bundle.names import graph_names
 from exporter.export import ExportOptions, check_graph, example_inputs, export_graph, graph_io, trt_profiles
 from exporter.validate import ReducedPrecisionGates, validate_bundle_graphs
@@ -75,17 +73,6 @@ def check_context(config: Any, opts: ExportOptions) -> None:
 
 #: The packages whose versions a manifest records (the export stack).
 EXPORT_PACKAGES = ("ficoco-export", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")
-
-
-def tool_versions(packages: tuple[str, ...] = EXPORT_PACKAGES) -> dict[str, str]:
-    """Python's and each installed package's version ("not installed" for a missing one)."""
-    out = {"python": platform.python_version()}
-    for pkg in packages:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _meta_model(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -241,7 +228,7 @@ def export_bundle(
             },
             validation=report,
             lint=lint_report,
-            tool_versions=tool_versions(),
+            tool_versions=tool_versions(EXPORT_PACKAGES),
             export_seconds=round(time.perf_counter() - t0, 2),
         )
         write_manifest(stage_dir, manifest, files=B.hash_files(stage_dir))

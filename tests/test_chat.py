@@ -60,3 +60,21 @@ def test_continuation_finds_the_new_turn_after_the_answer() -> None:
     assert _continuation(full, prompt, "a1") == " USER: q2 ASSISTANT:"
     assert _continuation(full, prompt, "other") is None
     assert _continuation("SYSTEM: x " + full, prompt, "a1") is None
+
+
+def test_ficoco_run_chat_reads_follow_ups_from_stdin(pipe: Pipeline, tiny_bundle, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from commands.run import main as run_main
+
+    path = tmp_path / "rocket.png"
+    test_image("rocket").save(path)
+    chat = pipe.chat(path)
+    want = [chat.ask(q, max_new_tokens=5, stop_token_ids=[]).text for q in QUESTIONS[:2]]
+    res = CliRunner().invoke(run_main, [str(tiny_bundle), "--image", str(path), "--chat", "--prompt", QUESTIONS[0],
+                                        "--max-new-tokens", "5", "--ignore-eos", "--backend", "onnxruntime"],
+                             input=QUESTIONS[1] + "\n\n", catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert res.stdout == want[0] + "\n" + want[1] + "\n"
+    res = CliRunner().invoke(run_main, [str(tiny_bundle), "--image", str(path), "--image", str(path), "--chat"])
+    assert res.exit_code == 2 and "exactly one --image" in res.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -329,3 +330,81 @@ def test_check_passes_smol_vl(smol, tmp_path: Path) -> None:
     report = _assert_clean_pass(res, bundle, 6)
     assert report["reference"]["model"] == "smol" and report["reference"]["revision_matches"]
     assert (bundle / "reports" / "check.md").read_text().startswith("# ficoco-check: PASS")
+
+
+# ------------------------------------------------------------------------------------------------------
+# saved references: --save-reference on the PyTorch machine, --reference on the device (no torch)
+# ------------------------------------------------------------------------------------------------------
+
+_NO_TORCH = """
+import sys, importlib.abc
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _Block())
+from commands.check import main
+main(sys.argv[1:], prog_name="ficoco-check")
+"""
+
+
+def _device_check(*args: object) -> subprocess.CompletedProcess[str]:
+    """`ficoco-check` in a fresh interpreter where torch, transformers and onnx cannot be imported."""
+    import os
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-c", _NO_TORCH, *map(str, args)], capture_output=True, text=True, env=env,
+                          check=False, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def saved_reference(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ref = tmp_path_factory.mktemp("reference") / "tiny.npz"
+    res = _invoke(tiny_bundle, *QUICK, "--save-reference", ref, "--report-dir", ref.parent / "report")
+    assert res.exit_code == 0, res.output
+    return ref
+
+
+def test_reference_judges_a_clean_bundle_without_torch(tiny_bundle: Path, saved_reference: Path, tmp_path: Path) -> None:
+    res = _device_check(tiny_bundle, "--reference", saved_reference, "--report-dir", tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.rstrip().splitlines()[-1].startswith("PASS")
+    report = json.loads((tmp_path / "check.json").read_text())
+    live = json.loads((saved_reference.parent / "report" / "check.json").read_text())
+    assert report["reference"]["saved_reference"] == str(saved_reference)
+    # the same gates, the same inputs: the device's verdicts equal the live check's, sample by sample
+    assert [s["greedy"] for s in report["samples"]] == [s["greedy"] for s in live["samples"]]
+    assert set(report["samples"][0]["stages"]) == set(live["samples"][0]["stages"])
+    assert report["samples"][0]["reduction"] == live["samples"][0]["reduction"]
+
+
+def test_reference_fails_a_bundle_that_computes_differently(tiny_bundle: Path, saved_reference: Path, tmp_path: Path) -> None:
+    """Weights changed after export, hashes not rewritten (what --no-verify lets through on a device)."""
+    bad = _copy(tiny_bundle, tmp_path / "bad")
+    path = bad / "onnx" / "decoder_segment_0.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    init = next(i for i in model.graph.initializer if i.name.endswith("layers.0.mlp.down_proj.weight"))
+    w = onnx.numpy_helper.to_array(init)
+    init.CopyFrom(onnx.numpy_helper.from_array(w + np.float32(0.05) * np.abs(w).max(), init.name))
+    onnx.save(model, str(path))
+    res = _device_check(bad, "--reference", saved_reference, "--no-verify", "--report-dir", tmp_path / "r")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "decoder_prefill" in res.stderr and "FAIL" in res.stdout
+
+
+def test_reference_for_another_bundle_or_other_inputs_is_refused(perturbed_bundle: Path, tiny_bundle: Path,
+                                                                 saved_reference: Path, tmp_path: Path) -> None:
+    res = _device_check(perturbed_bundle, "--reference", saved_reference, "--report-dir", tmp_path)
+    assert res.returncode == 2 and "was saved for the bundle" in res.stderr and "--save-reference" in res.stderr
+    res = _device_check(tiny_bundle, "--reference", saved_reference, "--max-new-tokens", "9", "--report-dir", tmp_path)
+    assert res.returncode == 2 and "holds 4 greedy tokens" in res.stderr
+    res = _device_check(tiny_bundle, "--reference", saved_reference, "--num-samples", "3", "--report-dir", tmp_path)
+    assert res.returncode == 2 and "inputs are the ones saved" in res.stderr
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    res = _device_check(tiny_bundle, "--reference", junk, "--report-dir", tmp_path)
+    assert res.returncode == 2 and "is not a ficoco-check reference" in res.stderr
+    # without --reference, the device has no PyTorch to check against: one line naming the fix
+    res = _device_check(tiny_bundle, *QUICK, "--report-dir", tmp_path)
+    assert res.returncode == 2 and "ficoco-export[export]" in res.stderr and "Traceback" not in res.stderr

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from bundle.compare import ForcedAgreement, OutputComparison, TokenAgreement, pool_forced
+from bundle.flips import SelectionCheck
 from engines.check.levels import ReductionCost, TaskResult
 from engines.check.options import Thresholds
-from bundle.flips import SelectionCheck
 from ficoco.atomic import write_atomic
 
 REPORT_JSON = "check.json"
@@ -385,7 +385,7 @@ CHECK_PACKAGES = ("ficoco-export", "torch", "transformers", "onnx", "onnxruntime
 
 
 def tool_versions() -> dict[str, str]:
-    """The versions of CHECK_PACKAGES that are installed (`exporter.pipeline.tool_versions`)."""
-    from exporter.pipeline import tool_versions as versions
+    """The versions of CHECK_PACKAGES that are installed (`bundle.manifest.tool_versions`)."""
+    from bundle.manifest import tool_versions as versions
 
     return {k: v for k, v in versions(CHECK_PACKAGES).items() if v != "not installed"}
