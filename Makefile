@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint clean train eval eval-bundles memory-check scale-check runtime-check serve-load
+.PHONY: install demo test test-all bench gpu-bench lint clean train eval eval-bundles memory-check scale-check runtime-check serve-load
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +53,17 @@ bench: $(STAMP)
 	fi; \
 	$(BIN)/ficoco-bench $(BENCH_BUNDLE) $(BENCH_ARGS) $$also --no-verify; \
 	echo "make bench: $$(( $$(date +%s) - start )) s end to end"
+
+# The reduced PyTorch model on a GPU (engines/bench/gpu_bench.py; not in CI, <= 5 min): the `bench` built-in in
+# fp16 on CUDA, unreduced vs FiCoCo-VL 0.25 / 0.11, CUDA-event timings: TTFT speedup vs FLOPs speedup, decode
+# tokens/s, the GPU's name -> reports/gpu-bench.{json,md}. Needs PyTorch with CUDA only (no TensorRT, no
+# onnxruntime-gpu). It does not depend on the install stamp: that pins the CPU torch wheel, so on a GPU machine
+# point GPU_PY at a Python whose torch is a CUDA build (README "Installing on a GPU machine"), e.g.
+# `make gpu-bench GPU_PY=python3`. Without CUDA it is a smoke run on `tiny` that says so -> out/gpu-bench-smoke.*
+GPU_PY ?= $(BIN)/python
+GPU_BENCH_ARGS ?=
+gpu-bench:
+	$(GPU_PY) -m engines.bench.gpu_bench $(GPU_BENCH_ARGS)
 
 # The memory planner (ficoco-plan --memory) against ONNX Runtime CPU: exports MEMORY_BUNDLE from MEMORY_MODEL
 # when missing (smol VL 0.25, batch 1, 128 text + 32 new tokens), then prints predicted vs measured weights, KV
