@@ -14,11 +14,10 @@ torch = pytest.importorskip("torch")
 from engines.bench.gpu_bench import SMOKE_NOTE, main  # noqa: E402
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke test is the no-CUDA path; a GPU machine runs `make gpu-bench`")
 def test_cpu_smoke_run_writes_a_report_that_says_so(tmp_path):
     js, md = tmp_path / "gpu-bench.json", tmp_path / "gpu-bench.md"
     threads = torch.get_num_threads()
-    rc = main(["--model", "tiny", "--warmup", "1", "--repeats", "2", "--decode-steps", "4",
+    rc = main(["--device", "cpu", "--model", "tiny", "--warmup", "1", "--repeats", "2", "--decode-steps", "4",
                "--ratios", "1.0,0.25,0.11", "--json", str(js), "--md", str(md)])
     assert rc == 0
     report = json.loads(js.read_text())
