@@ -2,8 +2,8 @@
 
 A `Session` runs one graph: inputs by name in, outputs by name out, in the session's kind of array
 (`ops`, `bundle.arrays`): numpy arrays for ONNX Runtime on CPU (no torch anywhere), torch tensors in CUDA
-memory for AnyRT and ONNX Runtime's CUDA provider, so the decode loop never copies the KV cache to the
-host. A caller may pass preallocated `outputs`; the session writes into them and returns them (AnyRT
+memory for TensorRT and ONNX Runtime's CUDA provider, so the decode loop never copies the KV cache to the
+host. A caller may pass preallocated `outputs`; the session writes into them and returns them (TensorRT
 writes there directly; other backends copy).
 
 `SessionStages` puts the graph sessions (vision_encoder, embed_tokens, the decoder splice, segments and

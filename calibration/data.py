@@ -25,11 +25,13 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bundle.arrays import to_numpy
 from bundle.names import VISION, is_decoder_graph, weighted_decoder_graph
 from bundle.session import SessionStages
 from ficoco.atomic import atomic_path
@@ -212,9 +214,9 @@ def collect(
                 visual = stages.encode_image(px)
                 embeds = stages.embed(ids)
                 logits, past = stages.prefill(embeds, visual, offset)
-                position = torch.full((1,), int(ids.shape[1] + visual.shape[1]), dtype=torch.long)
+                position = np.full((1,), int(ids.shape[1] + visual.shape[1]), dtype=np.int64)
                 for _ in range(decode_steps):
-                    tok = torch.argmax(logits, dim=-1, keepdim=True)
+                    tok = np.argmax(logits, axis=-1)[:, None].astype(np.int64)
                     logits, past = stages.step(stages.embed(tok), position, past)
                     position = position + 1
         if progress is not None:
@@ -224,8 +226,8 @@ def collect(
     return out
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().cpu().numpy())
+def _np(t: Any) -> np.ndarray:
+    return np.ascontiguousarray(to_numpy(t))
 
 
 class FeedReader:

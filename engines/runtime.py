@@ -1,4 +1,4 @@
-"""`Pipeline`: a bundle -> answers. Image + question in, streamed text out, on ONNX Runtime or AnyRT.
+"""`Pipeline`: a bundle -> answers. Image + question in, streamed text out, on ONNX Runtime or TensorRT.
 
     pipe = Pipeline.from_bundle("out/llava-vl25", backend="auto")
     answer = pipe.generate("cat.jpg", "What is in the picture?", on_text=lambda row, s: print(s, end=""))
@@ -155,10 +155,10 @@ class Pipeline(Frontend):
 
         `low_memory` (ONNX Runtime): each graph is opened only while it runs (`bundle.ort.OrtSession`).
 
-        auto takes AnyRT when it is installed, a GPU is visible and the bundle has engines built for
-        this AnyRT version and GPU; otherwise ONNX Runtime (CUDA provider where available, else CPU),
-        logging why. An explicit `tensorrt` raises instead: BackendUnavailable (no AnyRT / GPU),
-        EngineError (no engines) or EngineMismatch (engines for another AnyRT version or SM).
+        auto takes TensorRT when it is installed, a GPU is visible and the bundle has engines built for
+        this TensorRT version and GPU; otherwise ONNX Runtime (CUDA provider where available, else CPU),
+        logging why. An explicit `tensorrt` raises instead: BackendUnavailable (no TensorRT / GPU),
+        EngineError (no engines) or EngineMismatch (engines for another TensorRT version or SM).
         With `verify`, every bundle file's sha256 (and each engine's) is checked first.
         """
         backend = _normalise_backend(backend)
@@ -166,15 +166,23 @@ class Pipeline(Frontend):
         engine_dir: Path | None = None
         stages: SessionStages | None = None
         if backend in ("auto", "tensorrt"):
-            from engines.trt_backend import EngineError, trt_stages
-
             try:
-                stages, engine_dir, _ = trt_stages(front.bundle, front.manifest, device=device, verify=verify)
-                backend = "tensorrt"
-            except (BackendUnavailable, EngineError) as err:
+                from engines.trt_backend import EngineError, trt_stages
+            except ImportError as err:  # the runtime-only install: the TensorRT backend's buffers are torch's
                 if backend == "tensorrt":
-                    raise
-                log.info("backend auto: using ONNX Runtime, not AnyRT: %s", err)
+                    raise BackendUnavailable(
+                        f"the TensorRT backend needs PyTorch for its CUDA buffers ({err}); install a CUDA build of "
+                        "torch beside TensorRT, or use --backend onnxruntime"
+                    ) from err
+                log.info("backend auto: using ONNX Runtime, not TensorRT: %s", err)
+            else:
+                try:
+                    stages, engine_dir, _ = trt_stages(front.bundle, front.manifest, device=device, verify=verify)
+                    backend = "tensorrt"
+                except (BackendUnavailable, EngineError) as err:
+                    if backend == "tensorrt":
+                        raise
+                    log.info("backend auto: using ONNX Runtime, not TensorRT: %s", err)
         if stages is None:
             from bundle.ort import ort_stages
 

@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 from torch import Tensor
 
+from bundle.arrays import to_numpy
 from bundle.names import VISION, graph_names, reduce_index
 from bundle.ort import OrtSession, session_options
 from bundle.session import SessionStages
@@ -171,9 +172,9 @@ class ProbeStages(SessionStages):
     def run_graph(self, graph: str, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = super().run_graph(graph, feeds)
         if graph == VISION:
-            self.vision_selection = [out[s.output].cpu().numpy() for s in self.vision.steps]
+            self.vision_selection = [to_numpy(out[s.output]) for s in self.vision.steps]
         elif graph in self.reductions:
-            self._kept += [out[s.output].cpu().numpy() for s in self.reductions[graph].steps]
+            self._kept += [to_numpy(out[s.output]) for s in self.reductions[graph].steps]
         return out
 
     def prefill(self, embeds: Tensor, visual: Tensor, image_offset: Tensor) -> tuple[Tensor, list[Tensor]]:

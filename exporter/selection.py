@@ -42,8 +42,11 @@ def _numpy_feeds(probe: SelectionProbe, feeds: Mapping[str, Tensor]) -> dict[str
         dtype = _ORT_NP.get(ort_type)
         if dtype is None:
             raise ValueError(f"selection probe: input {name} has unsupported type {ort_type}")
-        t = feeds[name].detach().cpu()
-        out[name] = (t.float() if t.is_floating_point() else t).numpy().astype(dtype)
+        t = feeds[name]
+        if isinstance(t, Tensor):
+            t = t.detach().cpu()
+            t = (t.float() if t.is_floating_point() else t).numpy()
+        out[name] = np.asarray(t).astype(dtype)
     return out
 
 

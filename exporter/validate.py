@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -201,10 +202,10 @@ def _greedy_and_forced(
     tokens, i.e. the logits it chose them from), from one vision and prefill call."""
     visual = model.encode_image(pixel_values)
     prefilled = model.prefill(model.embed(input_ids), visual, offset)
-    own: list[Tensor] = []
+    own: list[np.ndarray] = []
     tokens = decode_tokens(model, visual, input_ids, offset, steps, prefilled=prefilled, on_logits=own.append)
     if path is None:
-        return tokens, torch.stack([r.float() for r in own], dim=1)
+        return tokens, np.stack(own, axis=1)
     return tokens, forced_logits(model, visual, input_ids, offset, path, prefilled=prefilled)
 
 

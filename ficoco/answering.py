@@ -70,6 +70,15 @@ def answer_split(
     return out
 
 
+def _repeat_rows(visual: Any, b: int) -> Any:
+    """visual [1, n, D] repeated to [b, n, D], in the backend's own kind of array (numpy or torch)."""
+    if hasattr(visual, "expand"):
+        return visual.expand(b, -1, -1).contiguous()
+    import numpy as np
+
+    return np.ascontiguousarray(np.broadcast_to(visual, (b, *visual.shape[1:])))
+
+
 def answer_image(
     stages: StagedModel, prompting: Prompting, image: Any, questions: Sequence[Question | str], *, max_batch: int = 16
 ) -> list[str]:
@@ -92,7 +101,7 @@ def answer_image(
             b = len(chunk)
             tokens = decode_tokens(
                 stages,
-                visual.expand(b, -1, -1).contiguous(),
+                _repeat_rows(visual, b),
                 ids,
                 offset,
                 ANSWER_TOKENS,

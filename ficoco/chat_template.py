@@ -64,7 +64,8 @@ def _compile(chat_template: str) -> jinja2.Template:
 
 def render_chat(chat_template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
     """The prompt text `chat_template` makes of `messages` (role/content dicts), ready for generation."""
+    template = _compile(chat_template)
     try:
-        return _compile(chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
-    except jinja2.exceptions.TemplateError as err:
-        raise TemplateError(f"the chat template cannot render these messages: {err}") from err
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # a template is code: any failure in it (a TypeError on a message form too) is its own
+        raise TemplateError(f"the chat template cannot render these messages: {type(err).__name__}: {err}") from err

@@ -96,10 +96,21 @@ def _run_cli(args: list[str]) -> tuple[int, str]:
     (["--threads", "-3"], "--threads"),
     (["--stop-token-id", "999999999"], "outside the vocabulary"),
     (["--stop-token-id", "-1"], "outside the vocabulary"),
+    (["--top-k", "-1"], "--top-k"),
+    (["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
+    (["--min-new-tokens", "-2"], "--min-new-tokens"),
+    (["--greedy", "--top-k", "5"], "--greedy cannot be combined"),
+    (["--stop", ""], "a stop string must be a non-empty string"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
 ])
 def test_ficoco_run_bad_options(tiny_bundle: Path, photo: str, extra: list[str], words: str) -> None:
     code, err = _run_cli([str(tiny_bundle), "--image", photo, "--prompt", PROMPT, "--no-verify", *extra])
     assert code == 2 and words in err
+
+
+def test_ficoco_run_needs_a_prompt_or_chat(tiny_bundle: Path, photo: str) -> None:
+    code, err = _run_cli([str(tiny_bundle), "--image", photo, "--no-verify"])
+    assert code == 2 and "--prompt" in err
 
 
 def test_ficoco_run_empty_prompt(tiny_bundle: Path, photo: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TEST_BUNDLE_REQUEST
 
 from bundle.manifest import Manifest
 from commands.bench import main
@@ -279,7 +280,7 @@ def test_cli_end_to_end_on_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> Non
     ref, red, pt = by["unreduced (1.0)"], by["VL 0.25"], by["PyTorch generate (unreduced)"]
     assert red["origin"] == "BUNDLE" and ref["origin"] == "exported"
     g = LlavaGeometry.from_dict(json.loads((tiny_bundle / "manifest.json").read_text())["geometry"])
-    s = plan(g, "VL", "ficoco", ratio=0.25, l_end=11)
+    s = plan(g, "VL", "ficoco", ratio=0.25, **TEST_BUNDLE_REQUEST["layers"])  # the session bundle's own layers
     n = report["text_tokens"]
     want = flops_report(g, s.vision, s.decoder, n)["total"] / flops_report(g, plan(g, "none").vision, plan(g, "none").decoder, n)["total"]
     assert red["flops_ratio"] == pytest.approx(want)

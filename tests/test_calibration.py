@@ -182,7 +182,7 @@ def test_report_and_selection_differences(w4a8_bundle: Path, tiny_bundle: Path) 
     else:
         assert div / 4 <= g["agreement_mean"] <= 3 / 4
     # the vision error is the quantized graph's against the fp32 graph's on the same pixels (recomputed here)
-    px = Frontend.from_bundle(tiny_bundle, verify=False).preprocess([test_image(TEST_IMAGES[0])]).numpy()
+    px = Frontend.from_bundle(tiny_bundle, verify=False).preprocess([test_image(TEST_IMAGES[0])])
     ref, got = _vision_tokens(tiny_bundle, px), _vision_tokens(w4a8_bundle, px)
     err = ev["errors"][VISION]
     assert err["max_abs_err"] == pytest.approx(float(np.abs(got - ref).max()), rel=1e-4)

@@ -194,7 +194,8 @@ def check_with_reference(bundle: str | os.PathLike[str], reference: str | os.Pat
         bundle_kind=bundle_kind(front.manifest), thresholds=thresholds, max_new_tokens=n_new,
         reference={**saved.meta["reference"], "saved_reference": str(saved.path), "saved_at": saved.meta.get("saved_at")},
         samples=[], tool_versions=tool_versions(),
-        selection_note=(saved.meta.get("selection_note") or "") + " (measured when the reference was saved)",
+        selection_note="; ".join(n for n in (saved.meta.get("selection_note") or "",
+                                             "the flips were measured when the reference was saved") if n),
     )
     samples = saved.meta["samples"]
     for i, s in enumerate(samples):
