@@ -14,6 +14,7 @@ the fix.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,19 +60,28 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise ImageError(f"{p}: no such file")
     if not p.is_file():
         raise ImageError(f"{p}: not a file")
+    return _open_checked(p, str(p))
+
+
+def image_from_bytes(data: bytes, name: str = "image") -> Image.Image:
+    """`load_image` for an encoded image held in memory (a request's data URL); `name` goes in the errors."""
+    return _open_checked(io.BytesIO(data), name)
+
+
+def _open_checked(source: Path | io.BytesIO, name: str) -> Image.Image:
     try:
-        with Image.open(p) as im:  # reads the header only: the size is known before any pixel is decoded
-            check_image_size(im.width, im.height, str(p))
+        with Image.open(source) as im:  # reads the header only: the size is known before any pixel is decoded
+            check_image_size(im.width, im.height, name)
             im.load()
             return to_rgb(im)
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{p}: refused as a decompression bomb ({err}); downscale it first") from err
+        raise ImageError(f"{name}: refused as a decompression bomb ({err}); downscale it first") from err
     except UnidentifiedImageError as err:
-        raise ImageError(f"{p}: not an image file PIL can read ({err})") from err
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"{p}: cannot read image: {err}") from err
+        raise ImageError(f"{name}: not an image file PIL can read ({err})") from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageError(f"{name}: cannot read image: {err}") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -386,7 +386,8 @@ def test_a_colon_in_a_question_is_fine() -> None:
 
 @pytest.mark.slow
 def test_fresh_venv_without_dev_extra_exports_and_runs(tmp_path: Path) -> None:
-    """`make test-all` only: a new venv, torch pinned as the Makefile does, then the checkout with no extra."""
+    """`make test-all` only: a new venv, torch pinned as the Makefile does, then the checkout with the export
+    extra and not the dev one."""
     import subprocess
     import sys
 
@@ -401,7 +402,7 @@ def test_fresh_venv_without_dev_extra_exports_and_runs(tmp_path: Path) -> None:
 
     sh(sys.executable, "-m", "venv", venv)
     sh(py, "-m", "pip", "install", "-q", "torch==2.13.0")
-    sh(py, "-m", "pip", "install", "-q", f"{root}", "torch==2.13.0")
+    sh(py, "-m", "pip", "install", "-q", f"{root}[export]", "torch==2.13.0")
     bundle = tmp_path / "tiny-vl25"
     out = sh(venv / "bin" / "ficoco-export", "--model", "tiny", "--variant", "VL", "--ratio", "0.25", "--l-end", "11",
              "--max-text-len", "128", "--max-new-tokens", "16", "-o", bundle, cwd=tmp_path)
