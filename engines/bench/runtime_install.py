@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("reports/runtime-install.json"))
     ap.add_argument("--md", type=Path, default=Path("reports/runtime-install.md"))
     args = ap.parse_args()
+    shown = str(args.bundle)
+    args.venv, args.bundle = args.venv.resolve(), args.bundle.resolve()  # the runs happen outside the checkout
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ficoco import vqa
     from ficoco.atomic import write_atomic
@@ -157,7 +159,7 @@ def main() -> None:
     ref = reference_answers(args.bundle, image, questions, 8)
     full_venv = Path(sys.prefix)
     report = {
-        "bundle": str(args.bundle),
+        "bundle": shown,
         "install_seconds": round(install_s, 1),
         "torch_installed": got["torch_installed"], "transformers_installed": got["transformers_installed"],
         "same_greedy_tokens": [g["token_ids"] for g in got["answers"]] == [r["token_ids"] for r in ref["answers"]],
