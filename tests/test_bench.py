@@ -171,8 +171,11 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
 
     prof = {"vision_encoder": {"reduction_ms": 2.0, "total_node_ms": 10.0, "share": 0.2},
             "decoder_prefill": {"reduction_ms": 1.0, "total_node_ms": 10.0, "share": 0.1}}
+    peak = {"shapes": {"vision": [577, 64, 256], "prefill": [589, 64, 256]}, "threads": 2, "kernel": "onnxruntime MatMul",
+            "fp32": {"vision": 50.0, "prefill": 80.0}, "fp16": {"vision": None, "prefill": None}, "peak_fp32": 80.0, "peak_fp16": None}
     results = {
-        "unreduced (1.0)": {"runs": runs([200.0, 220.0]), "tokens": [5, 6, 7, 8], "text_len": 13, "peak_rss_bytes": 2**30},
+        "unreduced (1.0)": {"runs": runs([200.0, 220.0]), "tokens": [5, 6, 7, 8], "text_len": 13, "peak_rss_bytes": 2**30,
+                            "roofline": peak},
         "VL 0.25": {"runs": runs([100.0, 120.0]), "tokens": [5, 6, 0, 8], "text_len": 13, "peak_rss_bytes": 2**30, "profile": prof},
     }
     report = build_report(configs, results, {}, manifest, opts, g)
@@ -196,8 +199,15 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     assert red["reduction_share"] == pytest.approx(3.0 / 20.0)
     assert red["visual_tokens"] == {"to_decoder": 288, "final": 144}
     assert report["target"]["config"] == "VL 0.25"
+    # roofline: the planner's FLOPs of each stage over its median time, against the measured GEMM peak
+    assert report["gemm_peak"] == peak
+    for stage, key, ms in (("vision", "vision", 0.3 * 110.0), ("prefill", "prefill", 0.6 * 110.0), ("ttft", "total", 110.0)):
+        want = red["flops_tflops"][key] * 1e12 / (ms * 1e-3) / 1e9
+        assert red["roofline"][stage]["gflops"] == pytest.approx(want)
+        assert red["roofline"][stage]["fraction_of_peak"] == pytest.approx(want / 80.0)
     md = render_markdown(report)
     assert "| VL 0.25 | 288 → 144 |" in md and "1.91×" in md
+    assert "fp32 80 GFLOP/s" in md and f"({red['roofline']['vision']['fraction_of_peak']:.0%})" in md
     paths = write_reports(report, tmp_path / "reports")
     assert json.loads(paths["json"].read_text())["configs"][1]["label"] == "VL 0.25"
     assert paths["png"].read_bytes()[:8] == PNG_MAGIC
@@ -226,8 +236,10 @@ def test_cli_refuses_more_tokens_than_the_bundle(tiny_bundle: Path, tmp_path: Pa
 def test_worker_times_and_profiles_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
     spec = {"label": "VL 0.25", "kind": "bundle", "bundle": str(tiny_bundle), "model": "tiny", "image": "astronaut",
             "prompt": "What is in the picture?", "warmup": 1, "repeats": 2, "max_new_tokens": 3, "threads": 1,
-            "profile": True, "trace_dir": str(tmp_path / "traces")}
+            "profile": True, "trace_dir": str(tmp_path / "traces"), "roofline": True}
     res = run_worker(spec, tmp_path / "scratch")
+    peak = res["roofline"]  # the GEMM peak at the tiny model's shapes, in the worker's own threads
+    assert peak["threads"] == 1 and peak["peak_fp32"] == max(peak["fp32"].values()) > 0
     assert res == json.loads((tmp_path / "scratch" / "result.json").read_text())
     assert len(res["runs"]) == 2 and len(res["tokens"]) == 3 and res["threads"] == 1  # the warm-up run is dropped
     eps = 1e-9  # relations between nested perf_counter intervals hold exactly, up to float rounding
@@ -302,3 +314,12 @@ def test_cli_end_to_end_on_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> Non
     assert red["agreement"] == token_agreement(red["tokens"], ref["tokens"]) and red["agreement"]["compared"] == 4
     again = CliRunner().invoke(main, [*args, "--no-pytorch", "--no-profile"])  # the sibling is reused, not re-exported
     assert again.exit_code == 0 and "cached" in again.output
+
+
+def test_gemm_peak_shapes_and_measurement() -> None:
+    from engines.bench.roofline import gemm_gflops, model_shapes
+
+    g = LlavaGeometry.from_config(load_config("llava-1.5-7b"))
+    # CLIP ViT-L/14-336's MLP on 577 tokens; Llama-7B's MLP on 13 text + 576 visual tokens
+    assert model_shapes(g, 13) == {"vision": (577, 1024, 4096), "prefill": (589, 4096, 11008)}
+    assert gemm_gflops((64, 128, 256), threads=1, warmup=1, repeats=2) > 0

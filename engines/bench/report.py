@@ -22,6 +22,7 @@ from engines.bench.common import (
     layer_ranges,
 )
 from engines.bench.profiling import summarize
+from engines.bench.roofline import roofline_columns
 from ficoco.atomic import atomic_path, write_atomic
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,6 +117,10 @@ def build_report(
         tot_ms = sum(p.get("total_node_ms", 0.0) for p in prof.values())
         e["reduction_share"] = (red / tot_ms) if tot_ms > 0 else None
         e["profiled_node_ms"] = tot_ms if tot_ms > 0 else None
+    # roofline: each stage's achieved GFLOP/s against the machine's GEMM peak, measured in the same run
+    peak = next((r["roofline"] for r in results.values() if r.get("roofline")), None)
+    for e in entries:
+        e["roofline"] = roofline_columns(e["flops_tflops"], e["timings"], (peak or {}).get("peak_fp32")) if e["flops_tflops"] else None
     # A second speedup estimate from the profiled pass (kernel time only, one pass, taken right after the timed
     # runs): less exposed to other processes' load than wall-clock TTFT, blind to framework overhead.
     ref_prof = (ref or {}).get("profile") or {}
@@ -147,7 +152,10 @@ def build_report(
                     "image": opts.image, "prompt": opts.prompt, "ignore_eos": True, "backend": "onnxruntime (CPUExecutionProvider)",
                     "profile": opts.profile, "pytorch": opts.pytorch},
         "text_tokens": text_len,
+        "gemm_peak": peak,
         "notes": [
+            "roofline: achieved GFLOP/s = the planner's FLOPs of a stage / its median time; fraction = that / gemm_peak.peak_fp32, "
+            "the fastest of ONNX Runtime's own fp32 MatMul at the model's vision and prefill GEMM shapes, same threads, same run.",
             "flops_tflops: ficoco.flops at the prompt's real text length; vision + decoder prefill, lm_head and embedding excluded.",
             "flops_ratio = reduced / unreduced total FLOPs; flops_speedup = its inverse; efficiency = ttft_speedup / flops_speedup.",
             "peak_rss_bytes: the configuration's own worker process (VmHWM after the timed runs, before profiling); base_rss_bytes: RSS after imports.",
@@ -183,6 +191,12 @@ def _ms(summary: dict[str, Any] | None) -> str:
     return f"{summary['median']:.0f} [{summary['min']:.0f}–{summary['max']:.0f}]"
 
 
+def _roofline_cell(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "–"
+    return " / ".join(f"{_fmt(r[s]['gflops'], '.0f')} ({_fmt(r[s]['fraction_of_peak'], '.0%')})" for s in ("vision", "prefill"))
+
+
 def target_summary(report: dict[str, Any]) -> str | None:
     """One line on the target (the VL 0.25 configuration's efficiency, met or not); None without that entry."""
     t = report.get("target") or {}
@@ -203,8 +217,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"torch {m['torch']}. Times: median [min–max] in ms.",
         "",
         "| config | visual tokens | TFLOPs | FLOPs ratio | vision ms | prefill ms | TTFT ms | TTFT speedup | vs PyTorch "
-        "| speedup / FLOPs speedup | decode tok/s | peak RSS GB | reduction share (vision / prefill) | agreement | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speedup / FLOPs speedup | GFLOP/s (of peak): vision / prefill | decode tok/s | peak RSS GB "
+        "| reduction share (vision / prefill) | agreement | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in report["configs"]:
         vt = e.get("visual_tokens")
@@ -223,6 +238,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             _fmt(e.get("ttft_speedup"), ".2f") + ("×" if e.get("ttft_speedup") else ""),
             _fmt(e.get("ttft_speedup_vs_pytorch"), ".2f") + ("×" if e.get("ttft_speedup_vs_pytorch") else ""),
             _fmt(e.get("efficiency"), ".2f"),
+            _roofline_cell(e.get("roofline")),
             _fmt(_median(e["timings"].get("decode_tokens_per_s")), ".2f"),
             _fmt((e.get("peak_rss_bytes") or float("nan")) / 2**30, ".2f"),
             shares,
@@ -230,6 +246,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             " → ".join(_fmt(x, ".1f") for x in (e.get("loadavg_1min") or [])) or "–",
         ]
         lines.append("| " + " | ".join(row) + " |")
+    peak = report.get("gemm_peak") or {}
+    if peak.get("peak_fp32"):
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in peak["shapes"].items())
+        lines += ["", f"Machine peak ({peak['kernel']}, {peak['threads']} threads, shapes M x K x N: {shapes}): "
+                  f"fp32 {peak['peak_fp32']:.0f} GFLOP/s, fp16 {_fmt(peak.get('peak_fp16'), '.0f')} GFLOP/s."]
     t = report.get("target") or {}
     if t.get("config"):
         verdict = "met" if t.get("met") else "NOT met"

@@ -322,7 +322,9 @@ def run_bench(opts: BenchOptions, say: Callable[[str], None] | None = None) -> t
         scratch = work / "runs" / f"{i:02d}-{slug}"
         spec = {"label": cfg.label, "kind": cfg.kind, "bundle": cfg.bundle, "model": ref, "image": opts.image, "prompt": opts.prompt,
                 "warmup": opts.warmup, "repeats": opts.repeats, "max_new_tokens": opts.max_new_tokens, "threads": threads,
-                "profile": opts.profile and cfg.kind == "bundle", "trace_dir": str(scratch / "traces")}
+                "profile": opts.profile and cfg.kind == "bundle", "trace_dir": str(scratch / "traces"),
+                # the machine's GEMM peak, once per run, in the unreduced configuration's worker (engines.bench.roofline)
+                "roofline": cfg.role == "unreduced" and cfg.kind == "bundle"}
         say(f"{cfg.label}: timing ({opts.warmup} warm-up + {opts.repeats} runs{', profiled pass' if spec['profile'] else ''})")
         t0 = time.perf_counter()
         try:

@@ -59,6 +59,12 @@ def time_bundle(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_bytes": peak, "base_rss_bytes": base_rss, "threads": threads,
         "loadavg_1min": [load_before, loadavg()],
     }
+    if spec.get("roofline"):  # after the timed runs, so it never competes with them
+        from engines.bench.roofline import gemm_peak, model_shapes
+        from ficoco.geometry import LlavaGeometry
+
+        geometry = LlavaGeometry.from_dict(pipe.manifest.geometry)
+        result["roofline"] = gemm_peak(model_shapes(geometry, int(ids.shape[1])), threads)
     onnx_dir = Path(spec["bundle"]) / "onnx"
     del pipe
     gc.collect()
