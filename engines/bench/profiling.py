@@ -15,6 +15,9 @@ from typing import Any
 
 from engines.bench.common import PROFILED_STAGES
 
+#: measured profiled passes per configuration (a median of several: one pass is too noisy to trust)
+PROFILE_PASSES = 5
+
 # ---------------------------------------------------------------------------------------------------------
 # statistics of the timed runs
 # ---------------------------------------------------------------------------------------------------------
@@ -88,17 +91,19 @@ def load_trace(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return list(data if isinstance(data, list) else data.get("traceEvents", []))
 
 
-def node_times(events: Sequence[dict[str, Any]], last_runs: int = 1) -> list[tuple[str, str, float]]:
-    """(node name, op type, microseconds) of every node kernel in the last `last_runs` session runs.
+def node_times(events: Sequence[dict[str, Any]], last_runs: int = 1, skip_last: int = 0) -> list[tuple[str, str, float]]:
+    """(node name, op type, microseconds) of every node kernel in `last_runs` session runs, counted back
+    from the last run but `skip_last` (0: the last runs; 1: the runs before the last one, ...).
 
     ONNX Runtime writes one ``Session/model_run`` event per `run()` and, per node, ``<name>_kernel_time``
-    events (``cat == "Node"``, ``dur`` in µs, ``args.op_name``). Earlier runs (warm-up) are dropped by
-    keeping the nodes that start inside the last `last_runs` model_run windows.
+    events (``cat == "Node"``, ``dur`` in µs, ``args.op_name``). Other runs (warm-up, other passes) are
+    dropped by keeping the nodes that start inside the chosen model_run windows.
     """
     runs = sorted(
         ((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
     )
-    windows = runs[-last_runs:] if runs and last_runs > 0 else []
+    end = len(runs) - skip_last
+    windows = runs[max(0, end - last_runs):end] if runs and last_runs > 0 else []
     out: list[tuple[str, str, float]] = []
     for e in events:
         name = str(e.get("name", ""))
@@ -162,11 +167,14 @@ def _merge_shares(parts: Sequence[dict[str, Any]], top: int = 8) -> dict[str, An
     return out
 
 
-def profile_bundle(onnx_dir: Path, px: Any, ids: Any, offsets: Any, threads: int, *, warm: bool, trace_dir: Path) -> dict[str, Any]:
-    """Profile vision, embed and prefill once more (a warm-up pass first if `warm`, then the measured pass);
-    the reduction share per stage, from the measured pass's node events. The prefill stage is the decoder
-    splice, every segment and every reduction graph (`bundle.session.SessionStages.prefill`), its figures
-    the sum over those graphs."""
+def profile_bundle(onnx_dir: Path, px: Any, ids: Any, offsets: Any, threads: int, *, warm: bool, trace_dir: Path,
+                   passes: int = PROFILE_PASSES) -> dict[str, Any]:
+    """Profile vision, embed and prefill again (a warm-up pass first if `warm`, then `passes` measured
+    passes); the reduction share per stage from the node events. The prefill stage is the decoder splice,
+    every segment and every reduction graph (`bundle.session.SessionStages.prefill`), its figures the sum
+    over those graphs. One pass is noisy (other processes, caches), so each stage reports its median pass
+    by kernel time (every figure from that one pass, so they stay consistent), with every pass's kernel
+    time and reduction share beside it (`passes`, `total_node_ms_all`, `share_all`)."""
     import onnx
 
     from bundle.manifest import load_manifest
@@ -188,21 +196,29 @@ def profile_bundle(onnx_dir: Path, px: Any, ids: Any, offsets: Any, threads: int
         so.profile_file_prefix = str(trace_dir / path.stem)
         sessions[path.stem] = OrtSession(path, options=so)
     stages = SessionStages(sessions, segments)
-    for _ in range(2 if warm else 1):
+    passes = max(1, int(passes))
+    for _ in range(passes + (1 if warm else 0)):
         visual = stages.encode_image(px)
         stages.prefill(stages.embed(ids), visual, offsets)
-    parts: dict[str, list[dict[str, Any]]] = {stage: [] for stage in PROFILED_STAGES}
+    # parts[stage][k]: that stage's graphs in pass k (counted back from the last)
+    parts: dict[str, list[list[dict[str, Any]]]] = {stage: [[] for _ in range(passes)] for stage in PROFILED_STAGES}
     traces: dict[str, list[str]] = {stage: [] for stage in PROFILED_STAGES}
     namespaced: dict[str, bool] = dict.fromkeys(PROFILED_STAGES, True)
     for graph, sess in sessions.items():
         stage = graph if graph in (VISION, EMBED) else PROFILED_STAGES[2]
         trace = sess.session.end_profiling()
         reduction, names, spaced = graphs[graph]
-        parts[stage].append(reduction_share(node_times(load_trace(trace), last_runs=1), reduction, names))
+        events = load_trace(trace)
+        for k in range(passes):  # each graph runs once per pass
+            parts[stage][k].append(reduction_share(node_times(events, last_runs=1, skip_last=k), reduction, names))
         traces[stage].append(str(trace))
         namespaced[stage] = namespaced[stage] and spaced
-    out = {stage: {**_merge_shares(parts[stage]), "namespaces": namespaced[stage], "traces": traces[stage]}
-           for stage in PROFILED_STAGES}
+    out: dict[str, Any] = {}
+    for stage in PROFILED_STAGES:
+        merged = [_merge_shares(p) for p in reversed(parts[stage])]  # in running order
+        median = sorted(merged, key=lambda m: m["total_node_ms"])[(len(merged) - 1) // 2]
+        out[stage] = {**median, "passes": passes, "total_node_ms_all": [m["total_node_ms"] for m in merged],
+                      "share_all": [m["share"] for m in merged], "namespaces": namespaced[stage], "traces": traces[stage]}
     sessions.clear()
     return out
 

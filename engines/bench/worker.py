@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.bench.common import TIMED_FIELDS, resolve_image
-from engines.bench.profiling import loadavg, profile_bundle, rss_now, rss_peak
+from engines.bench.profiling import PROFILE_PASSES, loadavg, profile_bundle, rss_now, rss_peak
 from ficoco.atomic import write_atomic
 
 USAGE = "usage: python -m engines.bench.worker SPEC.json RESULT.json (internal; use ficoco-bench)\n"
@@ -70,6 +70,7 @@ def time_bundle(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     if spec.get("profile"):
         result["profile"] = profile_bundle(onnx_dir, px, ids, offsets, threads, warm=int(spec["warmup"]) > 0,
+                                           passes=int(spec.get("profile_passes", PROFILE_PASSES)),
                                            trace_dir=Path(spec["trace_dir"]))
     return result
 
