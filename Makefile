@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench gpu-bench lint clean train eval eval-bundles memory-check scale-check runtime-check serve-load
+.PHONY: install demo test test-all bench gpu-bench lint clean train eval eval-bundles memory-check scale-check runtime-check serve-load decode-pair
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -144,3 +144,13 @@ serve-load: $(STAMP)
 	  --no-validate --max-batch-size 1 --max-text-len 128 --max-new-tokens 32 -o $(SERVE_BUNDLE)
 	$(BIN)/python -m engines.bench.serve_load $(SERVE_BUNDLE) --requests $(SERVE_REQUESTS) \
 	  --concurrency $(SERVE_CONCURRENCY) $(SERVE_LOAD_ARGS)
+
+# Paired decode timing (not in CI): two bundles' decode steps interleaved in one process, e.g. the bench's
+# unreduced bundle and its FiCoCo-VL 0.25 bundle: step time, tokens/s, KV lengths per layer, the ratio with a
+# bootstrap interval against the FLOPs prediction -> reports/decode-pair.{json,md}.
+# make decode-pair DECODE_A=out/bench-unreduced DECODE_B=out/bench-vl25
+DECODE_A ?= out/bench-unreduced
+DECODE_B ?= out/bench-vl25
+DECODE_ARGS ?= --steps 128 --threads 2
+decode-pair: $(STAMP)
+	$(BIN)/python -m engines.bench.decode_pair $(DECODE_A) $(DECODE_B) $(DECODE_ARGS)

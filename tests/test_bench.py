@@ -326,3 +326,18 @@ def test_gemm_peak_shapes_and_measurement() -> None:
     # CLIP ViT-L/14-336's MLP on 577 tokens; Llama-7B's MLP on 13 text + 576 visual tokens
     assert model_shapes(g, 13) == {"vision": (577, 1024, 4096), "prefill": (589, 4096, 11008)}
     assert gemm_gflops((64, 128, 256), threads=1, warmup=1, repeats=2) > 0
+
+
+def test_paired_decode_interleaves_two_bundles(tiny_bundle: Path, tmp_path: Path) -> None:
+    from engines.bench.decode_pair import paired_decode, render_markdown
+    from engines.runtime import Pipeline
+    from ficoco.images import test_image
+
+    a = Pipeline.from_bundle(tiny_bundle, backend="onnxruntime", ort_provider="cpu", threads=1, verify=False)
+    b = Pipeline.from_bundle(tiny_bundle, backend="onnxruntime", ort_provider="cpu", threads=1, verify=False)
+    r = paired_decode(a, b, test_image("astronaut"), "What is in the picture?", steps=6, warmup=1)
+    assert r["a"]["n"] == r["b"]["n"] == 6 and r["same_tokens"]  # the same bundle twice: the same greedy path
+    assert r["a"]["kv_lengths"] == r["b"]["kv_lengths"] and len(set(r["a"]["kv_lengths"])) > 1  # FiCoCo-L: shorter after a step
+    lo, hi = r["step_ratio_95"]
+    assert 0 < lo <= hi and r["step_ratio_a_over_b"] > 0 and r["flops_ratio_a_over_b"] == pytest.approx(1.0)
+    assert "| A |" in render_markdown(r) and "FLOPs predict 1.000" in render_markdown(r)

@@ -117,7 +117,7 @@ def build_report(
         tot_ms = sum(p.get("total_node_ms", 0.0) for p in prof.values())
         e["reduction_share"] = (red / tot_ms) if tot_ms > 0 else None
         # the profiled kernel time of the whole pass (vision + embed + prefill): median and range over the passes
-        per_pass = [sum(ms) for ms in zip(*(p["total_node_ms_all"] for p in prof.values() if p.get("total_node_ms_all")))]
+        per_pass = [sum(ms) for ms in zip(*(p["total_node_ms_all"] for p in prof.values() if p.get("total_node_ms_all")), strict=True)]
         if per_pass:
             e["profiled_node_ms"] = summarize(per_pass)["median"]
             e["profiled_node_ms_range"] = [min(per_pass), max(per_pass)]
