@@ -78,7 +78,7 @@ def _decode_flops(pipe: Any, text_tokens: int) -> float | None:
         return None
     s = Schedule.from_dict(pipe.manifest.schedule)
     g = LlavaGeometry.from_dict(pipe.manifest.geometry)
-    return float(flops_report(g, s.vision, s.decoder, text_tokens=text_tokens)["decode_per_token"])
+    return float(flops_report(g, s.vision, s.decoder, text_tokens=text_tokens)["decode_per_token"])  # TFLOPs
 
 
 def paired_decode(a: Any, b: Any, image: Any, prompt: str, steps: int = 128, warmup: int = 8) -> dict[str, Any]:
@@ -94,8 +94,8 @@ def paired_decode(a: Any, b: Any, image: Any, prompt: str, steps: int = 128, war
     fa, fb = _decode_flops(a, text_len), _decode_flops(b, text_len)
     return {
         "steps": steps, "warmup": warmup, "prompt": prompt, "text_tokens": text_len,
-        "a": {"bundle": str(a.bundle), **sa, "kv_lengths": sides[0]["kv_lengths"], "decode_gflops_per_token": None if fa is None else fa / 1e9},
-        "b": {"bundle": str(b.bundle), **sb, "kv_lengths": sides[1]["kv_lengths"], "decode_gflops_per_token": None if fb is None else fb / 1e9},
+        "a": {"bundle": str(a.bundle), **sa, "kv_lengths": sides[0]["kv_lengths"], "decode_gflops_per_token": None if fa is None else fa * 1e3},
+        "b": {"bundle": str(b.bundle), **sb, "kv_lengths": sides[1]["kv_lengths"], "decode_gflops_per_token": None if fb is None else fb * 1e3},
         "step_ratio_a_over_b": sa["median_ms"] / sb["median_ms"], "step_ratio_95": [lo, hi],
         "flops_ratio_a_over_b": (fa / fb) if fa and fb else None,
         "same_tokens": sides[0]["tokens"] == sides[1]["tokens"],
