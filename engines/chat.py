@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bundle.frontend import InputError
+from bundle.frontend import InputError, check_stop_strings
 from engines.streaming import TextStream
 from ficoco.generation import StagedModel, decode_tokens, extend_cache
 from ficoco.inputs import format_conversation, prompt_ids
@@ -112,8 +112,6 @@ class ChatSession:
     ) -> ChatTurn:
         """Answer the next question of the conversation; `on_text` receives the answer as it is generated,
         `on_start` the context's length in text tokens once the question is checked and fed."""
-        from bundle.frontend import check_stop_strings
-
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty; ask something about the image")
         n_new = int(self.front.max_new_tokens_limit if max_new_tokens is None else max_new_tokens)

@@ -37,7 +37,7 @@ from bundle.names import VISION
 from bundle.session import BackendUnavailable, SessionStages
 from engines.chat import ChatSession, ChatTurn
 from engines.streaming import TextCallback, TextStream
-from ficoco.generation import decode_tokens, host_ids
+from ficoco.generation import decode_tokens, host_ids, host_offsets
 from ficoco.inputs import PromptError
 from ficoco.preprocess import ImageError, ImageLike
 from ficoco.sampling import SamplingConfig
@@ -303,7 +303,7 @@ class Pipeline(Frontend):
         if pixel_values.shape[0] != b:
             raise InputError(f"{pixel_values.shape[0]} images for {b} prompts")
         self.check_request(int(input_ids.shape[1]), max_new_tokens)
-        offsets = np.ascontiguousarray(np.broadcast_to(host_ids(image_offset).reshape(-1), (b,)))
+        offsets = host_offsets(image_offset, b)
         input_ids = host_ids(input_ids)
         stops = tuple(int(t) for t in (self.eos_token_ids if stop_token_ids is None else stop_token_ids))
         text = TextRequest(input_ids, offsets, int(max_new_tokens), stops)

@@ -53,6 +53,11 @@ def host_ids(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.int64)
 
 
+def host_offsets(image_offset: Any, batch: int) -> np.ndarray:
+    """Image offsets (one for all rows, or one per row) as an int64 array [batch]."""
+    return np.ascontiguousarray(np.broadcast_to(host_ids(image_offset).reshape(-1), (batch,)))
+
+
 def host_logits(x: Any) -> np.ndarray:
     """Logits (a numpy array or a torch tensor on any device) as a float32 host array."""
     if hasattr(x, "detach"):
@@ -114,7 +119,7 @@ def decode_tokens(
     """
     ids = host_ids(input_ids)
     b = ids.shape[0]
-    offset = np.ascontiguousarray(np.broadcast_to(host_ids(image_offset).reshape(-1), (b,)))
+    offset = host_offsets(image_offset, b)
     config = sampling or SamplingConfig()
     eos_ids = _eos_list(eos_token_id)
     sampler = Sampler(config, eos_ids)
@@ -177,7 +182,7 @@ def forced_logits(
     """
     ids, path = host_ids(input_ids), host_ids(tokens)
     b, n = path.shape
-    offset = np.ascontiguousarray(np.broadcast_to(host_ids(image_offset).reshape(-1), (b,)))
+    offset = host_offsets(image_offset, b)
     logits, past = prefilled if prefilled is not None else model.prefill(model.embed(ids), visual, offset)
     position = np.full((b,), ids.shape[1] + int(visual.shape[1]), dtype=np.int64)
     rows = [host_logits(logits)]
