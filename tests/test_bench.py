@@ -341,3 +341,21 @@ def test_paired_decode_interleaves_two_bundles(tiny_bundle: Path, tmp_path: Path
     lo, hi = r["step_ratio_95"]
     assert 0 < lo <= hi and r["step_ratio_a_over_b"] > 0 and r["flops_ratio_a_over_b"] == pytest.approx(1.0)
     assert "| A |" in render_markdown(r) and "FLOPs predict 1.000" in render_markdown(r)
+
+
+def test_paired_decode_in_a_process_per_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Lock-step across two worker processes gives the in-process pairing's greedy path and KV lengths; the
+    command refuses a directory that is not a bundle before it starts any worker."""
+    import subprocess
+    import sys
+
+    from engines.bench.decode_pair import paired_decode_processes, render_markdown
+
+    r = paired_decode_processes(tiny_bundle, tiny_bundle, "astronaut", "What is in the picture?", steps=4, warmup=1, threads=1)
+    assert r["a"]["n"] == r["b"]["n"] == 4 and r["same_tokens"] and r["layout"].startswith("a process per bundle")
+    assert r["a"]["kv_lengths"] == r["b"]["kv_lengths"] and len(set(r["a"]["kv_lengths"])) > 1
+    assert r["flops_ratio_a_over_b"] == pytest.approx(1.0) and "lock-step" in render_markdown(r)
+    bad = subprocess.run([sys.executable, "-m", "engines.bench.decode_pair", str(tiny_bundle), str(tmp_path),
+                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "r.json").exists()

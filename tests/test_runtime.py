@@ -148,6 +148,39 @@ def test_sessions_do_not_spin_wait() -> None:
         assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
+def test_a_session_opened_for_one_run_skips_constant_folding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Low-memory sessions open without ConstantFolding (it holds a folded fp32 copy of every fp16 weight
+    beside the fp16 one while the graph opens), kept-loaded ones with it; an fp16 graph's outputs are
+    bit-identical either way."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bundle import ort as bo
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 48)).astype(np.float16), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "h"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [3, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [3, 48])], [w])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = rng.standard_normal((3, 64)).astype(np.float16)
+    seen: list[list[str]] = []
+    real = ort.InferenceSession
+
+    def spy(*args, **kwargs):
+        seen.append(list(kwargs.get("disabled_optimizers", [])))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bo.ort, "InferenceSession", spy)
+    kept = bo.OrtSession(path, threads=1).run({"x": x})["y"]
+    opened = bo.OrtSession(path, threads=1, keep_loaded=False).run({"x": x})["y"]
+    assert seen == [[], ["ConstantFolding"], ["ConstantFolding"]]  # kept: one open; per run: specs, then the run
+    assert np.array_equal(kept, opened)
+
 def test_timings_hook(pipe: Pipeline, images: list[Path]) -> None:
     t: dict = {}
     ans = pipe.generate(images[0], QUESTION, max_new_tokens=8, stop_token_ids=[], timings=t)

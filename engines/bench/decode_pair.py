@@ -81,24 +81,121 @@ def _decode_flops(pipe: Any, text_tokens: int) -> float | None:
     return float(flops_report(g, s.vision, s.decoder, text_tokens=text_tokens)["decode_per_token"])  # TFLOPs
 
 
-def paired_decode(a: Any, b: Any, image: Any, prompt: str, steps: int = 128, warmup: int = 8) -> dict[str, Any]:
-    """Interleave `steps` timed decode steps (after `warmup` untimed ones) of pipelines `a` and `b`."""
-    sides = [_side(a, image, prompt), _side(b, image, prompt)]
+class _InProcess:
+    """A side whose pipeline lives in this process."""
+
+    def __init__(self, pipe: Any, image: Any, prompt: str) -> None:
+        self.side = _side(pipe, image, prompt)
+        self.bundle = str(pipe.bundle)
+
+    def step(self, timed: bool) -> None:
+        _step(self.side, timed)
+
+    def finish(self) -> dict[str, Any]:
+        return {k: self.side[k] for k in ("times", "tokens", "kv_lengths")}
+
+
+def _worker(conn: Any, bundle: str, threads: int | None, image: str, prompt: str) -> None:
+    """A side in its own process: load, prefill, then one decode step per "step" message (lock-step)."""
+    from engines.bench.common import resolve_image
+    from engines.runtime import Pipeline
+
+    try:
+        pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", ort_provider="cpu", threads=threads, verify=False)
+        side = _side(pipe, resolve_image(image), prompt)
+        conn.send(("ready", None))
+        while True:
+            msg = conn.recv()
+            if msg == "finish":
+                conn.send(("result", {k: side[k] for k in ("times", "tokens", "kv_lengths")}))
+                return
+            _step(side, timed=bool(msg))
+            conn.send(("stepped", None))
+    except Exception as err:  # reported to the parent, which raises it
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+class _OwnProcess:
+    """A side whose pipeline lives in a child process of its own, stepped in lock-step over a pipe: neither
+    side shares a process (its memory, its thread pools) with the other, so the order in which the two
+    were loaded cannot favour one of them."""
+
+    def __init__(self, bundle: str | Path, threads: int | None, image: str, prompt: str) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.bundle = str(bundle)
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, self.bundle, threads, image, prompt), daemon=True)
+        self.proc.start()
+        self._expect("ready")
+
+    def _expect(self, kind: str) -> Any:
+        got, payload = self.conn.recv()
+        if got == "error":
+            raise RuntimeError(f"decode worker for {self.bundle}: {payload}")
+        assert got == kind, (got, kind)
+        return payload
+
+    def step(self, timed: bool) -> None:
+        self.conn.send(timed)
+        self._expect("stepped")
+
+    def finish(self) -> dict[str, Any]:
+        self.conn.send("finish")
+        out = self._expect("result")
+        self.proc.join(timeout=30)
+        return out
+
+
+def _interleave(sides: list[Any], steps: int, warmup: int) -> list[dict[str, Any]]:
+    """A B, then B A, in alternate pairs; every step timed by the side that runs it."""
     for i in range(warmup + steps):
-        order = sides if (i // 2) % 2 == 0 else sides[::-1]  # A B, then B A, in alternate pairs
+        order = sides if (i // 2) % 2 == 0 else sides[::-1]
         for side in order:
-            _step(side, timed=i >= warmup)
-    sa, sb = (_summary(s["times"]) for s in sides)
-    lo, hi = _ratio_interval(sides[0]["times"], sides[1]["times"])
+            side.step(timed=i >= warmup)
+    return [side.finish() for side in sides]
+
+
+def paired_decode(a: Any, b: Any, image: Any, prompt: str, steps: int = 128, warmup: int = 8) -> dict[str, Any]:
+    """Interleave `steps` timed decode steps (after `warmup` untimed ones) of pipelines `a` and `b`, both in
+    this process (their load order can bias the result: `paired_decode_processes` avoids that)."""
+    results = _interleave([_InProcess(a, image, prompt), _InProcess(b, image, prompt)], steps, warmup)
     text_len = int(a.tokenize([prompt])[0].shape[1])
-    fa, fb = _decode_flops(a, text_len), _decode_flops(b, text_len)
+    return _report(results, [str(a.bundle), str(b.bundle)], [_decode_flops(a, text_len), _decode_flops(b, text_len)],
+                   steps, warmup, prompt, text_len, "one process")
+
+
+def paired_decode_processes(a: Path, b: Path, image: str, prompt: str, steps: int = 128, warmup: int = 8,
+                            threads: int | None = None) -> dict[str, Any]:
+    """`paired_decode` with each bundle in a process of its own, stepped in lock-step."""
+    from bundle.frontend import Frontend
+
+    sides = [_OwnProcess(a, threads, image, prompt), _OwnProcess(b, threads, image, prompt)]
+    try:
+        results = _interleave(sides, steps, warmup)
+    finally:
+        for s in sides:
+            if s.proc.is_alive():
+                s.proc.terminate()
+    pa, pb = (Frontend.from_bundle(p, verify=False) for p in (a, b))  # the planner's figures: manifest and tokenizer
+    text_len = int(pa.tokenize([prompt])[0].shape[1])
+    return _report(results, [str(a), str(b)], [_decode_flops(pa, text_len), _decode_flops(pb, text_len)],
+                   steps, warmup, prompt, text_len, "a process per bundle, in lock-step")
+
+
+def _report(results: list[dict[str, Any]], bundles: list[str], flops: list[float | None], steps: int, warmup: int,
+            prompt: str, text_len: int, layout: str) -> dict[str, Any]:
+    sa, sb = (_summary(r["times"]) for r in results)
+    lo, hi = _ratio_interval(results[0]["times"], results[1]["times"])
+    fa, fb = flops
     return {
-        "steps": steps, "warmup": warmup, "prompt": prompt, "text_tokens": text_len,
-        "a": {"bundle": str(a.bundle), **sa, "kv_lengths": sides[0]["kv_lengths"], "decode_gflops_per_token": None if fa is None else fa * 1e3},
-        "b": {"bundle": str(b.bundle), **sb, "kv_lengths": sides[1]["kv_lengths"], "decode_gflops_per_token": None if fb is None else fb * 1e3},
+        "steps": steps, "warmup": warmup, "prompt": prompt, "text_tokens": text_len, "layout": layout,
+        "a": {"bundle": bundles[0], **sa, "kv_lengths": results[0]["kv_lengths"], "decode_gflops_per_token": None if fa is None else fa * 1e3},
+        "b": {"bundle": bundles[1], **sb, "kv_lengths": results[1]["kv_lengths"], "decode_gflops_per_token": None if fb is None else fb * 1e3},
         "step_ratio_a_over_b": sa["median_ms"] / sb["median_ms"], "step_ratio_95": [lo, hi],
         "flops_ratio_a_over_b": (fa / fb) if fa and fb else None,
-        "same_tokens": sides[0]["tokens"] == sides[1]["tokens"],
+        "same_tokens": results[0]["tokens"] == results[1]["tokens"],
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
@@ -111,7 +208,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Paired decode timing", "",
         f"Command: `make decode-pair` (`python -m engines.bench.decode_pair`). {r['steps']} timed steps per side after "
-        f"{r['warmup']} warm-up, interleaved A B / B A in one process; {r['text_tokens']} text tokens; 1-minute load "
+        f"{r['warmup']} warm-up, interleaved A B / B A ({r.get('layout', 'one process')}); {r['text_tokens']} text tokens; 1-minute load "
         f"average at the end {load}.", "",
         "| side | bundle | step ms (median [q1–q3]) | tokens/s | KV length per layer at the first step | decode GFLOP/token |",
         "|---|---|---|---|---|---|",
@@ -139,21 +236,35 @@ def main() -> None:
     ap.add_argument("--prompt", default="What is in the picture?")
     ap.add_argument("--json", type=Path, default=Path("reports/decode-pair.json"))
     ap.add_argument("--md", type=Path, default=Path("reports/decode-pair.md"))
+    ap.add_argument("--in-process", action="store_true",
+                    help="load both bundles in this process (the bundle loaded second can run faster: docs/bench.md) "
+                         "[default: a process per bundle, stepped in lock-step]")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from engines.bench.common import resolve_image
-    from engines.runtime import Pipeline
+    from bundle.frontend import Frontend
+    from bundle.layout import BundleError
+    from engines.bench.common import BenchInputError, resolve_image
     from ficoco.atomic import write_atomic
 
     if args.steps < 2 or args.warmup < 0:
         raise SystemExit("error: --steps must be at least 2 and --warmup at least 0")
-    pipes = [Pipeline.from_bundle(p, backend="onnxruntime", ort_provider="cpu", threads=args.threads, verify=False)
-             for p in (args.a, args.b)]
-    report = paired_decode(pipes[0], pipes[1], resolve_image(args.image), args.prompt, args.steps, args.warmup)
+    try:
+        for p in (args.a, args.b):
+            Frontend.from_bundle(p, verify=False)
+        image = resolve_image(args.image)
+    except (BundleError, BenchInputError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.in_process:
+        from engines.runtime import Pipeline
+
+        pipes = [Pipeline.from_bundle(p, backend="onnxruntime", ort_provider="cpu", threads=args.threads, verify=False)
+                 for p in (args.a, args.b)]
+        report = paired_decode(pipes[0], pipes[1], image, args.prompt, args.steps, args.warmup)
+    else:
+        report = paired_decode_processes(args.a, args.b, args.image, args.prompt, args.steps, args.warmup, args.threads)
     write_atomic(args.json, json.dumps(report, indent=1) + "\n", make_parents=True)
     write_atomic(args.md, render_markdown(report), make_parents=True)
     print(render_markdown(report))
-
 
 if __name__ == "__main__":
     main()
