@@ -145,7 +145,8 @@ serve-load: $(STAMP)
 	$(BIN)/python -m engines.bench.serve_load $(SERVE_BUNDLE) --requests $(SERVE_REQUESTS) \
 	  --concurrency $(SERVE_CONCURRENCY) $(SERVE_LOAD_ARGS)
 
-# Paired decode timing (not in CI): two bundles' decode steps interleaved in one process, e.g. the bench's
+# Paired decode timing (not in CI): two bundles' decode steps interleaved, each bundle in a process of its own
+# stepped in lock-step (--in-process: both in one), e.g. the bench's
 # unreduced bundle and its FiCoCo-VL 0.25 bundle: step time, tokens/s, KV lengths per layer, the ratio with a
 # bootstrap interval against the FLOPs prediction -> reports/decode-pair.{json,md}.
 # make decode-pair DECODE_A=out/bench-unreduced DECODE_B=out/bench-vl25

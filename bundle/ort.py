@@ -167,7 +167,9 @@ def trim_heap() -> bool:
 class OrtSession(Session):
     """One ONNX graph in ONNX Runtime. Its arrays: numpy on the host, unless it binds by address (a CUDA
     provider with PyTorch's CUDA, or `io_binding=True`): then torch tensors on cuda:N (or the CPU).
-    `options` replaces `session_options(threads)` (then `threads` is unused).
+    `options` replaces `session_options(threads)` (then `threads` is unused); it may be a function that
+    makes fresh options for every open, with an object that must outlive the session (weights handed over
+    with `add_external_initializers`: `exporter.probe.SelectionProbe`).
 
     `keep_loaded=False` (low-memory mode): the `InferenceSession` is opened for each run and released after
     it, so only the graph that runs holds its weights. ONNX Runtime's CPU provider upcasts fp16 weights to
@@ -189,7 +191,7 @@ class OrtSession(Session):
         threads: int | None = None,
         io_binding: bool | None = None,
         device_id: int = 0,
-        options: ort.SessionOptions | None = None,
+        options: ort.SessionOptions | Callable[[], tuple[ort.SessionOptions, object]] | None = None,
         keep_loaded: bool = True,
         before_open: Callable[[], object] | None = None,
     ) -> None:
@@ -221,8 +223,11 @@ class OrtSession(Session):
         if self._before_open is not None:
             self._before_open()
         try:
+            so, keep = self._options() if callable(self._options) else (self._options, None)
             extra: dict[str, Any] = {} if self.keep_loaded else {"disabled_optimizers": list(LOW_MEMORY_DISABLED_OPTIMIZERS)}
-            return ort.InferenceSession(str(self.path), self._options, providers=self._providers, **extra)
+            sess = ort.InferenceSession(str(self.path), so, providers=self._providers, **extra)
+            sess._ficoco_keep_alive = keep  # released with the session
+            return sess
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise SessionError(f"ONNX Runtime cannot load {self.path}: {err}") from err
 

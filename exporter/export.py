@@ -109,6 +109,10 @@ def _axes(batch: Dim | None, **more: Any) -> dict[int, Any]:
     return axes
 
 
+#: The graph metadata key under which torch.export's ONNX exporter writes the dynamic axes' value ranges.
+RANGE_CONSTRAINTS = "pkg.torch.export.ExportedProgram.range_constraints"
+
+
 def _export(
     module: nn.Module,
     args: tuple[Any, ...],
@@ -135,6 +139,10 @@ def _export(
         if opts.optimize and not opts.graph_only:
             prog.optimize()
         fold_constants(prog.model)
+        # torch.export records the dynamic axes' bounds as graph metadata; they are the manifest's
+        # `trt_profiles`, and in the file they would make a decoder segment's bytes depend on the ratio
+        # (its token axis ends at text + visual tokens), so a sweep could not share it (`exporter.reuse`)
+        prog.model.graph.metadata_props.pop(RANGE_CONSTRAINTS, None)
         path.parent.mkdir(parents=True, exist_ok=True)
         if opts.graph_only:
             _save_without_weights(prog.model, path)

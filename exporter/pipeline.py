@@ -16,6 +16,7 @@ from bundle import layout as B
 from bundle.manifest import GraphRecord, Manifest, tool_versions, write_manifest
 from bundle.names import graph_names
 from exporter.export import ExportOptions, check_graph, example_inputs, export_graph, graph_io, trt_profiles
+from exporter.reuse import GraphReuse, graph_key
 from exporter.validate import ReducedPrecisionGates, validate_bundle_graphs
 from ficoco.geometry import LlavaGeometry
 from ficoco.models import LoadedModel, load_config, load_model
@@ -111,8 +112,12 @@ def export_bundle(
     lint: bool = True,
     lint_target: str = "trt10",
     progress: Progress | None = None,
+    reuse: GraphReuse | None = None,
 ) -> Path:
     """Export `model` reduced per `request` into the bundle directory `out`; returns its path.
+
+    `reuse`: graphs already exported from the same loaded model in this process (a sweep's earlier
+    bundles, `exporter.reuse`) are linked instead of exported again; this bundle's graphs join it.
 
     Raises ModelNotFoundError / PlanError / ExportError / ValidationError / LintFailed / BundleError;
     on any error or interrupt nothing is left at `out`.
@@ -147,12 +152,15 @@ def export_bundle(
         onnx_dir = stage_dir / B.ONNX_DIR
         examples = example_inputs(reduced, opts, device=device)
         graphs: dict[str, Any] = {}
+        keys: dict[str, str | None] = {}
         for name in graph_names(len(reduced.segments)):
             notify(name, "start")
             path = onnx_dir / f"{name}.onnx"
             ts = time.perf_counter()
-            export_graph(reduced, name, path, opts, examples)
-            check_graph(path, full=not opts.graph_only)
+            keys[name] = None if reuse is None or loaded is None else graph_key(name, reduced, opts.to_dict(), source)
+            if reuse is None or not reuse.take(keys[name], path):
+                export_graph(reduced, name, path, opts, examples)
+                check_graph(path, full=not opts.graph_only)
             graphs[name] = GraphRecord(file=f"{B.ONNX_DIR}/{path.name}", **graph_io(path),
                                        export_seconds=round(time.perf_counter() - ts, 2))
             notify(name, "done")
@@ -232,4 +240,6 @@ def export_bundle(
             export_seconds=round(time.perf_counter() - t0, 2),
         )
         write_manifest(stage_dir, manifest, files=B.hash_files(stage_dir))
+    if reuse is not None:
+        reuse.remember(keys, Path(out).resolve(), B.ONNX_DIR)
     return Path(out).resolve()

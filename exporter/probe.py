@@ -55,21 +55,37 @@ def selection_steps(model: onnx.ModelProto) -> list[SelectionStep]:
     return steps
 
 
-def external_initializers(model: onnx.ModelProto, base: Path) -> tuple[list[str], list[Any]]:
-    """(names, OrtValues) of the initializers stored in external-data files under `base`, memory-mapped."""
-    import onnxruntime as ort
+@dataclass(frozen=True)
+class ExternalTensor:
+    """Where an initializer's bytes lie in an external-data file."""
 
-    names: list[str] = []
-    values: list[Any] = []
+    name: str
+    location: str
+    offset: int
+    dtype: Any
+    shape: tuple[int, ...]
+
+
+def external_tensors(model: onnx.ModelProto) -> list[ExternalTensor]:
+    """The initializers of `model` stored in external-data files."""
+    out = []
     for t in model.graph.initializer:
         if t.data_location != TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}
-        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        arr = np.memmap(base / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(t.dims))
-        names.append(t.name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(np.asarray(arr)))
-    return names, values
+        out.append(ExternalTensor(t.name, info["location"], int(info.get("offset", 0)),
+                                  helper.tensor_dtype_to_np_dtype(t.data_type), tuple(t.dims)))
+    return out
+
+
+def external_initializers(tensors: Sequence[ExternalTensor], base: Path) -> tuple[list[str], list[Any]]:
+    """(names, OrtValues) of `tensors`, memory-mapped from their files under `base`."""
+    import onnxruntime as ort
+
+    values = [ort.OrtValue.ortvalue_from_numpy(np.asarray(np.memmap(base / t.location, dtype=t.dtype, mode="r",
+                                                                    offset=t.offset, shape=t.shape)))
+              for t in tensors]
+    return [t.name for t in tensors], values
 
 
 class SelectionProbe:
@@ -81,8 +97,11 @@ class SelectionProbe:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, optimize: bool = True, threads: int | None = None,
-                 steps: Sequence[SelectionStep] | None = None) -> None:
-        """`steps`: the steps to expose (e.g. those of the fp32 graph, when a rewrite dropped the metadata)."""
+                 steps: Sequence[SelectionStep] | None = None, keep_loaded: bool = True,
+                 before_open: Callable[[], object] | None = None) -> None:
+        """`steps`: the steps to expose (e.g. those of the fp32 graph, when a rewrite dropped the metadata).
+        `keep_loaded=False`: the session opens for each run only (`bundle.ort.OrtSession`), and the mapped
+        weights are unmapped when it closes."""
         path = Path(path)
         model = onnx.load(str(path), load_external_data=False)
         self.usable = steps is not None or has_namespaces(model)
@@ -92,21 +111,26 @@ class SelectionProbe:
             if s.output not in existing:
                 model.graph.output.append(helper.make_tensor_value_info(s.output, TensorProto.INT64, None))
         self.input_names = [i.name for i in model.graph.input]
-        so = session_options(threads, optimize=optimize)
-        names, self._weights = external_initializers(model, path.parent)  # the weights must outlive the session
-        if names:
-            so.add_external_initializers(names, self._weights)
-        with tempfile.TemporaryDirectory(prefix="ficoco-probe-") as tmp:
-            copy = Path(tmp) / path.name
-            onnx.save_model(model, str(copy))
-            self.session = OrtSession(copy, options=so)
-        self.input_types = {i.name: i.type for i in self.session.session.get_inputs()}
+        tensors, base = external_tensors(model), path.parent
+
+        def options() -> tuple[Any, object]:
+            so = session_options(threads, optimize=optimize)
+            names, weights = external_initializers(tensors, base)
+            if names:
+                so.add_external_initializers(names, weights)
+            return so, weights  # the mapped weights must outlive the session
+
+        # the copy stays while the probe lives: a low-memory session opens it again for every run
+        self._tmp = tempfile.TemporaryDirectory(prefix="ficoco-probe-")
+        copy = Path(self._tmp.name) / path.name
+        onnx.save_model(model, str(copy))
+        self.session = OrtSession(copy, options=options, keep_loaded=keep_loaded, before_open=before_open)
+        self.input_types = {s.name: s.dtype for s in self.session.inputs}
         self.output_names = list(self.session.output_names)
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """(the graph's own outputs by name, the kept indices [B, n_kept] of each step)."""
-        out = self.session.session.run(None, {k: feeds[k] for k in self.input_names})
-        by_name = dict(zip(self.output_names, out, strict=True))
+        by_name = self.session.run({k: feeds[k] for k in self.input_names})
         return by_name, [by_name[s.output] for s in self.steps]
 
 
@@ -130,8 +154,8 @@ class ProbeStages(SessionStages):
                  keep_loaded: bool = True, before_open: Callable[[], object] | None = None) -> None:
         """`segments`: None reads them from the bundle's manifest. `like`: probe the same selection steps as
         that (fp32) bundle's, found by node name (for graphs whose node metadata a rewrite dropped).
-        `keep_loaded=False`: the decoder segment graphs (the weights) open only while they run
-        (`bundle.ort.OrtSession`'s low-memory mode), each after `before_open()`."""
+        `keep_loaded=False`: every graph opens only while it runs (`bundle.ort.OrtSession`'s low-memory
+        mode), each after `before_open()`."""
         d = Path(onnx_dir)
         if segments is None:
             from bundle.manifest import load_manifest
@@ -139,10 +163,12 @@ class ProbeStages(SessionStages):
             segments = load_manifest(d.parent, verify=False).decoder_segments()
         names = graph_names(len(segments))
         self.vision = SelectionProbe(d / f"{VISION}.onnx", optimize=optimize, threads=threads,
-                                     steps=None if like is None else like.vision.steps)
+                                     steps=None if like is None else like.vision.steps, keep_loaded=keep_loaded,
+                                     before_open=before_open)
         self.reductions: dict[str, SelectionProbe] = {
             g: SelectionProbe(d / f"{g}.onnx", optimize=optimize, threads=threads,
-                              steps=None if like is None else like.reductions[g].steps)
+                              steps=None if like is None else like.reductions[g].steps, keep_loaded=keep_loaded,
+                              before_open=before_open)
             for g in names if reduce_index(g) is not None
         }
         so = session_options(threads, optimize=optimize)

@@ -29,19 +29,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bundle.arrays import numpy_dtype
 from bundle.flips import SelectionCheck, StepFlips
 from exporter.probe import SelectionProbe, set_differences
-
-_ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def _numpy_feeds(probe: SelectionProbe, feeds: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
     """Torch inputs as numpy arrays of the graph's input types (fp32 inputs of an fp16 graph are cast)."""
     out = {}
-    for name, ort_type in probe.input_types.items():
-        dtype = _ORT_NP.get(ort_type)
-        if dtype is None:
-            raise ValueError(f"selection probe: input {name} has unsupported type {ort_type}")
+    for name, dtype_name in probe.input_types.items():
+        dtype = numpy_dtype(dtype_name)
         t = feeds[name]
         if isinstance(t, Tensor):
             t = t.detach().cpu()

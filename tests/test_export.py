@@ -402,3 +402,35 @@ def test_export_uses_a_schedule_written_by_ficoco_plan(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     m = load_manifest(out, verify=False)
     assert m["schedule"] == json.loads(sched.read_text()) and m["schedule_request"]["schedule"] == m["schedule"]
+
+
+def test_a_sweep_links_the_graphs_that_do_not_depend_on_the_ratio(tiny: LoadedModel, tiny_bundle: Path, tmp_path: Path) -> None:
+    """`exporter.reuse`: the embedding and the decoder segments of two ratios with the steps in the same
+    blocks are byte-identical when both are exported afresh (the premise of linking them), and a bundle
+    that links them from an earlier one of the sweep is file for file the bundle a fresh export makes."""
+    from bundle.layout import sha256_file
+    from exporter.pipeline import ValidationOptions
+    from exporter.reuse import GraphReuse
+    from tests.conftest import TEST_BUNDLE_REQUEST
+
+    opts = ExportOptions(max_batch_size=2, max_text_len=128, max_new_tokens=32)  # the session bundle's options
+    reuse = GraphReuse()
+    half = ScheduleRequest(**{**TEST_BUNDLE_REQUEST, "ratio": 0.5})
+    a = export_bundle(tiny, half, tmp_path / "a", opts, ValidationOptions(enabled=False), lint=False, reuse=reuse)
+    assert reuse.reused == []  # nothing to link yet
+    fresh = load_manifest(tiny_bundle)
+    blocks = [(s["attention_blocks"], s["mlp_blocks"]) for s in fresh.decoder["segments"]]
+    assert [(s["attention_blocks"], s["mlp_blocks"]) for s in load_manifest(a).decoder["segments"]] == blocks
+    assert load_manifest(a).schedule["decoder"] != fresh.schedule["decoder"]  # other budgets in the same blocks
+    shared = [EMBED] + [segment_graph(i) for i in range(len(fresh.decoder_segments()))]
+    for g in shared:
+        for suffix in (".onnx", ".onnx.data"):
+            assert sha256_file(a / "onnx" / f"{g}{suffix}") == sha256_file(tiny_bundle / "onnx" / f"{g}{suffix}"), g
+    c = export_bundle(tiny, ScheduleRequest(**TEST_BUNDLE_REQUEST), tmp_path / "c", opts, ValidationOptions(enabled=False),
+                      lint=False, reuse=reuse)
+    assert sorted(reuse.reused) == sorted(f"c/{g}" for g in shared)  # the vision encoder, splice and reductions are not
+    for g in shared:
+        assert os.stat(c / "onnx" / f"{g}.onnx.data").st_ino == os.stat(a / "onnx" / f"{g}.onnx.data").st_ino
+    digests = {p.name: sha256_file(p) for p in sorted((c / "onnx").iterdir())}
+    assert digests == {p.name: sha256_file(p) for p in sorted((tiny_bundle / "onnx").iterdir())}
+    load_manifest(c, verify=True)

@@ -1,10 +1,12 @@
-"""Paired decode timing: two bundles' decode steps interleaved in one process (`make decode-pair`).
+"""Paired decode timing: two bundles' decode steps interleaved, step for step (`make decode-pair`).
 
 A decode step's gain from a shorter cache is a few percent at most (below), which separate runs cannot
 resolve on a machine whose speed drifts with other load. So both bundles (typically the unreduced one
-and a reduced one) are loaded in one process, each prefilled once on the same image and prompt, and then
-their decode steps alternate, A B B A A B ..., each timed on its own: drift hits both alike, and the
-order within a pair is swapped every other pair. The report gives each side's step time (median and
+and a reduced one) are prefilled once on the same image and prompt, and then their decode steps
+alternate, A B B A A B ..., each timed on its own: drift hits both alike, and the order within a pair is
+swapped every other pair. Each bundle runs in a worker process of its own, and the two are stepped in
+lock-step over pipes: loaded into one process, the bundle loaded second decoded ~20 % faster whichever it
+was (docs/bench.md), so a shared process is not a fair pairing (`--in-process` still measures that way). The report gives each side's step time (median and
 quartiles over the timed steps), tokens/s, the ratio of the medians with a 95 % bootstrap interval, the
 per-layer KV lengths each side decodes over, and what the planner's FLOPs predict for the ratio
 (`ficoco.flops.flops_report`'s ``decode_per_token``).

@@ -258,6 +258,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in peak["shapes"].items())
         lines += ["", f"Machine peak ({peak['kernel']}, {peak['threads']} threads, shapes M x K x N: {shapes}): "
                   f"fp32 {peak['peak_fp32']:.0f} GFLOP/s, fp16 {_fmt(peak.get('peak_fp16'), '.0f')} GFLOP/s."]
+    ex = report.get("export") or {}
+    if ex.get("bundles"):
+        total = sum(b["seconds"] for b in ex["bundles"].values())
+        per = ", ".join(f"{k} {b['seconds']:.0f} s ({b['graphs_linked']} linked)" for k, b in ex["bundles"].items())
+        lines += ["", f"Exports in this run: {len(ex['bundles'])} bundles in {total:.0f} s after one model load of "
+                  f"{_fmt(ex.get('load_seconds'), '.0f')} s: {per}. A linked graph is one an earlier bundle of the sweep "
+                  "already exported (`exporter.reuse`)."]
     t = report.get("target") or {}
     if t.get("config"):
         verdict = "met" if t.get("met") else "NOT met"

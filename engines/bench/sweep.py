@@ -209,16 +209,24 @@ def plan_configs(manifest: Manifest, opts: BenchOptions) -> list[ConfigSpec]:
 
 def ensure_bundles(
     configs: list[ConfigSpec], manifest: Manifest, opts: BenchOptions, say: Callable[[str], None]
-) -> None:
-    """Fill in `bundle` for every sweep entry: a cached sibling under the work dir, or a fresh export."""
+) -> dict[str, Any]:
+    """Fill in `bundle` for every sweep entry: a cached sibling under the work dir, or a fresh export.
+
+    The exports share one loaded model and one `exporter.reuse.GraphReuse`: a graph that does not depend
+    on the ratio (the embedding, the decoder segments when the steps sit in the same blocks) is exported
+    once and linked into the other bundles. Returns what the exports cost: seconds per bundle, the model
+    load, and the graphs linked instead of exported."""
     from exporter.export import ExportOptions
     from exporter.pipeline import ValidationOptions, export_bundle
+    from exporter.reuse import GraphReuse
 
     work = opts.resolved_work_dir()
     export = dict(manifest.export)
     export["graph_only"] = False
     source = manifest.source_model
     loaded: Any = None
+    reuse = GraphReuse()
+    cost: dict[str, Any] = {"load_seconds": None, "bundles": {}, "reused_graphs": reuse.reused}
     for cfg in configs:
         if cfg.bundle is not None or cfg.request is None:
             continue
@@ -237,17 +245,24 @@ def ensure_bundles(
             except BundleError as err:
                 say(f"{cfg.label}: cached bundle unusable ({err}); exporting it again")
         if loaded is None:
+            t0 = time.perf_counter()
             loaded = _load_source_model(manifest, say)
+            cost["load_seconds"] = round(time.perf_counter() - t0, 1)
         say(f"{cfg.label}: exporting into {target} (validation off)")
         t0 = time.perf_counter()
-        export_bundle(loaded, request, target, ExportOptions(**export), ValidationOptions(enabled=False), force=True, lint=False)
+        before = len(reuse.reused)
+        export_bundle(loaded, request, target, ExportOptions(**export), ValidationOptions(enabled=False), force=True,
+                      lint=False, reuse=reuse)
         cfg.bundle, cfg.origin = str(target), "exported"
-        say(f"{cfg.label}: exported in {time.perf_counter() - t0:.0f} s")
+        seconds = time.perf_counter() - t0
+        cost["bundles"][cfg.label] = {"seconds": round(seconds, 1), "graphs_linked": len(reuse.reused) - before}
+        say(f"{cfg.label}: exported in {seconds:.0f} s ({len(reuse.reused) - before} graphs linked from earlier bundles)")
     if loaded is not None:  # give the source model's memory back before the timed workers start
         del loaded
         import gc
 
         gc.collect()
+    return cost
 
 
 def _load_source_model(manifest: Manifest, say: Callable[[str], None]) -> Any:
@@ -306,7 +321,7 @@ def run_bench(opts: BenchOptions, say: Callable[[str], None] | None = None) -> t
         raise BenchInputError(f"--max-new-tokens {opts.max_new_tokens} is above BUNDLE's limit of {limit} (shape_ranges.max_new_tokens); ask for fewer")
     resolve_image(opts.image)  # a bad --image fails before any export
     configs = plan_configs(manifest, opts)
-    ensure_bundles(configs, manifest, opts, say)
+    export_cost = ensure_bundles(configs, manifest, opts, say)
     if opts.pytorch:
         configs.append(ConfigSpec(label="PyTorch generate (unreduced)", kind="pytorch", role="pytorch", variant="none",
                                   method="none", ratio=1.0, origin="transformers", schedule=None))
@@ -342,6 +357,7 @@ def run_bench(opts: BenchOptions, say: Callable[[str], None] | None = None) -> t
                 for path in (Path(cfg.bundle) / ONNX_DIR).glob("decoder_segment_*.onnx"))
     report = build_report(configs, results, errors, manifest, opts, geometry, step_nodes)
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["export"] = export_cost
     paths = write_reports(report, opts.resolved_report_dir())
     if errors:
         raise BenchFailed(f"{len(errors)} configuration(s) failed ({', '.join(errors)}); the reports in {paths['json'].parent} mark them. "
