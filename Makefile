@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench gpu-bench lint clean train eval eval-bundles memory-check scale-check runtime-check serve-load decode-pair
+.PHONY: install demo test test-all bench gpu-bench lint clean train eval eval-bundles memory-check scale-check runtime-check serve-load decode-pair ort-open
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -155,3 +155,10 @@ DECODE_B ?= out/bench-vl25
 DECODE_ARGS ?= --steps 128 --threads 2
 decode-pair: $(STAMP)
 	$(BIN)/python -m engines.bench.decode_pair $(DECODE_A) $(DECODE_B) $(DECODE_ARGS)
+
+# What opening a bundle graph in ONNX Runtime costs in memory, kept-loaded vs low-memory sessions (peak while
+# opening, after release, after the heap trim; engines/bench/ort_open.py; not in CI) -> reports/ort-open.{json,md}.
+# Defaults to the 7B-size bundle `make scale-check` exports.
+ORT_OPEN_GRAPHS ?= out/scale-vl25-fp16/onnx/decoder_segment_0.onnx out/scale-vl25-fp16/onnx/vision_encoder.onnx
+ort-open: $(STAMP)
+	$(BIN)/python -m engines.bench.ort_open $(ORT_OPEN_GRAPHS)

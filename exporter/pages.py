@@ -76,12 +76,23 @@ def _madvise() -> ctypes._CFuncPtr | None:
     return fn
 
 
-def release_mapped_pages(module: nn.Module) -> int:
+def clean_mappings(smaps: Path = Path("/proc/self/smaps")) -> list[FileMapping] | None:
+    """This process's clean private file mappings, by address (None where there is no /proc)."""
+    if not smaps.is_file():
+        return None
+    return sorted((m for m in file_mappings(smaps) if m.clean_private_file), key=lambda m: m.start)
+
+
+def release_mapped_pages(module: nn.Module, maps: list[FileMapping] | None = None) -> int:
     """Unmap the resident pages of `module`'s parameters and buffers that lie in clean private file mappings
-    (see the module docstring); returns the bytes of address range advised (0 when nothing qualifies)."""
-    smaps = Path("/proc/self/smaps")
+    (see the module docstring); returns the bytes of address range advised (0 when nothing qualifies).
+
+    `maps`: `clean_mappings()` read earlier, for callers that release often between writes to nothing (the
+    validation's reference, module by module); None reads /proc/self/smaps now."""
     madvise = _madvise()
-    if madvise is None or not smaps.is_file():
+    if maps is None:
+        maps = clean_mappings()
+    if madvise is None or maps is None:
         log.debug("release_mapped_pages: no /proc/self/smaps or madvise here; nothing released")
         return 0
     storages: dict[int, int] = {}
@@ -91,7 +102,6 @@ def release_mapped_pages(module: nn.Module) -> int:
             storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
     if not storages:
         return 0
-    maps = sorted((m for m in file_mappings(smaps) if m.clean_private_file), key=lambda m: m.start)
     page = mmap.PAGESIZE
     advised = 0
     for ptr, n in storages.items():

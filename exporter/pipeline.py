@@ -158,7 +158,7 @@ def export_bundle(
             path = onnx_dir / f"{name}.onnx"
             ts = time.perf_counter()
             keys[name] = None if reuse is None or loaded is None else graph_key(name, reduced, opts.to_dict(), source)
-            if reuse is None or not reuse.take(keys[name], path):
+            if reuse is None or not reuse.take(keys[name], path, Path(out).name):
                 export_graph(reduced, name, path, opts, examples)
                 check_graph(path, full=not opts.graph_only)
             graphs[name] = GraphRecord(file=f"{B.ONNX_DIR}/{path.name}", **graph_io(path),

@@ -70,8 +70,9 @@ class GraphReuse:
     files: dict[str, Path] = field(default_factory=dict)  # key -> the .onnx file in a finished bundle
     reused: list[str] = field(default_factory=list)  # "<bundle>/<graph>" linked instead of exported
 
-    def take(self, key: str | None, dst: Path) -> bool:
-        """Link the graph named `key` (and its external data) to `dst`; False when none is known."""
+    def take(self, key: str | None, dst: Path, bundle: str) -> bool:
+        """Link the graph named `key` (and its external data) to `dst`, a graph file of the bundle being
+        made (`bundle`: its name, for the record); False when none is known."""
         src = self.files.get(key) if key is not None else None
         if src is None or not src.is_file():
             return False
@@ -80,7 +81,7 @@ class GraphReuse:
         data = src.with_name(src.name + ".data")
         if data.is_file():
             _link_or_copy(data, dst.with_name(dst.name + ".data"))
-        self.reused.append(f"{dst.parent.parent.name}/{dst.stem}")
+        self.reused.append(f"{bundle}/{dst.stem}")
         log.info("%s: the same graph as %s (linked, not exported again)", dst.stem, src.parent.parent.name)
         return True
 

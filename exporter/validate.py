@@ -82,17 +82,33 @@ class ReducedPrecisionGates:
 
 
 class _PageRelease:
-    """`before_open` for the low-memory sessions: release `model`'s mapped pages, log the first release."""
+    """`before_open` for the low-memory sessions: release `model`'s mapped pages, log the first release.
+
+    `module(leaf)` (fp32_compute's `after_module`) releases one reference module's pages once it has run,
+    so a reference pass never has the whole checkpoint resident (it faults each layer back in from the page
+    cache when it next runs). It uses the clean mappings read at the last session open: the reference
+    writes to no weight, and every open reads them again."""
 
     def __init__(self, model: ReducedLlava) -> None:
         self.model = model
         self.calls = 0
         self.bytes = 0
+        self.module_bytes = 0
+        self._maps: list[Any] | None = None
+
+    def module(self, leaf: torch.nn.Module) -> None:
+        from exporter.pages import clean_mappings, release_mapped_pages
+
+        if self._maps is None:
+            self._maps = clean_mappings()
+        if self._maps:
+            self.module_bytes += release_mapped_pages(leaf, self._maps)
 
     def __call__(self) -> None:
-        from exporter.pages import release_mapped_pages
+        from exporter.pages import clean_mappings, release_mapped_pages
 
-        n = release_mapped_pages(self.model)
+        self._maps = clean_mappings()
+        n = release_mapped_pages(self.model, self._maps) if self._maps is not None else 0
         if self.calls == 0:
             log.info("validation: the reference's mapped weights (%.2f GiB of address range) are released before "
                      "each graph opens", n / 2**30)
@@ -143,7 +159,7 @@ def validate_bundle_graphs(
                            before_open=release)
     b = pixel_values.shape[0]
     offset = torch.full((b,), image_offset, dtype=torch.long)
-    with fp32_compute(model), torch.inference_mode():
+    with fp32_compute(model, after_module=None if release is None else release.module), torch.inference_mode():
         checker = SelectionChecker(onnx_dir, threads, segments=model.segments, keep_loaded=keep_loaded,
                                    before_open=release)
         selection = checker.check(model, pixel_values, model.embed_text(input_ids), offset)
@@ -170,7 +186,8 @@ def validate_bundle_graphs(
                   "min_forced_match": gates.min_forced_match, "tie_margin": gates.tie_margin,
                   "min_token_match": gates.min_token_match},
         "batch": b,
-        "released_pages": None if release is None else {"opens": release.calls, "bytes": release.bytes},
+        "released_pages": None if release is None else {"opens": release.calls, "bytes": release.bytes,
+                                                        "after_modules_bytes": release.module_bytes},
         "followed": selection.follow is not None,
         "stages": _worst_per_graph(results),
         "details": {c.name: c.to_dict() for c in results},

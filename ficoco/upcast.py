@@ -7,12 +7,15 @@ LayerNorm, RMSNorm, ...) just before it runs and casts it back right after: its 
 to fp32 and its outputs stay fp32, so every operation between the layers (attention, RoPE, the reduction
 statistics) also runs in fp32. The largest extra allocation is one module's fp32 weights (the 7B's
 lm_head: 0.5 GB). The original half-precision tensors are put back after each call (not re-cast), so the
-weights are unchanged and a memory-mapped checkpoint stays one mapped copy.
+weights are unchanged and a memory-mapped checkpoint stays one mapped copy. `after_module` is called
+with each leaf module once it has run and its weights are back (the export's low-memory validation hands
+that module's mapped pages back to the kernel there, so the reference holds about one layer's weights
+at a time instead of the whole checkpoint).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,11 +34,14 @@ def _to_fp32(x: Any) -> Any:
 
 
 @contextmanager
-def fp32_compute(model: nn.Module) -> Iterator[nn.Module]:
+def fp32_compute(model: nn.Module, after_module: Callable[[nn.Module], object] | None = None) -> Iterator[nn.Module]:
     """Within the context, `model`'s forward passes compute in fp32 while its weights stay in their dtype
-    (see the module docstring). A model already in fp32 is left alone."""
+    (see the module docstring); `after_module(leaf)` runs after each parameter-holding module. A model
+    already in fp32 computes as it is."""
     leaves = [m for m in model.modules()
               if any(p.is_floating_point() and p.dtype != torch.float32 for p in m.parameters(recurse=False))]
+    if after_module is not None:  # every parameter-holding module is a leaf for the hook, fp32 ones too
+        leaves = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
     if not leaves:
         yield model
         return
@@ -59,6 +65,8 @@ def fp32_compute(model: nn.Module) -> Iterator[nn.Module]:
 
     def after(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         restore(mod)
+        if after_module is not None:
+            after_module(mod)
         return output
 
     try:

@@ -359,3 +359,19 @@ def test_paired_decode_in_a_process_per_bundle(tiny_bundle: Path, tmp_path: Path
                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True)
     assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_ort_open_reports_both_session_kinds(tiny_bundle: Path, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    graph = tiny_bundle / "onnx" / "decoder_segment_0.onnx"
+    out = subprocess.run([sys.executable, "-m", "engines.bench.ort_open", str(graph), "--json", str(tmp_path / "o.json"),
+                          "--md", str(tmp_path / "o.md")], capture_output=True, text=True, check=True)
+    rows = json.loads((tmp_path / "o.json").read_text())
+    assert [r["mode"] for r in rows] == ["folded", "unfolded"] and "after trim_heap" in out.stdout
+    assert all(r["peak_bytes"] >= r["open_bytes"] >= 0 and r["weights_bytes"] > 0 for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "engines.bench.ort_open", str(tmp_path / "none.onnx"), "--json", str(tmp_path / "b.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "is not a file" in bad.stderr and not (tmp_path / "b.json").exists()

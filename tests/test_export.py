@@ -424,13 +424,14 @@ def test_a_sweep_links_the_graphs_that_do_not_depend_on_the_ratio(tiny: LoadedMo
     assert load_manifest(a).schedule["decoder"] != fresh.schedule["decoder"]  # other budgets in the same blocks
     shared = [EMBED] + [segment_graph(i) for i in range(len(fresh.decoder_segments()))]
     for g in shared:
-        for suffix in (".onnx", ".onnx.data"):
-            assert sha256_file(a / "onnx" / f"{g}{suffix}") == sha256_file(tiny_bundle / "onnx" / f"{g}{suffix}"), g
+        for suffix in (".onnx", ".onnx.data"):  # the tiny model's small segments keep their weights inline
+            fa, ff = a / "onnx" / f"{g}{suffix}", tiny_bundle / "onnx" / f"{g}{suffix}"
+            assert fa.is_file() == ff.is_file() and (not ff.is_file() or sha256_file(fa) == sha256_file(ff)), g
     c = export_bundle(tiny, ScheduleRequest(**TEST_BUNDLE_REQUEST), tmp_path / "c", opts, ValidationOptions(enabled=False),
                       lint=False, reuse=reuse)
     assert sorted(reuse.reused) == sorted(f"c/{g}" for g in shared)  # the vision encoder, splice and reductions are not
     for g in shared:
-        assert os.stat(c / "onnx" / f"{g}.onnx.data").st_ino == os.stat(a / "onnx" / f"{g}.onnx.data").st_ino
+        assert os.stat(c / "onnx" / f"{g}.onnx").st_ino == os.stat(a / "onnx" / f"{g}.onnx").st_ino
     digests = {p.name: sha256_file(p) for p in sorted((c / "onnx").iterdir())}
     assert digests == {p.name: sha256_file(p) for p in sorted((tiny_bundle / "onnx").iterdir())}
     load_manifest(c, verify=True)

@@ -189,7 +189,7 @@ def _plan(checkpoint: Path) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=Path("out/llava-1.5-7b-random"), help="checkpoint directory (written when missing)")
-    ap.add_argument("--bundle", type=Path, default=Path("out/llava-1.5-7b-random-vl25-fp16"), help="bundle directory (exported when missing)")
+    ap.add_argument("--bundle", type=Path, default=Path("out/scale-vl25-fp16"), help="bundle directory (exported when missing)")
     ap.add_argument("--decode-steps", type=int, default=2, help="validation decode steps [default: 2]")
     ap.add_argument("--json", type=Path, default=Path("reports/scale-check.json"))
     ap.add_argument("--md", type=Path, default=Path("reports/scale-check.md"))
