@@ -404,6 +404,35 @@ def test_export_uses_a_schedule_written_by_ficoco_plan(tmp_path: Path) -> None:
     assert m["schedule"] == json.loads(sched.read_text()) and m["schedule_request"]["schedule"] == m["schedule"]
 
 
+def test_a_segment_graph_does_not_depend_on_the_ratio(tiny: LoadedModel, tmp_path: Path) -> None:
+    """The premise of `exporter.reuse`, graph by graph: a decoder segment exported from two ratios with the
+    steps in the same blocks is the same file, and `graph_key` names it alike; the vision encoder,
+    splice and reductions, which depend on the budgets, are keyed apart or not at all."""
+    from bundle.layout import sha256_file
+    from bundle.names import reduce_graph
+    from exporter.export import check_graph
+    from exporter.reuse import graph_key
+    from tests.conftest import TEST_BUNDLE_REQUEST
+
+    opts = ExportOptions(max_batch_size=1, max_text_len=32, max_new_tokens=8)
+    source = {"name": tiny.name, "source": tiny.source, "revision": tiny.revision}
+    models = [ReducedLlava(tiny.model, ScheduleRequest(**{**TEST_BUNDLE_REQUEST, "ratio": r}).make(tiny.geometry)).eval()
+              for r in (0.5, 0.25)]
+    digests = []
+    for i, m in enumerate(models):
+        path = tmp_path / str(i) / "decoder_segment_1.onnx"
+        export_graph(m, "decoder_segment_1", path, opts, example_inputs(m, opts))
+        check_graph(path)
+        digests.append(sha256_file(path))
+    assert digests[0] == digests[1]
+    key = [{g: graph_key(g, m, opts.to_dict(), source) for g in (EMBED, VISION, SPLICE, segment_graph(1), reduce_graph(1))}
+           for m in models]
+    assert key[0][segment_graph(1)] == key[1][segment_graph(1)] and key[0][EMBED] == key[1][EMBED]
+    assert key[0][VISION] != key[1][VISION] and key[0][SPLICE] is None and key[0][reduce_graph(1)] is None
+    assert graph_key(segment_graph(1), models[0], opts.to_dict(), {**source, "revision": "other"}) != key[0][segment_graph(1)]
+
+
+@pytest.mark.slow
 def test_a_sweep_links_the_graphs_that_do_not_depend_on_the_ratio(tiny: LoadedModel, tiny_bundle: Path, tmp_path: Path) -> None:
     """`exporter.reuse`: the embedding and the decoder segments of two ratios with the steps in the same
     blocks are byte-identical when both are exported afresh (the premise of linking them), and a bundle
