@@ -366,7 +366,7 @@ def test_ort_open_reports_both_session_kinds(tiny_bundle: Path, tmp_path: Path) 
     import subprocess
     import sys
 
-    graph = tiny_bundle / "onnx" / "decoder_segment_0.onnx"
+    graph = tiny_bundle / "onnx" / "vision_encoder.onnx"  # its weights are external data (the segments' are inline)
     out = subprocess.run([sys.executable, "-m", "engines.bench.ort_open", str(graph), "--json", str(tmp_path / "o.json"),
                           "--md", str(tmp_path / "o.md")], capture_output=True, text=True, check=True)
     rows = json.loads((tmp_path / "o.json").read_text())
