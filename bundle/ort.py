@@ -137,8 +137,8 @@ def resolve_providers(choice: str = "auto", cache_dir: Path | None = None) -> li
 
 
 #: Graph optimizers a session opened for a single run goes without (`OrtSession(keep_loaded=False)`).
-#: On a 7B fp16 decoder segment (1.63 GiB of weights) ConstantFolding raised the open's peak RSS from
-#: 3.49 to 4.99 GiB and its time from 14 to 23 s, and bought 0.2 s of run time; outputs are identical.
+#: On the 7B bundle's largest decoder segment (1.63 GiB of fp16 weights) ConstantFolding raises the open's
+#: peak from 3.45 to 4.94 GiB and its time from 12.7 to 22.9 s (`make ort-open`); outputs are identical.
 LOW_MEMORY_DISABLED_OPTIMIZERS: tuple[str, ...] = ("ConstantFolding",)
 
 
