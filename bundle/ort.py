@@ -150,14 +150,10 @@ def trim_heap() -> bool:
     vision encoder's session closed, 1.46 GiB stayed resident until this call. The low-memory mode opens a
     graph per run, so without it the freed pages of earlier graphs pile up beside the next one."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name).malloc_trim if name else None
+    try:  # the process's own symbols (no library search: this runs after every low-memory graph run)
+        fn = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        fn = None
-    if fn is None:
         return False
     fn.argtypes = (ctypes.c_size_t,)
     fn(0)

@@ -126,7 +126,6 @@ class SelectionProbe:
         onnx.save_model(model, str(copy))
         self.session = OrtSession(copy, options=options, keep_loaded=keep_loaded, before_open=before_open)
         self.input_types = {s.name: s.dtype for s in self.session.inputs}
-        self.output_names = list(self.session.output_names)
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """(the graph's own outputs by name, the kept indices [B, n_kept] of each step)."""

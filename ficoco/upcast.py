@@ -38,10 +38,11 @@ def fp32_compute(model: nn.Module, after_module: Callable[[nn.Module], object] |
     """Within the context, `model`'s forward passes compute in fp32 while its weights stay in their dtype
     (see the module docstring); `after_module(leaf)` runs after each parameter-holding module. A model
     already in fp32 computes as it is."""
-    leaves = [m for m in model.modules()
-              if any(p.is_floating_point() and p.dtype != torch.float32 for p in m.parameters(recurse=False))]
-    if after_module is not None:  # every parameter-holding module is a leaf for the hook, fp32 ones too
-        leaves = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    def is_leaf(m: nn.Module) -> bool:  # with a hook every parameter-holding module is one, fp32 ones too
+        own = list(m.parameters(recurse=False))
+        return bool(own) if after_module is not None else any(p.is_floating_point() and p.dtype != torch.float32 for p in own)
+
+    leaves = [m for m in model.modules() if is_leaf(m)]
     if not leaves:
         yield model
         return

@@ -83,6 +83,11 @@ def _decode_flops(pipe: Any, text_tokens: int) -> float | None:
     return float(flops_report(g, s.vision, s.decoder, text_tokens=text_tokens)["decode_per_token"])  # TFLOPs
 
 
+def _result(side: dict[str, Any]) -> dict[str, Any]:
+    """What a side hands back once its steps are done."""
+    return {k: side[k] for k in ("times", "tokens", "kv_lengths")}
+
+
 class _InProcess:
     """A side whose pipeline lives in this process."""
 
@@ -94,7 +99,7 @@ class _InProcess:
         _step(self.side, timed)
 
     def finish(self) -> dict[str, Any]:
-        return {k: self.side[k] for k in ("times", "tokens", "kv_lengths")}
+        return _result(self.side)
 
 
 def _worker(conn: Any, bundle: str, threads: int | None, image: str, prompt: str) -> None:
@@ -109,7 +114,7 @@ def _worker(conn: Any, bundle: str, threads: int | None, image: str, prompt: str
         while True:
             msg = conn.recv()
             if msg == "finish":
-                conn.send(("result", {k: side[k] for k in ("times", "tokens", "kv_lengths")}))
+                conn.send(("result", _result(side)))
                 return
             _step(side, timed=bool(msg))
             conn.send(("stepped", None))
@@ -119,8 +124,8 @@ def _worker(conn: Any, bundle: str, threads: int | None, image: str, prompt: str
 
 class _OwnProcess:
     """A side whose pipeline lives in a child process of its own, stepped in lock-step over a pipe: neither
-    side shares a process (its memory, its thread pools) with the other, so the order in which the two
-    were loaded cannot favour one of them."""
+    side shares a process (its memory, its thread pools) with the other, so the one loaded second does not
+    gain what it gained in a shared process (docs/bench.md: two runs still differ beyond their intervals)."""
 
     def __init__(self, bundle: str | Path, threads: int | None, image: str, prompt: str) -> None:
         import multiprocessing as mp
